@@ -1,0 +1,35 @@
+# `make demo` and `make test` set everything up themselves on a fresh machine (Python 3.11+).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint typecheck pytest clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the main job (`opticam run`) on the bundled demo: CPU, no server, no network.
+demo: $(STAMP)
+	$(BIN)/opticam run
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+## Lint, type-check and run the whole test suite.
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) opticam-runs .pytest_cache .mypy_cache .ruff_cache

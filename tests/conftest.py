@@ -1,0 +1,60 @@
+"""Shared fixtures: a real S3 endpoint on loopback (moto's server mode) and test isolation."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+# Tests never touch real AWS: fake credentials before boto/s3fs are imported anywhere.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """Start moto's S3 server on a free loopback port for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_storage_options(s3_endpoint: str) -> dict[str, Any]:
+    """fsspec/s3fs options reaching the loopback S3 server (no listing cache)."""
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+        "use_listings_cache": False,
+    }
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, s3_storage_options: dict[str, Any]) -> str:
+    """A fresh, empty bucket; returns its ``s3://`` URL (no trailing slash)."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return f"s3://{name}"
