@@ -6,6 +6,7 @@ writing fails halfway.
 """
 
 from __future__ import annotations
+
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -100,7 +101,7 @@ class ShardWriter:
         if self._tar is None or self._count >= self.per_shard:
             self._close_current()
             self._open()
-        encoded = {"__key__": str(sample["__key__"])}
+        encoded: dict[str, str | bytes] = {"__key__": str(sample["__key__"])}
         for name, value in sample.items():
             if name.startswith("__"):
                 continue
