@@ -55,6 +55,7 @@ def s3_bucket(s3_endpoint: str, s3_storage_options: dict[str, Any]) -> str:
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     fs = s3fs.S3FileSystem(**s3_storage_options)
-    fs.mkdir(name)
+    # mkdir would send LocationConstraint=us-east-1, which S3 (and moto) reject.
+    fs.call_s3("create_bucket", Bucket=name)
     fs.invalidate_cache()
     return f"s3://{name}"

@@ -132,5 +132,3 @@ class ShardWriter:
                 fs.rm(path)
             return
         self.close()
-
-

@@ -1,0 +1,52 @@
+"""Data layer: WebDataset shards on any fsspec URL -> decoded samples -> model batches.
+
+- :func:`expand_shards`: shard patterns (braces, globs, lists) -> existing shard URLs.
+- :class:`ShardReader`: safe streaming of one shard into :class:`Sample` records,
+  with every problem recorded as an :class:`ErrorRecord`.
+- :class:`Preprocess`: torchvision classification preset (resize, centre crop) for
+  images and boxes alike.
+- :func:`iter_batches`: background-thread preprocessing and batching into :class:`Batch`.
+- :func:`pack`: ImageFolder tree or CSV list -> shards.
+- :class:`ShardWriter`: numbered shards at any fsspec URL.
+"""
+
+from opticam.data.images import IMAGE_EXTENSIONS, decode_image, to_rgb
+from opticam.data.pack import make_key, pack
+from opticam.data.preprocess import Geometry, Preprocess
+from opticam.data.shards import (
+    UNSAFE_EXTENSIONS,
+    NoShardsError,
+    ShardReader,
+    ShardReadError,
+    expand_braces,
+    expand_shards,
+    iter_batches,
+    parse_boxes,
+    storage_options_for,
+)
+from opticam.data.types import Batch, Box, ErrorRecord, Sample
+from opticam.data.writer import ShardWriter
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "UNSAFE_EXTENSIONS",
+    "Batch",
+    "Box",
+    "ErrorRecord",
+    "Geometry",
+    "NoShardsError",
+    "Preprocess",
+    "Sample",
+    "ShardReadError",
+    "ShardReader",
+    "ShardWriter",
+    "decode_image",
+    "expand_braces",
+    "expand_shards",
+    "iter_batches",
+    "make_key",
+    "pack",
+    "parse_boxes",
+    "storage_options_for",
+    "to_rgb",
+]

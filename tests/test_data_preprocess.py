@@ -1,0 +1,254 @@
+"""Tests for opticam.data.preprocess: torchvision-exact pixels and boxes that follow them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms._presets import ImageClassification
+
+from opticam.data import Preprocess
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def reference(image: Image.Image, size: tuple[int, int], resize_size: int) -> torch.Tensor:
+    """torchvision's own resize + centre crop on a PIL image, scaled to [0, 1]."""
+    resized = TF.resize(image, [resize_size], InterpolationMode.BILINEAR, antialias=True)
+    cropped = TF.center_crop(resized, list(size))
+    return TF.pil_to_tensor(cropped).float() / 255
+
+
+def test_exact_geometry_for_a_wide_image() -> None:
+    # 200x100 -> shorter side 64 -> 128x64 -> centre 64x64 starts at x = (128 - 64) / 2 = 32.
+    preprocess = Preprocess(64)
+    geometry = preprocess.geometry(200, 100)
+    assert geometry.resized == (128, 64)
+    assert geometry.offset == (32, 0)
+    assert geometry.output == (64, 64)
+    image, boxes = preprocess(random_image(200, 100), [(50, 10, 150, 90), (0, 0, 40, 100)])
+    assert image.shape == (3, 64, 64)
+    # x: 50 * 0.64 - 32 = 0, 150 * 0.64 - 32 = 64; y: 10 * 0.64 = 6.4, 90 * 0.64 = 57.6.
+    # The second box maps to x in [-32, -6.4]: outside the crop, dropped.
+    assert torch.allclose(boxes, torch.tensor([[0.0, 6.4, 64.0, 57.6]]))
+
+
+def test_exact_geometry_tall_image_with_margin() -> None:
+    # ImageNet preset: 300x400 -> 256x341 (341.33 truncated) -> 224 crop at (16, 58.5 -> 58).
+    preprocess = Preprocess(224, resize_size=256)
+    geometry = preprocess.geometry(300, 400)
+    assert geometry.resized == (256, 341)
+    assert geometry.offset == (16, 58)
+    scale_x, scale_y = 256 / 300, 341 / 400
+    boxes = preprocess.transform_boxes([(30, 100, 270, 380)], 300, 400)
+    expected = [30 * scale_x - 16, 100 * scale_y - 58, 270 * scale_x - 16, 224]
+    assert torch.allclose(boxes, torch.tensor([expected]), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extent", "start"),
+    # Python's round is half-to-even, like torchvision's: margin 1 -> 0, 3 -> 2, 5 -> 2.
+    [(65, 0), (66, 1), (67, 2), (69, 2), (71, 4)],
+)
+def test_crop_offset_rounding_matches_torchvision(extent: int, start: int) -> None:
+    preprocess = Preprocess(64, resize_size=64)
+    assert preprocess.geometry(extent, 64).offset == (start, 0)
+    assert preprocess.geometry(64, extent).offset == (0, start)
+    image = random_image(extent, 64, seed=extent)
+    ours, _ = preprocess(image)
+    assert torch.equal(ours, reference(image, (64, 64), 64))
+
+
+def test_pixels_equal_torchvision_classification_preset() -> None:
+    preset = ImageClassification(crop_size=40, resize_size=48, mean=(0, 0, 0), std=(1, 1, 1))
+    for width, height in [(100, 75), (48, 48), (31, 90), (200, 57)]:
+        image = random_image(width, height, seed=width)
+        ours, _ = Preprocess(40, resize_size=48)(image)
+        assert ours.dtype == torch.float32
+        assert torch.equal(ours, preset(image))
+
+
+def test_crop_larger_than_image_pads_like_torchvision() -> None:
+    # Shorter side 20 but crop 32: torchvision pads (32 - 20) // 2 = 6 zeros before.
+    preprocess = Preprocess(32, resize_size=20)
+    geometry = preprocess.geometry(30, 20)
+    assert geometry.resized == (30, 20) and geometry.offset == (-1, -6)
+    image = random_image(30, 20, seed=3)
+    ours, boxes = preprocess(image, [(0, 0, 30, 20)])
+    assert torch.equal(ours, reference(image, (32, 32), 20))
+    assert boxes.tolist() == [[1.0, 6.0, 31.0, 26.0]]
+
+
+def test_rectangular_size_and_default_resize() -> None:
+    preprocess = Preprocess((24, 40))
+    assert preprocess.resize_size == 40  # larger crop side: no padding
+    image = random_image(90, 60, seed=5)
+    ours, _ = preprocess(image)
+    assert ours.shape == (3, 24, 40)
+    assert torch.equal(ours, reference(image, (24, 40), 40))
+    assert Preprocess(32).resize_size == 32
+
+
+def test_boxes_are_clipped_and_vanishing_ones_dropped() -> None:
+    preprocess = Preprocess(10)
+    # 10x10 image, identity resize: boxes only clip.
+    boxes = preprocess.transform_boxes(
+        [(-5, -5, 4, 4), (3, 3, 3, 8), (12, 0, 15, 5), (2, 2, 20, 9)], 10, 10
+    )
+    assert boxes.tolist() == [[0, 0, 4, 4], [2, 2, 10, 9]]
+    empty = preprocess.transform_boxes([], 10, 10)
+    assert empty.shape == (0, 4) and empty.dtype == torch.float32
+    _, from_call = preprocess(random_image(10, 10))
+    assert from_call.shape == (0, 4)
+
+
+def test_non_rgb_inputs_are_converted() -> None:
+    gray = Image.fromarray(np.full((20, 30), 128, dtype=np.uint8))
+    image, _ = Preprocess(16)(gray)
+    assert image.shape == (3, 16, 16)
+    assert torch.allclose(image, torch.full((3, 16, 16), 128 / 255))
+
+
+@pytest.mark.parametrize("bad", [0, -3, (1, 2, 3), (4, 0), "224", 2.5, True])
+def test_invalid_sizes_are_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="size"):
+        Preprocess(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="resize_size"):
+        Preprocess(8, resize_size=0)
+
+
+def check_drawn_box(
+    width: int, height: int, size: int, resize_size: int, box: tuple[int, int, int, int]
+) -> bool:
+    """Draw ``box`` filled red on blue, preprocess, and check where the red lands.
+
+    Returns whether the sub-pixel (mass and centroid) checks applied.
+    """
+    x0, y0, x1, y1 = box
+    preprocess = Preprocess(size, resize_size=resize_size)
+    geometry = preprocess.geometry(width, height)
+
+    image = Image.new("RGB", (width, height), (0, 0, 255))
+    # PIL's rectangle includes its end pixel: pixels x0..x1-1 <=> box edges x0..x1.
+    ImageDraw.Draw(image).rectangle((x0, y0, x1 - 1, y1 - 1), fill=(255, 0, 0))
+    tensor, boxes = preprocess(image, [(x0, y0, x1, y1)])
+    red = tensor[0].numpy()
+
+    scale_x = geometry.resized[0] / width
+    scale_y = geometry.resized[1] / height
+    left, top = geometry.offset
+    unclipped = (x0 * scale_x - left, y0 * scale_y - top, x1 * scale_x - left, y1 * scale_y - top)
+    centres_y, centres_x = np.mgrid[0:size, 0:size] + 0.5
+    # Bilinear interpolation puts an edge's 1/2 crossing exactly on the edge. The ramp
+    # around it is one input pixel wide when upscaling (scale px) and, antialiased,
+    # at most one output pixel to each side when downscaling: beyond `reach` from
+    # an edge a pixel is fully red or fully not.
+    reach_x, reach_y = max(1.0, scale_x / 2) + 0.01, max(1.0, scale_y / 2) + 0.01
+
+    if boxes.shape[0] == 0:
+        # The box vanished: it lies outside the crop, and no pixel is clearly red.
+        bx0, by0, bx1, by1 = unclipped
+        assert bx1 <= 1e-6 or by1 <= 1e-6 or bx0 >= size - 1e-6 or by0 >= size - 1e-6
+        assert red.max() < 0.5 + 0.01
+        return False
+
+    bx0, by0, bx1, by1 = boxes[0].tolist()
+    assert 0 <= bx0 < bx1 <= size and 0 <= by0 < by1 <= size
+    # The returned box is the exact image of the drawn box, clipped to the crop.
+    assert np.allclose([bx0, by0, bx1, by1], np.clip(unclipped, 0, size), atol=1e-4)
+    # Every clearly red pixel has its centre inside the box, up to one pixel: outside
+    # the box along either axis its value is below 1/2.
+    outside = (centres_x < bx0 - 1) | (centres_x > bx1 + 1) | (centres_y < by0 - 1)
+    outside |= centres_y > by1 + 1
+    assert (red[outside] < 0.5 + 0.01).all()
+    # Tight: beyond the ramps, pixels inside the box are red.
+    inside = (
+        (centres_x > bx0 + reach_x)
+        & (centres_x < bx1 - reach_x)
+        & (centres_y > by0 + reach_y)
+        & (centres_y < by1 - reach_y)
+    )
+    assert (red[inside] > 0.99).all()
+    if not inside.any():
+        return False
+    checked = False
+    # Sub-pixel: along a row (column) of full red in the other direction, the red
+    # profile's mass is the box width (height) and its centroid the box centre,
+    # because interpolation weights reproduce constants and linear functions. A box
+    # one pixel off fails here. Only where both ramps lie inside the crop and away
+    # from the image border, whose clamping makes the ramps asymmetric.
+    row = red[int(np.nonzero(inside.any(axis=1))[0].mean())]
+    column = red[:, int(np.nonzero(inside.any(axis=0))[0].mean())]
+    checks = [
+        (row, unclipped[0], unclipped[2], reach_x, x0 * scale_x, (width - x1) * scale_x),
+        (column, unclipped[1], unclipped[3], reach_y, y0 * scale_y, (height - y1) * scale_y),
+    ]
+    positions = np.arange(size) + 0.5
+    for profile, low, high, reach, border_low, border_high in checks:
+        if low - reach < 0 or high + reach > size or min(border_low, border_high) < reach + 1:
+            continue
+        checked = True
+        mass = profile.sum()
+        assert abs(mass - (high - low)) < 0.25
+        assert abs((profile * positions).sum() / mass - (low + high) / 2) < 0.25
+    return checked
+
+
+def integer_box(
+    fractions: tuple[float, float, float, float], width: int, height: int
+) -> tuple[int, int, int, int]:
+    a, b, c, d = fractions
+    x0, x1 = sorted((round(a * width), round(c * width)))
+    y0, y1 = sorted((round(b * height), round(d * height)))
+    return x0, y0, x1, y1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    width=st.integers(8, 240),
+    height=st.integers(8, 240),
+    size=st.integers(8, 64),
+    resize_factor=st.floats(0.6, 2.0),
+    box_fractions=st.tuples(*[st.floats(0.0, 1.0)] * 4),
+)
+def test_drawn_box_follows_preprocessing(
+    width: int,
+    height: int,
+    size: int,
+    resize_factor: float,
+    box_fractions: tuple[float, float, float, float],
+) -> None:
+    """Any box, any geometry (up- and downscaling, margins, padding, clipping)."""
+    box = integer_box(box_fractions, width, height)
+    assume(box[2] - box[0] >= 1 and box[3] - box[1] >= 1)
+    check_drawn_box(width, height, size, max(4, round(size * resize_factor)), box)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    width=st.integers(24, 240),
+    height=st.integers(24, 240),
+    size=st.integers(16, 64),
+    resize_factor=st.floats(1.0, 1.3),
+    box_fractions=st.tuples(*[st.floats(0.3, 0.7)] * 4),
+)
+def test_drawn_box_centroid_is_subpixel_exact(
+    width: int,
+    height: int,
+    size: int,
+    resize_factor: float,
+    box_fractions: tuple[float, float, float, float],
+) -> None:
+    """Boxes in the middle of the crop, where mass and centroid can be checked."""
+    box = integer_box(box_fractions, width, height)
+    assume(box[2] - box[0] >= 4 and box[3] - box[1] >= 4)
+    checked = check_drawn_box(width, height, size, max(4, round(size * resize_factor)), box)
+    assume(checked)
