@@ -1,0 +1,610 @@
+"""Classifiers to explain: what to load (``ModelSpec``) and what comes back (``LoadedModel``).
+
+Every model handed to the saliency methods takes images ``x`` of shape (B,3,H,W) with
+values in [0,1] and returns logits (B,num_classes). Input normalization lives inside the
+model, so that a masked image ``x * M`` is black where ``M = 0`` (METHOD.md section 1).
+Models trained on normalized inputs are wrapped in :class:`Normalized`.
+
+Sources (``ModelSpec.source``):
+
+- ``"demo"``: the bundled demo classifier (:mod:`opticam.demo`), normalization inside.
+- ``"torchvision:NAME[:WEIGHTS]"``: a torchvision architecture, e.g.
+  ``"torchvision:resnet50:IMAGENET1K_V2"`` (weights come from the torch cache, or are
+  downloaded where a network exists), or ``"torchvision:resnet50"`` with
+  ``checkpoint=`` a state_dict at any fsspec URL.
+- ``"factory:package.module:function"``: ``function()`` returns an ``nn.Module``; a
+  ``checkpoint`` is loaded into it when given.
+
+Target layers are dotted module names relative to the unwrapped model (``"layer4"``,
+``"features.42"``); names relative to the wrapper (``"model.layer4"``) are accepted too.
+Defaults per family (see :func:`default_target_layer`): ResNet/ResNeXt/Wide-ResNet
+``layer4``; VGG the ReLU before the last max-pool of ``features``; DenseNet ``features``
+(ends in norm5; DenseNet applies its ReLU after it, and so do ReLU'd features); MobileNet
+V2/V3, EfficientNet and ConvNeXt the last block of ``features``; ViT the first norm
+(``ln_1``) of the last encoder block, whose tokens are reshaped to their grid (as
+pytorch-grad-cam's ViT tutorial does with timm's ``blocks[-1].norm1``); Swin the first
+norm of its last block, channels-last maps moved to (B,C,h,w).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.error import URLError
+
+import fsspec
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+from torch import Tensor, nn
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CheckpointError",
+    "LoadedModel",
+    "ModelSpec",
+    "Normalized",
+    "ResolvedLayer",
+    "WeightsUnavailableError",
+    "channels_last_reshape_transform",
+    "default_target_layer",
+    "find_layer",
+    "layer_candidates",
+    "load_checkpoint",
+    "load_model",
+    "resolve_target_layer",
+    "unwrap",
+    "vit_reshape_transform",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# torchvision's classification presets crop 224 out of a 256 resize unless the weights
+# say otherwise (their transforms carry crop_size / resize_size).
+_IMAGENET_INPUT_SIZE = 224
+_IMAGENET_RESIZE_SIZE = 256
+
+_SOURCE_RE = re.compile(
+    r"^(demo|torchvision:[A-Za-z0-9_]+(:[A-Za-z0-9_.]+)?|factory:[A-Za-z0-9_.]+:[A-Za-z0-9_]+)$"
+)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be obtained (typically: no network, nothing cached)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or does not fit the architecture."""
+
+
+class ModelSpec(BaseModel):
+    """What classifier to explain, and how.
+
+    Attributes:
+        source: ``"demo"``, ``"torchvision:NAME[:WEIGHTS]"`` or ``"factory:pkg.mod:fn"``.
+        checkpoint: a state_dict at any fsspec URL (local path, ``file://``, ``s3://``...).
+        trust_checkpoint: False reads the checkpoint with ``torch.load(weights_only=True)``
+            (tensors and plain containers only); True allows arbitrary pickled objects,
+            which runs code from the file: only for files you trust.
+        target_layer: dotted module name of the CAM target layer; default per family.
+        input_size: side of the square model input; default per family (224, demo 128).
+        resize_size: shorter side before the centre crop; default per family (256 for
+            ImageNet models or what the weights specify, demo 128).
+        num_classes: number of logits; inferred from the weights/checkpoint when None.
+        mean, std: input normalization (RGB, for [0,1] images) applied inside the loaded
+            model; None means the family default (ImageNet's for torchvision, none for the
+            demo model and factories, whose module may declare ``input_mean``/``input_std``).
+        relu_features: ReLU the target layer's features (True for CNNs, as in the paper;
+            False for transformers); None means the family default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = "demo"
+    checkpoint: str | None = None
+    trust_checkpoint: bool = False
+    target_layer: str | None = None
+    input_size: int | None = None
+    resize_size: int | None = None
+    num_classes: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    relu_features: bool | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if not _SOURCE_RE.match(value):
+            raise ValueError(
+                f"unknown model source {value!r} (accepted: 'demo', "
+                "'torchvision:NAME[:WEIGHTS]' e.g. 'torchvision:resnet50:IMAGENET1K_V2', "
+                "'factory:package.module:function')"
+            )
+        return value
+
+    @field_validator("input_size", "resize_size", "num_classes")
+    @classmethod
+    def _check_positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be a positive integer, got {value}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _check_std(
+        cls, value: tuple[float, float, float] | None
+    ) -> tuple[float, float, float] | None:
+        if value is not None and min(value) <= 0:
+            raise ValueError(f"std must be positive, got {value}")
+        return value
+
+
+class Normalized(nn.Module):
+    """Wraps a classifier trained on normalized inputs so that it takes [0,1] images.
+
+    ``forward(x) = model((x - mean) / std)`` with x (B,3,H,W) in [0,1]; mean and std are
+    (1,3,1,1) buffers, so they follow ``.to(device)``.
+
+    Args:
+        model: the classifier that expects normalized inputs.
+        mean: per-channel mean (3 values).
+        std: per-channel standard deviation (3 values).
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer(
+            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        )
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images (B,3,H,W) in [0,1] -> logits of the wrapped model."""
+        return self.model((x - self.mean) / self.std)
+
+
+@dataclass
+class LoadedModel:
+    """A classifier ready to explain.
+
+    Attributes:
+        model: eval mode, parameters frozen, takes (B,3,H,W) images in [0,1].
+        target_layer: the CAM target layer (a submodule of ``model``).
+        target_layer_name: its dotted name relative to :func:`unwrap` (``model``).
+        input_size: (H, W) of the model input.
+        resize_size: shorter side before the centre crop.
+        num_classes: number of logits.
+        reshape_transform: maps the layer's output to (B,C,h,w) (ViT tokens), or None.
+        relu_features: whether Opti-CAM ReLUs the target layer's features.
+        name: the source, e.g. ``"demo"`` or ``"torchvision:resnet50:IMAGENET1K_V2"``.
+    """
+
+    model: nn.Module
+    target_layer: nn.Module
+    target_layer_name: str
+    input_size: tuple[int, int]
+    resize_size: int
+    num_classes: int
+    reshape_transform: Callable[[Tensor], Tensor] | None
+    relu_features: bool
+    name: str
+
+
+@dataclass
+class ResolvedLayer:
+    """A target layer and how to read its output as feature maps (B,C,h,w)."""
+
+    module: nn.Module
+    name: str
+    reshape_transform: Callable[[Tensor], Tensor] | None
+    relu_features: bool
+
+
+def vit_reshape_transform(tokens: Tensor) -> Tensor:
+    """ViT tokens (B, 1 + h*w, C) -> feature maps (B, C, h, w) on a square grid.
+
+    The class token (index 0) is dropped; patch tokens are laid out row-major as
+    torchvision's ``VisionTransformer`` makes them (so a 224 input with 16-pixel patches
+    gives a 14x14 grid).
+    """
+    if tokens.dim() != 3:
+        raise ValueError(f"expected ViT tokens of shape (B, 1+h*w, C), got {tuple(tokens.shape)}")
+    n = tokens.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(
+            f"cannot reshape {n} patch tokens (class token dropped) to a square grid; "
+            "pass a reshape_transform for this model"
+        )
+    b, _, c = tokens.shape
+    return tokens[:, 1:, :].reshape(b, side, side, c).permute(0, 3, 1, 2)
+
+
+def channels_last_reshape_transform(features: Tensor) -> Tensor:
+    """Channels-last feature maps (B, h, w, C) (torchvision's Swin) -> (B, C, h, w)."""
+    if features.dim() != 4:
+        raise ValueError(f"expected (B, h, w, C) features, got {tuple(features.shape)}")
+    return features.permute(0, 3, 1, 2)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The classifier inside a :class:`Normalized` wrapper (or ``model`` itself)."""
+    return model.model if isinstance(model, Normalized) else model
+
+
+def layer_candidates(model: nn.Module, limit: int = 40) -> list[str]:
+    """Module names worth suggesting as target layers: top-level and second-level ones.
+
+    Second-level names come from children that hold a convolution, where CAM layers live.
+    """
+    inner = unwrap(model)
+    names: list[str] = []
+    for name, child in inner.named_children():
+        names.append(name)
+        if _has_conv(child):
+            names.extend(f"{name}.{sub}" for sub, _ in child.named_children())
+    return names[:limit]
+
+
+def find_layer(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """Resolve a dotted module name to ``(module, name relative to the unwrapped model)``.
+
+    Names are looked up in the unwrapped classifier first (``"layer4"``), then in
+    ``model`` itself (``"model.layer4"`` for a :class:`Normalized` wrapper).
+
+    Raises:
+        ValueError: no such module; the message lists candidate names.
+    """
+    inner = unwrap(model)
+    try:
+        return inner.get_submodule(name), name
+    except AttributeError:
+        pass
+    if inner is not model:
+        prefix = "model."
+        if name.startswith(prefix):
+            try:
+                return inner.get_submodule(name[len(prefix) :]), name[len(prefix) :]
+            except AttributeError:
+                pass
+    candidates = ", ".join(layer_candidates(model))
+    raise ValueError(
+        f"unknown target layer {name!r} in {type(inner).__name__} "
+        f"(candidates include: {candidates}; any dotted name from model.named_modules() works)"
+    )
+
+
+def default_target_layer(model: nn.Module) -> str:
+    """The default CAM target layer of a classifier, as a dotted name (see module doc).
+
+    Known torchvision families get the layers used in the literature; a module with a
+    ``default_target_layer`` string attribute names its own; any other model gets the last
+    top-level child that holds a convolution and no pooling/linear head.
+
+    Raises:
+        ValueError: nothing suitable found; the message lists candidate names.
+    """
+    import torchvision.models as tvm
+
+    inner = unwrap(model)
+    declared = getattr(inner, "default_target_layer", None)
+    if isinstance(declared, str):
+        return declared
+    if isinstance(inner, tvm.ResNet):
+        return "layer4"
+    if isinstance(inner, tvm.VGG):
+        layers = list(inner.features)
+        pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+        last = pools[-1] if pools else len(layers)
+        # The activation that feeds the final max-pool: the last conv block's output.
+        return f"features.{last - 1}"
+    if isinstance(inner, tvm.DenseNet):
+        return "features"
+    if isinstance(inner, tvm.MobileNetV2 | tvm.MobileNetV3 | tvm.EfficientNet | tvm.ConvNeXt):
+        return f"features.{len(inner.features) - 1}"
+    if isinstance(inner, tvm.VisionTransformer):
+        blocks = list(inner.encoder.layers.named_children())
+        return f"encoder.layers.{blocks[-1][0]}.ln_1"
+    if isinstance(inner, tvm.SwinTransformer):
+        stage = len(inner.features) - 1
+        return f"features.{stage}.{len(inner.features[stage]) - 1}.norm1"
+    head_types = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
+    chosen = None
+    for name, child in inner.named_children():
+        if _has_conv(child) and not any(isinstance(m, head_types) for m in child.modules()):
+            chosen = name
+    if chosen is None:
+        raise ValueError(
+            f"no default target layer for {type(inner).__name__}; pass target_layer= "
+            f"(candidates include: {', '.join(layer_candidates(model))})"
+        )
+    return chosen
+
+
+def resolve_target_layer(
+    model: nn.Module,
+    name: str | None = None,
+    *,
+    relu_features: bool | None = None,
+    reshape_transform: Callable[[Tensor], Tensor] | None = None,
+) -> ResolvedLayer:
+    """Resolve a target layer by name (or the family default) with its feature reading.
+
+    Transformers get a reshape and ``relu_features=False`` unless told otherwise (ViT:
+    :func:`vit_reshape_transform`; Swin: :func:`channels_last_reshape_transform`); every
+    other model gets no reshape and ``relu_features=True``.
+    """
+    import torchvision.models as tvm
+
+    layer_name = name if name is not None else default_target_layer(model)
+    module, layer_name = find_layer(model, layer_name)
+    inner = unwrap(model)
+    transformer = isinstance(inner, tvm.VisionTransformer | tvm.SwinTransformer)
+    if reshape_transform is None and isinstance(inner, tvm.VisionTransformer):
+        reshape_transform = vit_reshape_transform
+    if reshape_transform is None and isinstance(inner, tvm.SwinTransformer):
+        reshape_transform = channels_last_reshape_transform
+    if relu_features is None:
+        relu_features = not transformer
+    return ResolvedLayer(module, layer_name, reshape_transform, relu_features)
+
+
+def load_checkpoint(
+    url: str, *, trust: bool = False, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Tensor]:
+    """Read a state_dict from any fsspec URL.
+
+    Common wrappers are unpacked (``{"state_dict": ...}``, ``{"model": ...}``) and a
+    ``"module."`` prefix left by DataParallel is stripped.
+
+    Args:
+        url: local path or fsspec URL.
+        trust: allow arbitrary pickled objects (``weights_only=False``). Never for files
+            from strangers: unpickling runs code.
+        storage_options: passed to fsspec (credentials, endpoint).
+
+    Raises:
+        CheckpointError: unreadable file, refused pickled objects, or not a state_dict.
+    """
+    try:
+        with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
+            data = f.read()
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {url!r}: {err}") from err
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        if not trust and "weights_only" in str(err).lower().replace(" ", "_"):
+            raise CheckpointError(
+                f"checkpoint {url!r} holds Python objects that safe loading "
+                "(torch.load(weights_only=True)) refuses; save a plain state_dict "
+                "(model.state_dict()) or, only if you trust the file, set "
+                f"trust_checkpoint=True. Details: {err}"
+            ) from err
+        raise CheckpointError(f"cannot load checkpoint {url!r}: {err}") from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"checkpoint {url!r} is not a state_dict (a mapping of parameter names to "
+            f"tensors); got {type(obj).__name__}"
+        )
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_model(
+    spec: ModelSpec,
+    device: str | torch.device = "cpu",
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Build the classifier a spec describes, on ``device``, ready to explain.
+
+    The model is put in eval mode with its parameters frozen (``requires_grad=False``):
+    saliency methods need gradients with respect to inputs or masks, never weights.
+
+    Args:
+        spec: what to load.
+        device: where the model lives.
+        storage_options: fsspec options for reading ``spec.checkpoint`` (kept out of the
+            spec so that credentials never land in a run description).
+
+    Raises:
+        WeightsUnavailableError: torchvision weights not cached and not downloadable.
+        CheckpointError: the checkpoint cannot be read or does not fit.
+        ValueError: bad source, weights name, or target layer.
+    """
+    kind, _, rest = spec.source.partition(":")
+    mean: Sequence[float] | None = spec.mean
+    std: Sequence[float] | None = spec.std
+    num_classes = spec.num_classes
+    input_size: int | None = spec.input_size
+    resize_size: int | None = spec.resize_size
+    default_layer: str | None = None
+
+    if kind == "demo":
+        import opticam.demo as demo
+
+        if spec.checkpoint is None:
+            net = demo.load_model()
+        else:
+            from opticam.demo.model import DemoNet
+
+            net = DemoNet(num_classes=num_classes or demo.NUM_CLASSES)
+            _load_state(net, spec, storage_options)
+        net_classes: int | None = demo.NUM_CLASSES if num_classes is None else num_classes
+        input_size = input_size or demo.DEMO_INPUT_SIZE
+        resize_size = resize_size or demo.DEMO_INPUT_SIZE
+        default_layer = demo.DEMO_TARGET_LAYER
+    elif kind == "torchvision":
+        arch, _, weights_name = rest.partition(":")
+        net, meta = _build_torchvision(arch, weights_name or None, spec, storage_options)
+        net_classes = meta.get("num_classes") or num_classes
+        input_size = input_size or meta.get("crop_size") or _IMAGENET_INPUT_SIZE
+        resize_size = resize_size or meta.get("resize_size") or _IMAGENET_RESIZE_SIZE
+        if mean is None:
+            mean, std = IMAGENET_MEAN, std or IMAGENET_STD
+    else:  # factory, validated by ModelSpec
+        net = _call_factory(rest)
+        if spec.checkpoint is not None:
+            _load_state(net, spec, storage_options)
+        declared_mean = getattr(net, "input_mean", None)
+        if mean is None and declared_mean is not None:
+            mean = tuple(declared_mean)
+            std = std or tuple(getattr(net, "input_std", (1.0, 1.0, 1.0)))
+        net_classes = num_classes
+        declared = getattr(net, "input_size", None)
+        input_size = input_size or (declared if isinstance(declared, int) else None)
+        input_size = input_size or _IMAGENET_INPUT_SIZE
+        resize_size = resize_size or input_size
+
+    model: nn.Module = net
+    if mean is not None:
+        model = Normalized(net, mean, std if std is not None else (1.0, 1.0, 1.0))
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    layer = resolve_target_layer(
+        model, spec.target_layer or default_layer, relu_features=spec.relu_features
+    )
+    if net_classes is None:
+        net_classes = _infer_num_classes(model, input_size, device)
+    return LoadedModel(
+        model=model,
+        target_layer=layer.module,
+        target_layer_name=layer.name,
+        input_size=(input_size, input_size),
+        resize_size=resize_size,
+        num_classes=int(net_classes),
+        reshape_transform=layer.reshape_transform,
+        relu_features=layer.relu_features,
+        name=spec.source,
+    )
+
+
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def _load_state(net: nn.Module, spec: ModelSpec, storage_options: Mapping[str, Any] | None) -> None:
+    assert spec.checkpoint is not None
+    state = load_checkpoint(
+        spec.checkpoint, trust=spec.trust_checkpoint, storage_options=storage_options
+    )
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"checkpoint {spec.checkpoint!r} does not fit {spec.source!r} "
+            f"(a different architecture, or set num_classes?): {err}"
+        ) from err
+
+
+def _build_torchvision(
+    arch: str,
+    weights_name: str | None,
+    spec: ModelSpec,
+    storage_options: Mapping[str, Any] | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    import torchvision.models as tvm
+
+    known = tvm.list_models(module=tvm)
+    if arch not in known:
+        raise ValueError(
+            f"unknown torchvision classification model {arch!r} (known: {', '.join(sorted(known))})"
+        )
+    meta: dict[str, Any] = {}
+    if weights_name is None:
+        kwargs: dict[str, Any] = {}
+        if spec.num_classes is not None:
+            kwargs["num_classes"] = spec.num_classes
+        net = tvm.get_model(arch, weights=None, **kwargs)
+        if spec.checkpoint is None:
+            warnings.warn(
+                f"torchvision:{arch} has neither weights nor a checkpoint: random weights",
+                stacklevel=3,
+            )
+        else:
+            _load_state(net, spec, storage_options)
+        return net, meta
+
+    if spec.checkpoint is not None:
+        raise ValueError(
+            f"give either torchvision weights ({weights_name!r}) or a checkpoint "
+            f"({spec.checkpoint!r}), not both; a checkpoint goes with 'torchvision:{arch}'"
+        )
+    enum = tvm.get_model_weights(arch)
+    try:
+        weights = enum[weights_name] if weights_name != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        raise ValueError(
+            f"unknown weights {weights_name!r} for torchvision:{arch} "
+            f"(known: DEFAULT, {', '.join(w.name for w in enum)})"
+        ) from None
+    if spec.num_classes is not None and spec.num_classes != len(weights.meta["categories"]):
+        raise ValueError(
+            f"num_classes={spec.num_classes} contradicts {arch}:{weights.name}, which has "
+            f"{len(weights.meta['categories'])} classes"
+        )
+    try:
+        net = tvm.get_model(arch, weights=weights)
+    except (URLError, OSError, ConnectionError) as err:
+        raise WeightsUnavailableError(
+            f"could not obtain torchvision weights {arch}:{weights.name} from {weights.url} "
+            f"(no network? nothing in the torch cache at $TORCH_HOME/hub/checkpoints): {err}. "
+            "Either download them once where a network exists (they are cached), or pass "
+            f"the state_dict yourself: ModelSpec(source='torchvision:{arch}', "
+            "checkpoint='<local path or s3://... URL of the .pth file>')"
+        ) from err
+    meta["num_classes"] = len(weights.meta["categories"])
+    # The weights' own preset (e.g. crop 224 from a 232 resize for IMAGENET1K_V2).
+    preset = getattr(weights.transforms, "keywords", {})
+    for key in ("crop_size", "resize_size"):
+        value = preset.get(key)
+        if isinstance(value, Sequence):
+            value = value[0]
+        if isinstance(value, int):
+            meta[key] = value
+    return net, meta
+
+
+def _call_factory(target: str) -> nn.Module:
+    module_name, _, fn_name = target.rpartition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import factory module {module_name!r}: {err}") from err
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"factory {fn_name!r} not found (or not callable) in {module_name!r}")
+    net = fn()
+    if not isinstance(net, nn.Module):
+        raise ValueError(
+            f"factory {target!r} returned {type(net).__name__}, expected a torch.nn.Module"
+        )
+    return net
+
+
+def _infer_num_classes(model: nn.Module, input_size: int, device: str | torch.device) -> int:
+    # One small forward is cheap and, unlike guessing from the last nn.Linear, also right
+    # for conv heads (SqueezeNet) and heads registered before the trunk.
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 3, input_size, input_size, device=device))
+    return int(logits.shape[-1])

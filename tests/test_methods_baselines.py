@@ -1,0 +1,154 @@
+"""Baselines (opticam.methods.baselines): pytorch-grad-cam adapters and Fake-CAM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM, HiResCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import Tensor, nn
+
+from opticam.methods import CAM_METHODS, FakeCAM, GradCAMBaseline, upsample_normalize
+
+torch.set_num_threads(1)
+
+
+class TinyNet(nn.Module):
+    """Two convs at 32x32 -> features A (B,8,16,16) -> GAP -> linear, 5 logits."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _images(seed: int = 0, batch: int = 3) -> Tensor:
+    return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+TARGETS = torch.tensor([0, 3, 4])
+
+
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_every_method_gives_maps_in_unit_range(method: str) -> None:
+    model = TinyNet(1)
+    flags_before = [p.requires_grad for p in model.parameters()]
+    result = GradCAMBaseline(method, model, model.features, batch_size=4)(_images(1), TARGETS)
+    assert result.maps.shape == (3, 1, 32, 32)
+    assert result.saliency is not None and result.saliency.shape == (3, 1, 16, 16)
+    assert torch.isfinite(result.maps).all()
+    assert result.maps.min() >= 0 and result.maps.max() <= 1
+    assert (result.saliency >= 0).all()  # pytorch-grad-cam's ReLU
+    rebuilt, constant = upsample_normalize(result.saliency, (32, 32))
+    assert torch.equal(rebuilt, result.maps)
+    assert torch.equal(constant, result.diagnostics["constant_map"])
+    # Frozen for the call only; no weight gradients; no hooks left behind.
+    assert [p.requires_grad for p in model.parameters()] == flags_before
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+
+
+def test_gradcam_equals_cam_for_a_gap_linear_head() -> None:
+    """With logits = W GAP(A) + b, dg_c/dA_k = W[c,k] / (h w) everywhere, so
+    Grad-CAM's saliency is relu(sum_k W[c,k] A_k) / (h w): class activation mapping."""
+    model = TinyNet(2)
+    x = _images(2)
+    result = GradCAMBaseline("gradcam", model, model.features)(x, TARGETS)
+    with torch.no_grad():
+        feats = model.features(x)
+        expected = torch.relu(torch.einsum("bk,bkhw->bhw", model.fc.weight[TARGETS], feats))
+    expected = expected.unsqueeze(1) / (16 * 16)
+    assert torch.allclose(result.saliency, expected, atol=1e-6)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cls,name", [(GradCAM, "gradcam"), (HiResCAM, "hirescam")])
+def test_matches_pytorch_grad_cam_output(cls: type, name: str) -> None:
+    """Same maps as the package's own call, up to its OpenCV resize and 1e-7 scaling."""
+    model = TinyNet(3)
+    x = _images(3)
+    ours = GradCAMBaseline(name, model, model.features)(x, TARGETS)
+    with cls(model=model, target_layers=[model.features]) as cam:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in TARGETS])
+    keep = ~ours.diagnostics["constant_map"]
+    assert keep.any()
+    np.testing.assert_allclose(ours.maps[keep, 0].numpy(), theirs[keep.numpy()], atol=1e-4)
+    for p in model.parameters():
+        p.grad = None
+
+
+def test_predicted_class_when_targets_omitted() -> None:
+    model = TinyNet(0)
+    x = _images(0)
+    a = GradCAMBaseline("gradcampp", model, model.features)(x)
+    b = GradCAMBaseline("gradcampp", model, model.features)(x, model(x).argmax(1))
+    assert torch.equal(a.maps, b.maps)
+
+
+def test_hooks_released_when_gradcam_raises() -> None:
+    class Exploding(TinyNet):
+        def forward(self, x: Tensor) -> Tensor:
+            self.features(x)  # the package's hooks have fired
+            raise RuntimeError("boom")
+
+    model = Exploding()
+    with pytest.raises(RuntimeError, match="boom"):
+        GradCAMBaseline("gradcam", model, model.features)(_images(), TARGETS)
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_ablation_layer_put_back_when_ablation_cam_raises() -> None:
+    class ExplodingHead(TinyNet):
+        calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            if self.calls == 3:  # first ablated forward pass: the layer is swapped out
+                raise RuntimeError("boom")
+            return super().forward(x)
+
+    model = ExplodingHead()
+    layer = model.features
+    with pytest.raises(RuntimeError, match="boom"):
+        GradCAMBaseline("ablationcam", model, layer)(_images(), TARGETS)
+    assert model.features is layer
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+
+
+def test_scorecam_batch_size_does_not_change_maps() -> None:
+    model = TinyNet(4)
+    x = _images(4)
+    a = GradCAMBaseline("scorecam", model, model.features, batch_size=3)(x, TARGETS)
+    b = GradCAMBaseline("scorecam", model, model.features, batch_size=8)(x, TARGETS)
+    assert torch.allclose(a.maps, b.maps, atol=1e-5)
+
+
+def test_fakecam() -> None:
+    x = _images(batch=2)
+    result = FakeCAM(TinyNet())(x, [0, 1])
+    expected = torch.ones(2, 1, 32, 32)
+    expected[:, :, 0, 0] = 0
+    assert torch.equal(result.maps, expected)
+    assert result.saliency is None
+
+
+def test_bad_options() -> None:
+    model = TinyNet()
+    with pytest.raises(ValueError, match="unknown pytorch-grad-cam method 'gradcam\\+'"):
+        GradCAMBaseline("gradcam+", model, model.features)
+    with pytest.raises(ValueError, match="batch_size"):
+        GradCAMBaseline("scorecam", model, model.features, batch_size=0)

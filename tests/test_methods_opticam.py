@@ -1,0 +1,370 @@
+"""Opti-CAM (opticam.methods.opticam): formulas, batch invariants, safety, options."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from opticam.methods import OptiCAM, get_explainer, normalize_maps, upsample_normalize
+from opticam.methods.opticam import capture_features
+
+torch.set_num_threads(1)
+
+
+class TinyNet(nn.Module):
+    """Two convs at 32x32 -> (B,8,16,16) features -> GAP -> 5 logits."""
+
+    def __init__(self, seed: int = 0, classes: int = 5) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _images(seed: int, batch: int = 4, size: int = 32) -> Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _opticam(model: nn.Module, **options: object) -> OptiCAM:
+    options.setdefault("iterations", 8)
+    return OptiCAM(model, model.features, **options)  # type: ignore[arg-type]
+
+
+class FixedFeatures(nn.Module):
+    """Target layer whose output is a fixed tensor A (1,K,h,w), whatever the input."""
+
+    def __init__(self, features: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.value.expand(x.shape[0], -1, -1, -1)
+
+
+class AnalyticNet(nn.Module):
+    """Logit 0 = sum_j a_j x_j over a 1x3 image's first channel; logit 1 = its negative.
+
+    The target layer has K=3 one-hot channels: A_k is ``scale_k`` at pixel k and 0
+    elsewhere, on the same 1x3 grid as the image (so up() is the identity). Hence
+    ``S = (w_0, 0.9 w_1, 0.8 w_2)`` with ``w = softmax(u)``, M = range-normalized S,
+    and ``F = sum_j a_j M_j`` for an all-ones image.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        a = torch.zeros(1, 3, 1, 3)
+        for k, scale in enumerate((1.0, 0.9, 0.8)):
+            a[0, k, 0, k] = scale
+        self.features = FixedFeatures(a)
+        self.register_buffer("a", torch.tensor([2.0, 1.0, -3.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.features(x)  # the CAM layer runs, but the head reads the image directly
+        logit = (x[:, 0, 0, :] * self.a).sum(dim=1)
+        return torch.stack([logit, -logit], dim=1)
+
+
+def test_analytic_start_and_optimum() -> None:
+    """At u=0: S = (1/3, 0.3, 0.8/3) -> M = (1, 0.5, 0) -> F = 2.5 exactly.
+
+    Over maps with min 0 and max 1, F = 2 M_0 + M_1 - 3 M_2 <= 3, approached as w_1 -> w_0
+    from below: Opti-CAM must climb from 2.5 towards 3 without exceeding it.
+    """
+    model = AnalyticNet()
+    x = torch.ones(1, 3, 1, 3)
+    start = OptiCAM(model, model.features, iterations=0)(x, torch.tensor([0]))
+    assert start.diagnostics["initial_objective"].item() == pytest.approx(2.5, abs=1e-5)
+    assert torch.allclose(start.maps.flatten(), torch.tensor([1.0, 0.5, 0.0]), atol=1e-5)
+    assert start.diagnostics["iterations"].item() == 0
+
+    result = OptiCAM(model, model.features, iterations=100)(x, torch.tensor([0]))
+    final = result.diagnostics["final_objective"].item()
+    assert 2.95 < final <= 3.0 + 1e-5
+    m = result.maps.flatten()
+    assert m[0].item() == pytest.approx(1.0) and m[2].item() == pytest.approx(0.0)
+    # The reported objective is the returned map's score.
+    assert final == pytest.approx(float((m * model.a).sum()), abs=1e-5)
+
+
+def test_analytic_diff_objective_reaches_zero_gap() -> None:
+    """diff: the clean logit is 0 (M = 1 gives 2 + 1 - 3); the best map keeps that gap 0."""
+    model = AnalyticNet()
+    x = torch.ones(1, 3, 1, 3)
+    result = OptiCAM(model, model.features, iterations=100, objective="diff")(x, [0])
+    assert result.diagnostics["initial_objective"].item() == pytest.approx(-2.5, abs=1e-5)
+    assert result.diagnostics["final_objective"].item() > -0.1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_equals_image_by_image(seed: int) -> None:
+    model = TinyNet(seed)
+    x = _images(seed)
+    targets = torch.tensor([0, 1, 2, 3])
+    explainer = _opticam(model)
+    batch = explainer(x, targets)
+    for i in range(x.shape[0]):
+        single = explainer(x[i : i + 1], targets[i : i + 1])
+        assert torch.allclose(batch.maps[i], single.maps[0], atol=1e-4)
+        # Not the raw saliency: range normalization ignores S's offset and scale, so Adam
+        # may drift along those flat directions (e.g. u of a dead channel) differently.
+        low_b, _ = normalize_maps(batch.saliency[i : i + 1])  # type: ignore[index]
+        low_s, _ = normalize_maps(single.saliency)  # type: ignore[arg-type]
+        assert torch.allclose(low_b, low_s, atol=1e-4)
+        for key in ("initial_objective", "final_objective"):
+            assert torch.allclose(batch.diagnostics[key][i], single.diagnostics[key][0], atol=1e-4)
+        assert batch.diagnostics["iterations"][i] == single.diagnostics["iterations"][0]
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 1000), perm_seed=st.integers(0, 1000))
+def test_permuting_batch_permutes_maps(seed: int, perm_seed: int) -> None:
+    model = TinyNet(seed % 3)
+    x = _images(seed)
+    targets = torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(4, generator=torch.Generator().manual_seed(perm_seed))
+    explainer = _opticam(model, iterations=4)
+    a = explainer(x, targets)
+    b = explainer(x[perm], targets[perm])
+    assert torch.allclose(a.maps[perm], b.maps, atol=1e-4)
+    # Maps are in [0,1] and finite.
+    assert torch.isfinite(a.maps).all()
+    assert a.maps.min() >= 0 and a.maps.max() <= 1
+    # The returned map is never worse than the uniform start.
+    assert (a.diagnostics["final_objective"] >= a.diagnostics["initial_objective"]).all()
+
+
+def test_final_objective_matches_returned_map() -> None:
+    model = TinyNet(3)
+    x = _images(3)
+    targets = torch.tensor([4, 3, 2, 1])
+    result = _opticam(model, iterations=12)(x, targets)
+    with torch.no_grad():
+        scores = model(x * result.maps).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(scores, result.diagnostics["final_objective"], atol=1e-4)
+    assert (result.diagnostics["final_objective"] >= result.diagnostics["initial_objective"]).all()
+    # maps == n(up(saliency)): the stored low-resolution map rebuilds the map.
+    rebuilt, _ = upsample_normalize(result.saliency, (32, 32))  # type: ignore[arg-type]
+    assert torch.allclose(rebuilt, result.maps)
+
+
+def test_zero_features_give_flagged_all_ones_map() -> None:
+    model = TinyNet(0)
+    with torch.no_grad():
+        model.features[2].weight.zero_()
+        model.features[2].bias.zero_()
+    result = _opticam(model)(_images(0), torch.tensor([0, 1, 2, 3]))
+    assert result.diagnostics["constant_map"].all()
+    assert torch.equal(result.maps, torch.ones_like(result.maps))
+    # Nothing to optimize: the objective cannot change, so each image stops after one step.
+    assert result.diagnostics["iterations"].tolist() == [1, 1, 1, 1]
+
+
+def test_early_stopping_is_per_image() -> None:
+    """A black image has zero features (no biases): it stops at once, the others run on."""
+    model = TinyNet(1)
+    with torch.no_grad():
+        for conv in (model.features[0], model.features[2]):
+            conv.bias.zero_()
+    x = _images(1)
+    x[1] = 0.0
+    result = _opticam(model, iterations=6)(x, torch.tensor([0, 1, 2, 3]))
+    assert result.diagnostics["iterations"].tolist() == [6, 1, 6, 6]
+    assert result.diagnostics["constant_map"].tolist() == [False, True, False, False]
+
+    # A huge tolerance stops every image after its first step.
+    loose = _opticam(model, iterations=6, tolerance=1e9)(x, torch.tensor([0, 1, 2, 3]))
+    assert loose.diagnostics["iterations"].tolist() == [1, 1, 1, 1]
+
+
+def test_frozen_flags_restored_and_no_weight_grads() -> None:
+    model = TinyNet(0)
+    model.features[0].weight.requires_grad_(False)
+    model.fc.bias.requires_grad_(False)
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    _opticam(model)(_images(0), torch.tensor([0, 1, 2, 3]))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules())
+
+
+def test_hooks_removed_and_flags_restored_when_forward_raises() -> None:
+    class Exploding(TinyNet):
+        calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            if self.calls == 3:  # inside the optimization loop
+                raise RuntimeError("boom")
+            return super().forward(x)
+
+    model = Exploding(0)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="boom"):
+        _opticam(model)(_images(0), torch.tensor([0, 1, 2, 3]))
+    for module in model.modules():
+        assert not module._forward_hooks and not module._backward_hooks
+        assert not module._forward_pre_hooks
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"objective": "diff"},
+        {"score": "probability"},
+        {"normalization": "max"},
+        {"normalization": "sigmoid"},
+        {"objective": "diff", "score": "probability", "lr": 0.05},
+    ],
+)
+def test_options_run(options: dict[str, object]) -> None:
+    model = TinyNet(2)
+    result = _opticam(model, iterations=4, **options)(_images(2), torch.tensor([0, 1, 2, 3]))
+    assert result.maps.shape == (4, 1, 32, 32)
+    assert torch.isfinite(result.maps).all()
+    assert result.maps.min() >= 0 and result.maps.max() <= 1
+    assert (result.diagnostics["final_objective"] >= result.diagnostics["initial_objective"]).all()
+
+
+def test_predicted_class_when_targets_omitted() -> None:
+    model = TinyNet(0)
+    x = _images(0)
+    predicted = model(x).argmax(1)
+    a = _opticam(model, iterations=3)(x)
+    b = _opticam(model, iterations=3)(x, predicted)
+    assert torch.allclose(a.maps, b.maps)
+
+
+def test_bad_options_and_inputs() -> None:
+    model = TinyNet(0)
+    with pytest.raises(ValueError, match="unknown objective 'max'"):
+        _opticam(model, objective="max")
+    with pytest.raises(ValueError, match="unknown normalization"):
+        _opticam(model, normalization="minmax")
+    with pytest.raises(ValueError, match="unknown amp_dtype"):
+        _opticam(model, amp_dtype="int8")
+    with pytest.raises(ValueError, match="out of range"):
+        _opticam(model)(_images(0), torch.tensor([0, 1, 2, 9]))
+    with pytest.raises(ValueError, match="targets must be 4 class indices"):
+        _opticam(model)(_images(0), torch.tensor([0, 1]))
+
+
+def test_amp_on_cpu_warns_and_runs_float32() -> None:
+    model = TinyNet(0)
+    x = _images(0)
+    with pytest.warns(UserWarning, match="needs a CUDA device"):
+        amp = _opticam(model, iterations=3, amp_dtype="bf16")(x, [0, 1, 2, 3])
+    plain = _opticam(model, iterations=3)(x, [0, 1, 2, 3])
+    assert torch.allclose(amp.maps, plain.maps)
+
+
+def test_capture_features_copies_and_reshapes() -> None:
+    model = TinyNet(0)
+    x = _images(0, batch=2)
+    feats, logits = capture_features(model, model.features, x)
+    assert feats.shape == (2, 8, 16, 16) and logits.shape == (2, 5)
+    assert not model.features._forward_hooks
+    with pytest.raises(ValueError, match="did not run"):
+        capture_features(model, nn.ReLU(), x)
+
+
+def test_vit_token_grid() -> None:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=10,
+    ).eval()
+    # torchvision initializes the head to zeros: all logits 0, all gradients 0.
+    nn.init.normal_(vit.heads.head.weight)
+    x = _images(5, batch=2)
+    for method in ("opticam", "gradcam", "scorecam", "ablationcam"):
+        options = {"iterations": 3} if method == "opticam" else {}
+        result = get_explainer(method, vit, **options)(x, torch.tensor([1, 7]))
+        assert result.saliency is not None and result.saliency.shape == (2, 1, 4, 4)
+        assert result.maps.shape == (2, 1, 32, 32)
+        assert torch.isfinite(result.maps).all()
+        assert result.maps.min() >= 0 and result.maps.max() <= 1
+        # Gradients reach the patch tokens (ReLU may still zero a whole Grad-CAM map).
+        assert not result.diagnostics["constant_map"].all(), method
+    # Features may be negative there: Opti-CAM reads them without ReLU.
+    explainer = get_explainer("opticam", vit)
+    assert isinstance(explainer, OptiCAM) and not explainer.relu_features
+    assert all(not m._forward_hooks for m in vit.modules())
+
+
+def test_memory_flat_over_repeated_calls() -> None:
+    model = TinyNet(0)
+    x = _images(0, batch=8)
+    targets = torch.arange(8) % 5
+    explainers = [_opticam(model, iterations=3), get_explainer("gradcam", model)]
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            for explainer in explainers:
+                explainer(x, targets)
+
+    run(10)
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    run(100)
+    gc.collect()
+    growth = psutil.Process().memory_info().rss - before
+    assert growth < 50 * 2**20, f"RSS grew by {growth / 2**20:.1f} MB over 100 calls"
+
+
+def test_concurrent_calls_on_one_model() -> None:
+    """The feature hook ignores other threads' forward passes through the shared layer."""
+
+    class Sleepy(TinyNet):
+        def forward(self, x: Tensor) -> Tensor:
+            feats = self.features(x)
+            time.sleep(0.002)  # releases the GIL: other threads run through `features`
+            return self.fc(torch.flatten(self.pool(feats), 1))
+
+    model = Sleepy(4)
+    model.requires_grad_(False)
+    explainer = _opticam(model, iterations=5)
+    inputs = [(_images(s), torch.tensor([s % 5, 1, 2, 3])) for s in range(4)]
+    expected = [explainer(x, t).maps for x, t in inputs]
+    got: dict[int, list[Tensor]] = {i: [] for i in range(len(inputs))}
+
+    def work(i: int) -> None:
+        for _ in range(10):
+            got[i].append(explainer(*inputs[i]).maps)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, maps in enumerate(expected):
+        assert len(got[i]) == 10
+        assert all(torch.allclose(m, maps, atol=1e-5) for m in got[i])

@@ -1,0 +1,255 @@
+"""Models (opticam.models): specs, sources, checkpoints, target layers."""
+
+from __future__ import annotations
+
+import textwrap
+import urllib.error
+from pathlib import Path
+
+import pydantic
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from opticam.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CheckpointError,
+    ModelSpec,
+    Normalized,
+    WeightsUnavailableError,
+    default_target_layer,
+    find_layer,
+    load_checkpoint,
+    load_model,
+    resolve_target_layer,
+    vit_reshape_transform,
+)
+
+torch.set_num_threads(1)
+
+
+def _meta(name: str) -> nn.Module:
+    # Structure without the cost of initializing (or storing) real weights.
+    with torch.device("meta"):
+        return tvm.get_model(name, weights=None)
+
+
+@pytest.mark.parametrize(
+    "arch,layer,layer_type",
+    [
+        ("resnet18", "layer4", nn.Sequential),
+        ("resnext50_32x4d", "layer4", nn.Sequential),
+        ("vgg11_bn", "features.27", nn.ReLU),
+        ("vgg16_bn", "features.42", nn.ReLU),
+        ("densenet121", "features", nn.Sequential),
+        ("mobilenet_v2", "features.18", nn.Module),
+        ("mobilenet_v3_small", "features.12", nn.Module),
+        ("efficientnet_b0", "features.8", nn.Module),
+        ("convnext_tiny", "features.7", nn.Sequential),
+        ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", nn.LayerNorm),
+        ("swin_t", "features.7.1.norm1", nn.LayerNorm),
+    ],
+)
+def test_default_target_layer_per_family(arch: str, layer: str, layer_type: type) -> None:
+    model = Normalized(_meta(arch), IMAGENET_MEAN, IMAGENET_STD)
+    assert default_target_layer(model) == layer
+    resolved = resolve_target_layer(model)
+    assert resolved.name == layer
+    assert isinstance(resolved.module, layer_type)
+    transformer = arch.startswith(("vit", "swin"))
+    assert resolved.relu_features is not transformer
+    assert (resolved.reshape_transform is not None) is transformer
+    if arch.startswith("vgg"):
+        # The activation right before the last max-pool.
+        features = unwrap_features(model)
+        assert isinstance(features[int(layer.split(".")[1]) + 1], nn.MaxPool2d)
+
+
+def unwrap_features(model: Normalized) -> nn.Sequential:
+    return model.model.features  # type: ignore[return-value]
+
+
+def test_unknown_layer_lists_candidates() -> None:
+    model = Normalized(_meta("resnet18"), IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(ValueError, match="unknown target layer 'layer5'") as err:
+        find_layer(model, "layer5")
+    assert "layer4" in str(err.value) and "layer4.1" in str(err.value)
+    # Names relative to the wrapper are accepted too.
+    module, name = find_layer(model, "model.layer4")
+    assert name == "layer4" and module is model.model.layer4
+
+
+def test_vit_reshape_transform() -> None:
+    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
+    maps = vit_reshape_transform(tokens)
+    assert maps.shape == (2, 3, 4, 4)
+    # Patch token 1 + (row * 4 + col) lands at (row, col); the class token is dropped.
+    assert torch.equal(maps[1, :, 2, 3], tokens[1, 1 + 2 * 4 + 3])
+    with pytest.raises(ValueError, match="square grid"):
+        vit_reshape_transform(torch.zeros(1, 1 + 12, 3))
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(pydantic.ValidationError, match="unknown model source"):
+        ModelSpec(source="hub:resnet50")
+    with pytest.raises(pydantic.ValidationError):
+        ModelSpec(input_size=0)
+    with pytest.raises(pydantic.ValidationError):
+        ModelSpec(source="demo", checkpoints="x")  # type: ignore[call-arg]
+    assert ModelSpec(source="torchvision:resnet50:IMAGENET1K_V2").checkpoint is None
+
+
+def test_torchvision_checkpoint_from_local_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = tvm.mobilenet_v3_small(num_classes=7).eval()
+    path = tmp_path / "mnv3.pt"
+    torch.save({"state_dict": net.state_dict()}, path)
+    spec = ModelSpec(source="torchvision:mobilenet_v3_small", checkpoint=str(path), num_classes=7)
+    loaded = load_model(spec)
+    assert loaded.num_classes == 7
+    assert loaded.target_layer_name == "features.12"
+    assert loaded.input_size == (224, 224) and loaded.resize_size == 256
+    assert loaded.name == "torchvision:mobilenet_v3_small"
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert not loaded.model.training
+    # Normalization inside: the loaded model on [0,1] images == the net on normalized ones.
+    x = torch.rand(1, 3, 64, 64)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), net((x - mean) / std), atol=1e-5)
+    # A checkpoint for another number of classes does not fit, and says how to fix it.
+    wrong = ModelSpec(source="torchvision:mobilenet_v3_small", checkpoint=str(path))
+    with pytest.raises(CheckpointError, match="num_classes"):
+        load_model(wrong)
+
+
+class Payload:
+    """A custom class: pickled by reference, refused by weights_only loading."""
+
+    def __init__(self) -> None:
+        self.note = "hello"
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path: Path) -> None:
+    state = nn.Linear(2, 3).state_dict()
+    path = tmp_path / "custom.pt"
+    torch.save({"state_dict": state, "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match="trust_checkpoint=True"):
+        load_checkpoint(str(path))
+    loaded = load_checkpoint(f"file://{path}", trust=True)
+    assert set(loaded) == {"weight", "bias"}
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a state_dict"):
+        load_checkpoint(str(tmp_path / "list.pt"))
+
+
+def test_dataparallel_prefix_stripped(tmp_path: Path) -> None:
+    state = {f"module.{k}": v for k, v in nn.Linear(2, 3).state_dict().items()}
+    torch.save(state, tmp_path / "dp.pt")
+    assert set(load_checkpoint(str(tmp_path / "dp.pt"))) == {"weight", "bias"}
+
+
+def test_offline_weights_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    with pytest.raises(WeightsUnavailableError) as err:
+        load_model(ModelSpec(source="torchvision:resnet18:IMAGENET1K_V1"))
+    message = str(err.value)
+    assert "no network" in message
+    assert "checkpoint=" in message and "torchvision:resnet18'" in message
+
+
+def test_unknown_torchvision_names() -> None:
+    with pytest.raises(ValueError, match="unknown torchvision classification model 'resnet5'"):
+        load_model(ModelSpec(source="torchvision:resnet5"))
+    with pytest.raises(ValueError, match="unknown weights 'IMAGENET9K'.*IMAGENET1K_V1"):
+        load_model(ModelSpec(source="torchvision:resnet18:IMAGENET9K"))
+    with pytest.raises(ValueError, match="not both"):
+        load_model(ModelSpec(source="torchvision:resnet18:DEFAULT", checkpoint="/x.pt"))
+
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def tiny():
+        net = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        )
+        net.input_mean = (0.5, 0.5, 0.5)
+        net.input_std = (0.25, 0.25, 0.25)
+        net.input_size = 32
+        return net
+
+    def not_a_module():
+        return 42
+    """
+)
+
+
+def test_factory_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_factory_mod.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = load_model(ModelSpec(source="factory:my_factory_mod:tiny"))
+    assert isinstance(loaded.model, Normalized)
+    assert torch.allclose(loaded.model.std.flatten(), torch.tensor([0.25] * 3))
+    assert loaded.num_classes == 3
+    assert loaded.input_size == (32, 32) and loaded.resize_size == 32
+    assert loaded.target_layer_name == "0" and loaded.relu_features
+    # A checkpoint is loaded into the factory's module.
+    state = {k: torch.zeros_like(v) for k, v in loaded.model.model.state_dict().items()}
+    torch.save(state, tmp_path / "zeros.pt")
+    spec = ModelSpec(
+        source="factory:my_factory_mod:tiny",
+        checkpoint=str(tmp_path / "zeros.pt"),
+        target_layer="1",
+    )
+    zeroed = load_model(spec)
+    assert zeroed.target_layer_name == "1"
+    assert all(float(p.abs().sum()) == 0 for p in zeroed.model.parameters())
+    with pytest.raises(ValueError, match="expected a torch.nn.Module"):
+        load_model(ModelSpec(source="factory:my_factory_mod:not_a_module"))
+    with pytest.raises(ValueError, match="cannot import factory module"):
+        load_model(ModelSpec(source="factory:no_such_module_xyz:tiny"))
+
+
+def test_demo_source() -> None:
+    demo = pytest.importorskip("opticam.demo")
+    if not Path(demo.model.DEMO_WEIGHTS).is_file():
+        pytest.skip("demo weights not trained yet")
+    loaded = load_model(ModelSpec())
+    assert loaded.target_layer_name == demo.DEMO_TARGET_LAYER
+    assert loaded.input_size == (128, 128) and loaded.resize_size == 128
+    assert loaded.num_classes == demo.NUM_CLASSES
+    with torch.no_grad():
+        assert loaded.model(torch.rand(2, 3, 128, 128)).shape == (2, demo.NUM_CLASSES)
+
+
+def test_demo_source_with_checkpoint(tmp_path: Path) -> None:
+    """The demo architecture with any state_dict (works before the bundled weights exist)."""
+    from opticam.demo.model import DEMO_TARGET_LAYER, DemoNet
+    from opticam.methods import get_explainer
+
+    torch.manual_seed(0)
+    torch.save(DemoNet().state_dict(), tmp_path / "demo.pt")
+    loaded = load_model(ModelSpec(source="demo", checkpoint=str(tmp_path / "demo.pt")))
+    assert not isinstance(loaded.model, Normalized)  # normalization is inside already
+    assert loaded.target_layer_name == DEMO_TARGET_LAYER
+    assert loaded.input_size == (128, 128) and loaded.resize_size == 128
+    x = torch.rand(2, 3, 128, 128)
+    for method in ("opticam", "gradcam"):
+        options = {"iterations": 2} if method == "opticam" else {}
+        result = get_explainer(method, loaded, **options)(x, [0, 1])
+        assert result.saliency is not None and result.saliency.shape == (2, 1, 8, 8)
+        assert result.maps.shape == (2, 1, 128, 128)
