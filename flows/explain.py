@@ -1,0 +1,374 @@
+"""Prefect flows: explain a whole dataset (parent) or one shard (child, for deployments).
+
+The flows only orchestrate; every step is a call into :mod:`opticam`:
+
+1. plan: expand the shard pattern (fails before any work when it matches nothing), check
+   the model and method options, write ``run.json``;
+2. skip the shards whose rows file exists (same job -> same run id -> resume);
+3. run the others on the local devices, at most one shard per device at a time (the CPU
+   counts as one device), each as a task with retries for transient storage errors;
+4. build the report and publish it as artifacts: ``opticam-summary`` (markdown),
+   ``opticam-summary-table`` (table) and ``opticam-report`` (link), plus the
+   ``opticam-progress`` progress artifact updated as shards finish.
+
+Traps avoided (DESIGN.md): the task runner is bounded and the flow itself never has more
+shards in flight than devices; tasks get URLs and configs, never tensors, with caching and
+result persistence off; storage options (credentials) live in excluded config fields, so
+they never reach the parameters Prefect stores.
+
+Listeners (:func:`progress_listener`) let an in-process caller such as the CLI follow
+progress: they receive ``(event, data)`` with events ``"plan"``, ``"shard_start"``,
+``"images"``, ``"shard_done"``, ``"shard_failed"`` and ``"report"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from opticam import store
+from opticam.config import RunConfig
+from opticam.pipeline import (
+    done_result,
+    local_devices,
+    pending_shards,
+    preflight,
+    process_shard,
+    resolve_device,
+    run_url_of,
+)
+
+__all__ = [
+    "ARTIFACT_LINK",
+    "ARTIFACT_PROGRESS",
+    "ARTIFACT_SUMMARY",
+    "ARTIFACT_TABLE",
+    "explain_dataset",
+    "explain_shard",
+    "is_transient_error",
+    "progress_listener",
+]
+
+ARTIFACT_SUMMARY = "opticam-summary"
+ARTIFACT_TABLE = "opticam-summary-table"
+ARTIFACT_LINK = "opticam-report"
+ARTIFACT_PROGRESS = "opticam-progress"
+
+# Retry delays for transient storage errors (seconds); three retries in all.
+RETRY_DELAYS: list[float] = [2.0, 10.0, 30.0]
+
+Listener = Callable[[str, dict[str, Any]], None]
+_listeners: list[Listener] = []
+_listeners_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def progress_listener(fn: Listener) -> Iterator[None]:
+    """Call ``fn(event, data)`` on progress events of flows run in this process."""
+    with _listeners_lock:
+        _listeners.append(fn)
+    try:
+        yield
+    finally:
+        with _listeners_lock:
+            _listeners.remove(fn)
+
+
+def _emit(event: str, **data: Any) -> None:
+    with _listeners_lock:
+        targets = list(_listeners)
+    for fn in targets:
+        # A display problem must never fail a shard.
+        with contextlib.suppress(Exception):
+            fn(event, data)
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Whether an exception looks like a storage/network hiccup worth retrying.
+
+    Retried: ``ConnectionError``, ``TimeoutError``, other ``OSError`` (s3fs and fsspec
+    raise those for failed requests) and botocore / aiohttp / urllib3 errors. Not retried:
+    missing files and permission errors, and everything else (bad data, bad options, bugs).
+    """
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    if isinstance(
+        exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError
+    ):
+        return False
+    if isinstance(exc, OSError):
+        return True
+    module = type(exc).__module__ or ""
+    return module.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3")
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            value = state.result(raise_on_failure=False)
+        except Exception as err:  # the state holds no readable result
+            value = err
+        exc = value if isinstance(value, BaseException) else None
+    return exc is not None and is_transient_error(exc)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@task(
+    name="explain-shard",
+    retries=len(RETRY_DELAYS),
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=_retry_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    task_run_name="shard {shard_url}",
+)
+def shard_task(
+    config: RunConfig, shard_url: str, device: str, max_images: int | None = None
+) -> dict[str, Any]:
+    """Process one shard on ``device`` (:func:`opticam.pipeline.process_shard`)."""
+    _emit("shard_start", shard=shard_url, device=device, max_images=max_images)
+    result = process_shard(
+        config,
+        shard_url,
+        device,
+        max_images=max_images,
+        on_progress=lambda n: _emit("images", shard=shard_url, n=n),
+    )
+    return result.to_dict()
+
+
+@task(
+    name="build-report",
+    retries=len(RETRY_DELAYS),
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=_retry_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def report_task(config: RunConfig) -> dict[str, Any]:
+    """Aggregate the run's rows and render the report (:func:`opticam.report.build_report`)."""
+    from opticam.report import build_report
+
+    report = build_report(
+        run_url_of(config),
+        storage_options=config.output_options(),
+        data_storage_options=config.data_options(),
+    )
+    return {
+        "summary": list(report.summary),
+        "summary_markdown": report.summary_markdown,
+        "index_url": report.index_url,
+        "files": list(report.files),
+    }
+
+
+def _record_failure(config: RunConfig, shard_url: str, exc: BaseException) -> None:
+    """Leave an errors file (stage ``"shard"``) for a shard whose task failed for good."""
+    status = store.ShardStatus(
+        shard=shard_url, name=store.shard_name(shard_url), complete=False, n_errors=1
+    )
+    record = {
+        "shard": shard_url,
+        "key": None,
+        "stage": "shard",
+        "message": f"{type(exc).__name__}: {exc}",
+    }
+    # Best effort: the storage that failed the task may fail this write too.
+    with contextlib.suppress(Exception):
+        store.write_errors(
+            run_url_of(config), config.run_id, [record], status, config.output_options()
+        )
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config")
+    with contextlib.suppress(Exception):
+        if not isinstance(config, RunConfig):
+            config = RunConfig.model_validate(config)
+        return f"explain-{config.run_id}"
+    return "explain-dataset"
+
+
+# --------------------------------------------------------------------------- flows
+
+
+def _bounded_runner() -> TaskRunner[Any]:
+    # Never the unbounded default: at most one thread per local device.
+    runner: TaskRunner[Any] = ThreadPoolTaskRunner(max_workers=max(1, len(local_devices())))
+    return runner
+
+
+@flow(
+    name="explain-dataset",
+    flow_run_name=_flow_run_name,
+    task_runner=_bounded_runner(),
+    persist_result=False,
+)
+def explain_dataset(config: RunConfig) -> dict[str, Any]:
+    """Explain and score a whole dataset, resume-safe, then publish the report.
+
+    Args:
+        config: the job (its run id names the run folder ``<output>/<run_id>``).
+
+    Returns:
+        ``run_id``, ``run_url``, ``shards_total``, ``shards_processed``,
+        ``shards_skipped``, ``shards_failed``, ``failed`` (shard URL -> message),
+        ``images``, ``rows``, ``errors``, ``incomplete`` (shard URLs), ``report_url``,
+        ``summary`` (the report's summary rows).
+
+    Raises:
+        opticam.data.NoShardsError: the data spec matches no shard.
+        ValueError: bad model or method options; a run id collision.
+    """
+    logger = get_run_logger()
+    run = run_url_of(config)
+    plan, devices = preflight(config)
+    store.write_run_json(run, config, plan, config.output_options())
+    pending = pending_shards(config, plan)
+    skipped = len(plan) - len(pending)
+    logger.info(
+        "run %s: %d shards planned, %d already done, %d to process on %s",
+        run,
+        len(plan),
+        skipped,
+        len(pending),
+        ", ".join(devices),
+    )
+    _emit(
+        "plan",
+        run_url=run,
+        run_id=config.run_id,
+        total=len(plan),
+        pending=len(pending),
+        skipped=skipped,
+        devices=devices,
+        max_images=[p["max_images"] for p in pending],
+    )
+
+    def percent(finished: int) -> float:
+        return 100.0 * (skipped + finished) / max(len(plan), 1)
+
+    progress_id: Any = create_progress_artifact(
+        progress=percent(0),
+        key=ARTIFACT_PROGRESS,
+        description=f"Shards of run {config.run_id} done (of {len(plan)})",
+    )
+
+    results: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    queue = deque(pending)
+    free = list(devices)
+    running: dict[PrefectFuture[Any], tuple[str, dict[str, Any]]] = {}
+    while queue or running:
+        # One shard per device at a time: the device is handed back when its shard ends.
+        while free and queue:
+            item = queue.popleft()
+            device = free.pop(0)
+            future = shard_task.submit(config, item["url"], device, item["max_images"])
+            running[future] = (device, item)
+        finished = next(as_completed(list(running)))
+        device, item = running.pop(finished)
+        free.append(device)
+        try:
+            result = finished.result()
+        except Exception as exc:
+            logger.error("shard %s failed: %s: %s", item["url"], type(exc).__name__, exc)
+            failed[item["url"]] = f"{type(exc).__name__}: {exc}"
+            _record_failure(config, item["url"], exc)
+            _emit("shard_failed", shard=item["url"], message=failed[item["url"]])
+        else:
+            results.append(result)
+            _emit("shard_done", **result)
+        update_progress_artifact(progress_id, percent(len(results) + len(failed)))
+
+    report = report_task(config)
+    _publish(config, report)
+    _emit("report", **report)
+    if failed:
+        logger.error(
+            "%d of %d shards failed; rerun the same job to retry them", len(failed), len(plan)
+        )
+    return {
+        "run_id": config.run_id,
+        "run_url": run,
+        "shards_total": len(plan),
+        "shards_processed": len(results),
+        "shards_skipped": skipped,
+        "shards_failed": len(failed),
+        "failed": failed,
+        "images": sum(r["n_images"] for r in results),
+        "rows": sum(r["n_rows"] for r in results),
+        "errors": sum(r["n_errors"] for r in results),
+        "incomplete": [r["shard"] for r in results if not r["complete"]],
+        "report_url": report["index_url"],
+        "summary": report["summary"],
+    }
+
+
+def _publish(config: RunConfig, report: dict[str, Any]) -> None:
+    title = f"Opti-CAM run `{config.run_id}`"
+    create_markdown_artifact(
+        markdown=f"# {title}\n\n{report['summary_markdown']}\n\nReport: {report['index_url']}\n",
+        key=ARTIFACT_SUMMARY,
+        description=f"Summary of run {config.run_id}",
+    )
+    if report["summary"]:
+        create_table_artifact(
+            table=report["summary"],
+            key=ARTIFACT_TABLE,
+            description=f"Per-method metrics of run {config.run_id}",
+        )
+    index = report["index_url"]
+    create_link_artifact(
+        # A bare local path is not a link a browser follows.
+        link=index if "://" in index else f"file://{index}",
+        link_text=f"Opti-CAM report {config.run_id}",
+        key=ARTIFACT_LINK,
+        description=f"Report of run {config.run_id}",
+    )
+
+
+@flow(name="explain-shard", persist_result=False)
+def explain_shard(
+    config: RunConfig,
+    shard_url: str,
+    max_images: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Explain one shard of a run (the unit a cluster deployment runs per worker).
+
+    Skips the shard when its rows file exists. ``device`` None means the first device of
+    ``config.device`` on the machine that runs this flow.
+
+    Returns:
+        :meth:`opticam.pipeline.ShardResult.to_dict` (``skipped=True`` if already done).
+    """
+    name = store.shard_name(shard_url)
+    if name in store.list_done_shards(run_url_of(config), config.output_options()):
+        return done_result(config, shard_url).to_dict()
+    chosen = device or resolve_device(config.device)[0]
+    result: dict[str, Any] = shard_task(config, shard_url, chosen, max_images)
+    return result

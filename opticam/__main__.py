@@ -1,0 +1,5 @@
+"""``python -m opticam``: the ``opticam`` command."""
+
+from opticam.cli import main
+
+raise SystemExit(main())

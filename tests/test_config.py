@@ -1,0 +1,185 @@
+"""RunConfig: validation, the deterministic run id, and secrets kept out of every dump."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from opticam.config import MethodSpec, MetricsOptions, ModelSpec, RunConfig, normalize_url
+
+SECRET = "SUPER-SECRET-VALUE-42"
+
+
+def make(**changes: Any) -> RunConfig:
+    fields: dict[str, Any] = {
+        "data": "s3://bucket/imagenet-val/shard-{000000..000009}.tar",
+        "methods": ["opticam", "gradcam"],
+    }
+    fields.update(changes)
+    return RunConfig(**fields)
+
+
+def test_run_id_is_slug_plus_hash_of_the_job_description() -> None:
+    config = make()
+    canonical = json.dumps(config.job_description(), sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    assert config.run_id == f"imagenet-val-demo-{digest}"
+    assert re.fullmatch(r"[a-z0-9-]+-[0-9a-f]{12}", config.run_id)
+
+
+def test_run_id_is_stable_across_instances_and_json_round_trips() -> None:
+    config = make(model=ModelSpec(source="torchvision:resnet50:IMAGENET1K_V2"))
+    again = RunConfig.model_validate_json(config.model_dump_json())
+    assert (
+        again.run_id
+        == config.run_id
+        == make(model={"source": "torchvision:resnet50:IMAGENET1K_V2"}).run_id
+    )
+    assert config.run_id.startswith("imagenet-val-resnet50-")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"data": "s3://bucket/imagenet-val/shard-{000000..000008}.tar"},
+        {"model": {"source": "torchvision:resnet50:IMAGENET1K_V2"}},
+        {"model": {"source": "demo", "target_layer": "features.3"}},
+        {"methods": ["opticam"]},
+        {"methods": ["opticam", "gradcampp"]},
+        {"methods": [{"name": "opticam", "options": {"iterations": 50}}, "gradcam"]},
+        {"target": "predicted"},
+        {"metrics": {"steps": 32}},
+        {"metrics": {"insertion_deletion": False}},
+        {"maps": "full_png"},
+        {"max_images": 100},
+    ],
+)
+def test_run_id_changes_with_what_the_job_computes(changes: dict[str, Any]) -> None:
+    assert make(**changes).run_id != make().run_id
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"output": "s3://elsewhere/runs"},
+        {"device": "cpu"},
+        {"device": "cuda:1"},
+        {"batch_size": 7},
+        {"storage_options": {"key": "AKIA", "secret": SECRET}},
+        {"data_storage_options": {"anon": True}},
+        {"output_storage_options": {"client_kwargs": {"endpoint_url": "http://minio:9000"}}},
+        {"methods": ["gradcam", "opticam"]},  # same methods, other order
+    ],
+)
+def test_run_id_ignores_how_the_job_runs(changes: dict[str, Any]) -> None:
+    assert make(**changes).run_id == make().run_id
+
+
+def test_local_paths_hash_the_same_relative_or_absolute(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = RunConfig(data="shards/a-*.tar")
+    absolute = RunConfig(data=f"{tmp_path}/shards/a-*.tar")
+    file_url = RunConfig(data=f"file://{tmp_path}/shards/a-*.tar")
+    assert relative.run_id == absolute.run_id == file_url.run_id
+    assert normalize_url("s3://b/x.tar") == "s3://b/x.tar"
+
+
+def test_a_list_of_shards_is_a_set() -> None:
+    a = RunConfig(data=["s3://b/d/1.tar", "s3://b/d/0.tar"])
+    b = RunConfig(data=["s3://b/d/0.tar", "s3://b/d/1.tar"])
+    assert a.run_id == b.run_id
+    assert a.run_id != RunConfig(data=["s3://b/d/0.tar"]).run_id
+
+
+def test_methods_accept_plain_names_and_comma_strings() -> None:
+    config = make(methods="opticam, GradCAM,fakecam")
+    assert [m.name for m in config.methods] == ["opticam", "gradcam", "fakecam"]
+    assert config.methods[0] == MethodSpec(name="opticam")
+    assert MethodSpec.model_validate("scorecam").name == "scorecam"
+
+
+def test_unknown_method_error_lists_the_known_ones() -> None:
+    with pytest.raises(ValidationError) as info:
+        make(methods=["gradcam+"])
+    message = str(info.value)
+    assert "unknown method 'gradcam+'" in message
+    assert "opticam" in message and "fakecam" in message
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"methods": ["gradcam", "gradcam"]}, "repeated: gradcam"),
+        ({"methods": []}, "at least one method"),
+        ({"device": "gpu"}, "unknown device 'gpu'"),
+        ({"target": "truth"}, "label"),
+        ({"batch_size": 0}, "greater than or equal to 1"),
+        ({"max_images": 0}, "greater than or equal to 1"),
+        ({"data": []}, "non-empty"),
+        ({"data": "  "}, "non-empty"),
+        ({"metrics": {"blur_kernel": 4}}, "odd"),
+        ({"executor": "kubernetes"}, "local"),
+        ({"colour": "red"}, "Extra inputs"),
+        ({"methods": [{"name": "opticam", "options": {"f": object()}}]}, "JSON values"),
+    ],
+)
+def test_bad_values_are_rejected_with_a_useful_message(
+    changes: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(ValidationError, match=re.escape(fragment)):
+        make(**changes)
+
+
+def test_deployments_executor_is_reserved() -> None:
+    with pytest.raises(ValidationError, match="reserved and not available yet"):
+        make(executor="deployments")
+
+
+def test_devices_are_normalized() -> None:
+    assert make(device="CUDA:0").device == "cuda:0"
+    assert make(device="auto").device == "auto"
+
+
+def test_storage_options_never_leave_the_object() -> None:
+    config = make(
+        storage_options={"key": "AKIA", "secret": SECRET},
+        data_storage_options={"token": SECRET},
+        output_storage_options={"client_kwargs": {"aws_secret_access_key": SECRET}},
+    )
+    assert SECRET not in json.dumps(config.public_dict())
+    assert SECRET not in config.model_dump_json()
+    assert SECRET not in str(config.model_dump())
+    assert SECRET not in repr(config)
+    assert SECRET not in json.dumps(config.job_description())
+    assert SECRET not in config.run_id
+    # ... but they are there for the code that needs them.
+    assert config.data_options() == {"key": "AKIA", "secret": SECRET, "token": SECRET}
+    assert config.output_options()["client_kwargs"]["aws_secret_access_key"] == SECRET
+    assert config.output_options()["secret"] == SECRET
+
+
+def test_fastapi_encoder_used_by_prefect_for_parameters_drops_secrets() -> None:
+    from fastapi.encoders import jsonable_encoder
+
+    config = make(storage_options={"secret": SECRET})
+    assert SECRET not in json.dumps(jsonable_encoder({"config": config}))
+
+
+def test_metrics_defaults_follow_the_paper() -> None:
+    metrics = MetricsOptions()
+    assert metrics.steps == 224 and metrics.insertion_deletion and metrics.localization
+    assert make().target == "label"
+    assert make().output == "./opticam-runs"
+    assert [m.name for m in RunConfig(data="x.tar").methods] == ["opticam", "gradcam", "fakecam"]
+
+
+def test_config_is_a_valid_flow_parameter_schema() -> None:
+    schema = RunConfig.model_json_schema()
+    assert "data" in schema["properties"]
+    assert schema["required"] == ["data"]
+    assert not any("storage_options" in name for name in schema["properties"])

@@ -1,0 +1,374 @@
+"""The Prefect flows end to end under ``prefect_test_harness``: local and S3 output,
+artifacts, resume, partial reruns, failures and retries.
+
+The harness (a temporary Prefect server and database) is slow to start, so one serves
+the whole session. Runs are kept small: 2 demo shards x 6 images, Opti-CAM with 5
+iterations + Grad-CAM + Fake-CAM, 8 insertion/deletion steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pyarrow.parquet as pq
+import pytest
+
+from opticam import pipeline, store
+from opticam.config import RunConfig
+from opticam.data import NoShardsError
+from opticam.demo import make_shards
+
+SECRET = "FLOW-SECRET-VALUE-7"
+METHODS = [{"name": "opticam", "options": {"iterations": 5}}, "gradcam", "fakecam"]
+
+
+@pytest.fixture(scope="session")
+def harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def flows(harness: None) -> Any:
+    import flows.explain as module
+
+    return module
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    return make_shards(str(tmp_path_factory.mktemp("demo")), 2, 6, seed=11)
+
+
+def make_config(shards: list[str], output: str, **changes: Any) -> RunConfig:
+    fields: dict[str, Any] = {
+        "data": f"{Path(shards[0]).parent}/demo-*.tar",
+        "output": output,
+        "model": {"source": "demo"},
+        "methods": METHODS,
+        "metrics": {"steps": 8},
+        "device": "cpu",
+        "batch_size": 6,
+    }
+    fields.update(changes)
+    return RunConfig(**fields)
+
+
+def run_flow(flows: Any, config: RunConfig) -> tuple[dict[str, Any], UUID]:
+    """Run explain_dataset; return its result and the flow run id."""
+    state = flows.explain_dataset(config, return_state=True)
+    result = state.result()
+    assert state.is_completed(), state
+    return result, state.state_details.flow_run_id
+
+
+def without_timing(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if not k.startswith("seconds")} for row in summary]
+
+
+def read_artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in artifacts if a.key}
+
+
+def check_parquet_files(run: str, options: dict[str, Any] | None = None) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{run}/shards", **(options or {}))
+    files = fs.ls(path, detail=False)
+    assert len(files) == 2
+    for file in files:
+        with fs.open(file, "rb") as f:
+            schema = pq.read_schema(f)
+        assert schema.equals(store.SCHEMA, check_metadata=False)
+        assert json.loads(schema.metadata[store.STATUS_KEY.encode()])["complete"] is True
+
+
+@pytest.fixture(scope="module")
+def local_run(
+    flows: Any, shards: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    output = str(tmp_path_factory.mktemp("runs"))
+    config = make_config(shards, output)
+    events: list[tuple[str, dict[str, Any]]] = []
+    with flows.progress_listener(lambda e, d: events.append((e, d))):
+        result, flow_run_id = run_flow(flows, config)
+    return {
+        "config": config,
+        "result": result,
+        "id": flow_run_id,
+        "events": events,
+        "shards": shards,
+    }
+
+
+def test_demo_end_to_end_local(local_run: dict[str, Any]) -> None:
+    config, result = local_run["config"], local_run["result"]
+    run = pipeline.run_url_of(config)
+    assert result["run_url"] == run and result["run_id"] == config.run_id
+    assert (result["shards_total"], result["shards_processed"], result["shards_skipped"]) == (
+        2,
+        2,
+        0,
+    )
+    assert result["shards_failed"] == 0 and result["images"] == 12 and result["rows"] == 36
+    check_parquet_files(run)
+    rows = store.read_rows(run, ["method", "key"])
+    assert rows.num_rows == 36
+    assert sorted(set(rows.column("method").to_pylist())) == ["fakecam", "gradcam", "opticam"]
+    report = Path(run) / "report"
+    for name in ("index.html", "summary.md", "summary.parquet"):
+        assert (report / name).is_file(), name
+    assert result["report_url"].endswith("/report/index.html")
+    assert {r["method"] for r in result["summary"]} == {"opticam", "gradcam", "fakecam"}
+    saved = json.loads((Path(run) / "run.json").read_text())
+    assert [s["name"] for s in saved["shards"]] == [
+        store.shard_name(u) for u in local_run["shards"]
+    ]
+    assert saved["job"] == config.job_description()
+    events = [e for e, _ in local_run["events"]]
+    assert events[0] == "plan" and events.count("shard_done") == 2 and events[-1] == "report"
+    assert sum(d["n"] for e, d in local_run["events"] if e == "images") == 12
+
+
+def test_artifacts_are_published(local_run: dict[str, Any]) -> None:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    artifacts = read_artifacts(local_run["id"])
+    summary, table, link = (
+        artifacts["opticam-summary"],
+        artifacts["opticam-summary-table"],
+        artifacts["opticam-report"],
+    )
+    assert summary.type == "markdown" and local_run["config"].run_id in summary.data
+    assert table.type == "table"
+    table_rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {r["method"] for r in table_rows} == {"opticam", "gradcam", "fakecam"}
+    assert link.type == "markdown"  # Prefect stores link artifacts as "[text](url)" markdown
+    assert local_run["result"]["report_url"] in str(link.data)
+    progress = artifacts["opticam-progress"]
+    assert progress.type == "progress" and float(progress.data) == 100.0
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        by_key = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["opticam-summary"]))
+        )
+    assert any(a.flow_run_id == local_run["id"] for a in by_key)
+
+
+def test_rerunning_the_same_job_processes_nothing(flows: Any, local_run: dict[str, Any]) -> None:
+    config = local_run["config"]
+    run = pipeline.run_url_of(config)
+    files = sorted((Path(run) / "shards").iterdir())
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again, _ = run_flow(flows, config.model_copy(update={"batch_size": 2}))  # same run id
+    assert again["run_url"] == run
+    assert (again["shards_processed"], again["shards_skipped"]) == (0, 2)
+    assert again["summary"] == local_run["result"]["summary"]
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_deleting_one_shard_reprocesses_only_that_one(
+    flows: Any, local_run: dict[str, Any]
+) -> None:
+    config = local_run["config"]
+    run = Path(pipeline.run_url_of(config))
+    first, second = sorted((run / "shards").iterdir())
+    kept = second.stat().st_mtime_ns
+    first.unlink()
+    events: list[tuple[str, dict[str, Any]]] = []
+    with flows.progress_listener(lambda e, d: events.append((e, d))):
+        result, _ = run_flow(flows, config)
+    assert (result["shards_processed"], result["shards_skipped"]) == (1, 1)
+    started = [d["shard"] for e, d in events if e == "shard_done"]
+    assert [store.shard_name(s) + ".parquet" for s in started] == [first.name]
+    assert first.exists() and second.stat().st_mtime_ns == kept
+    # Same numbers again; only the measured time per image differs.
+    assert without_timing(result["summary"]) == without_timing(local_run["result"]["summary"])
+
+
+def test_a_changed_job_never_shares_the_run_folder(
+    flows: Any, local_run: dict[str, Any], shards: list[str]
+) -> None:
+    config = local_run["config"]
+    changed = make_config(shards, config.output, methods=["gradcam", "fakecam"], max_images=4)
+    assert changed.run_id != config.run_id
+    result, _ = run_flow(flows, changed)
+    assert result["run_url"] != pipeline.run_url_of(config)
+    assert result["shards_processed"] == 2 and result["images"] == 4
+    folders = sorted(p.name for p in Path(config.output).iterdir())
+    assert folders == sorted([config.run_id, changed.run_id])
+    # The first run is untouched.
+    assert store.read_rows(pipeline.run_url_of(config), ["key"]).num_rows == 36
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A fresh bucket, created without a LocationConstraint (moto rejects us-east-1's)."""
+    import boto3
+
+    name = f"flows-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def test_demo_end_to_end_with_s3_output(
+    flows: Any, shards: list[str], bucket: str, s3_endpoint: str
+) -> None:
+    # moto accepts any credentials: a recognisable secret shows whether it leaks.
+    options = {
+        "key": "testing",
+        "secret": SECRET,
+        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+    }
+    config = make_config(shards, f"{bucket}/runs", output_storage_options=options)
+    result, flow_run_id = run_flow(flows, config)
+    run = f"{bucket}/runs/{config.run_id}"
+    assert result["run_url"] == run and result["shards_processed"] == 2
+    check_parquet_files(run, options)
+    assert store.read_rows(run, ["key"], options).num_rows == 36
+    assert result["report_url"] == f"{run}/report/index.html"
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    assert fs.exists(f"{run}/report/index.html") and fs.exists(f"{run}/report/summary.md")
+    assert SECRET not in fs.cat(f"{run}/run.json").decode()
+    assert set(read_artifacts(flow_run_id)) >= {
+        "opticam-summary",
+        "opticam-summary-table",
+        "opticam-report",
+    }
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        stored = client.read_flow_run(flow_run_id).parameters
+    assert SECRET not in json.dumps(stored)
+    assert stored["config"]["output"] == f"{bucket}/runs"
+
+    again, _ = run_flow(flows, config)
+    assert (again["shards_processed"], again["shards_skipped"]) == (0, 2)
+
+
+def test_no_shards_fails_before_any_work(flows: Any, tmp_path: Path) -> None:
+    config = make_config(["/nowhere/x.tar"], str(tmp_path / "runs"), data=f"{tmp_path}/none-*.tar")
+    with pytest.raises(NoShardsError):
+        flows.explain_dataset(config)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failed_shard_is_recorded_and_retried_by_the_next_run(
+    flows: Any, shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(shards, str(tmp_path), methods=["fakecam"])
+    real = flows.process_shard
+    attempts: list[str] = []
+
+    def broken_for_first(cfg: RunConfig, url: str, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(url)
+        if url == shards[0]:
+            raise ValueError("bad data that no retry can fix")
+        return real(cfg, url, *args, **kwargs)
+
+    monkeypatch.setattr(flows, "process_shard", broken_for_first)
+    result, _ = run_flow(flows, config)
+    assert result["shards_failed"] == 1 and result["shards_processed"] == 1
+    assert "bad data" in result["failed"][shards[0]]
+    assert attempts.count(shards[0]) == 1  # not transient: no retry
+    run = pipeline.run_url_of(config)
+    assert store.list_done_shards(run) == [store.shard_name(shards[1])]
+    errors = store.read_errors(run).to_pylist()
+    assert {"shard": shards[0], "stage": "shard"}.items() <= next(
+        e for e in errors if e["shard"] == shards[0]
+    ).items()
+
+    monkeypatch.setattr(flows, "process_shard", real)
+    again, _ = run_flow(flows, config)
+    assert (again["shards_processed"], again["shards_skipped"], again["shards_failed"]) == (1, 1, 0)
+
+
+def test_transient_errors_are_retried(
+    flows: Any, shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(shards[:1], str(tmp_path), data=shards[0], methods=["fakecam"])
+    real = flows.process_shard
+    attempts: list[float] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise ConnectionError("endpoint went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flows, "process_shard", flaky)
+    monkeypatch.setattr(
+        flows, "shard_task", flows.shard_task.with_options(retry_delay_seconds=[0, 0, 0])
+    )
+    result, _ = run_flow(flows, config)
+    assert len(attempts) == 3 and result["shards_processed"] == 1
+
+
+def test_explain_shard_flow_processes_or_skips(
+    flows: Any, shards: list[str], tmp_path: Path
+) -> None:
+    config = make_config(shards, str(tmp_path), methods=["fakecam"])
+    first = flows.explain_shard(config, shards[1], max_images=2)
+    assert first["skipped"] is False and first["n_images"] == 2
+    second = flows.explain_shard(config, shards[1])
+    assert second["skipped"] is True
+    assert store.list_done_shards(pipeline.run_url_of(config)) == [store.shard_name(shards[1])]
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (ConnectionError("reset"), True),
+        (TimeoutError("slow"), True),
+        (OSError(5, "I/O error"), True),
+        (pipeline.ShardUnavailableError("cannot open"), True),
+        (FileNotFoundError("gone"), False),
+        (PermissionError("denied"), False),
+        (ValueError("bad data"), False),
+        (RuntimeError("bug"), False),
+    ],
+)
+def test_transient_error_classification(exc: BaseException, transient: bool) -> None:
+    from flows.explain import is_transient_error
+
+    assert is_transient_error(exc) is transient
+
+
+def test_botocore_errors_are_transient() -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    from flows.explain import is_transient_error
+
+    assert is_transient_error(EndpointConnectionError(endpoint_url="http://x"))
+
+
+def test_flow_module_has_no_prefect_in_the_library() -> None:
+    root = Path(__file__).resolve().parents[1] / "opticam"
+    offenders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "import prefect" in p.read_text() or "from prefect" in p.read_text()
+    ]
+    assert offenders == [], offenders
+    assert os.path.exists(root.parent / "flows" / "explain.py")

@@ -1,0 +1,313 @@
+"""process_shard on tiny shards with a tiny model: rows, errors, limits, failures."""
+
+from __future__ import annotations
+
+import io
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from opticam import pipeline, store
+from opticam.config import RunConfig
+from opticam.data import NoShardsError, ShardWriter
+from opticam.demo import generate_sample, make_shards
+
+N_CLASSES = 10
+
+
+class TinyNet(nn.Module):
+    """A small CNN (64x64 input, 8x8 feature maps) with fixed random weights."""
+
+    default_target_layer = "features"
+    input_size = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU()
+        )
+        self.head = nn.Linear(8, N_CLASSES)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+@pytest.fixture(autouse=True)
+def tiny_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``factory:opticam_test_tiny:build`` resolves to :class:`TinyNet`."""
+    module = types.ModuleType("opticam_test_tiny")
+    module.build = TinyNet  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "opticam_test_tiny", module)
+    yield
+    pipeline.clear_model_cache()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    return make_shards(str(tmp_path_factory.mktemp("demo")), 2, 5, seed=3)
+
+
+def make_config(data: Any, output: Path, **changes: Any) -> RunConfig:
+    fields: dict[str, Any] = {
+        "data": data,
+        "output": str(output),
+        "model": {"source": "factory:opticam_test_tiny:build"},
+        "methods": [{"name": "opticam", "options": {"iterations": 3}}, "gradcam", "fakecam"],
+        "metrics": {"steps": 4},
+        "device": "cpu",
+        "batch_size": 4,
+    }
+    fields.update(changes)
+    return RunConfig(**fields)
+
+
+def jpeg(index: int) -> tuple[bytes, int, tuple[int, int, int, int]]:
+    image, label, box, _ = generate_sample(index, 5)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG")
+    return buf.getvalue(), label, box
+
+
+def test_process_shard_writes_rows_that_match_the_schema(shards: list[str], tmp_path: Path) -> None:
+    config = make_config(shards, tmp_path)
+    seen: list[int] = []
+    result = pipeline.process_shard(config, shards[0], "cpu", on_progress=seen.append)
+
+    assert (result.n_samples, result.n_images, result.n_rows, result.n_errors) == (5, 5, 15, 0)
+    assert result.complete and not result.skipped and sum(seen) == 5
+    run = pipeline.run_url_of(config)
+    assert store.list_done_shards(run) == [store.shard_name(shards[0])]
+    table = pq.read_table(result.rows_url)
+    assert table.schema.equals(store.SCHEMA, check_metadata=False)
+    rows = table.to_pylist()
+    assert {r["method"] for r in rows} == {"opticam", "gradcam", "fakecam"}
+    assert all(r["run_id"] == config.run_id and r["shard"] == shards[0] for r in rows)
+    for r in rows:
+        assert 0 <= r["p_clean"] <= 1 and 0 <= r["p_masked"] <= 1
+        assert 0 <= r["drop"] <= 1 and 0 <= r["gain"] <= 1 and r["increase"] in (0.0, 1.0)
+        assert r["target"] == r["label"]  # target="label"
+        assert len(r["insertion_curve"]) == len(r["deletion_curve"]) == 5  # steps + 1
+        assert 0 <= r["insertion_auc"] <= 1 and 0 <= r["deletion_auc"] <= 1
+        assert r["pointing_game"] in (0.0, 1.0)  # demo samples carry boxes
+        assert r["input_height"] == r["input_width"] == 64
+        assert r["seconds"] >= 0
+    by_method = {
+        m: [r for r in rows if r["method"] == m] for m in ("opticam", "gradcam", "fakecam")
+    }
+    assert all(
+        r["saliency_kind"] == "lowres" and r["saliency_shape"] == [8, 8]
+        for r in by_method["opticam"] + by_method["gradcam"]
+    )
+    assert all(r["iterations"] is not None and r["iterations"] <= 3 for r in by_method["opticam"])
+    assert all(r["iterations"] is None for r in by_method["gradcam"])
+    fake = by_method["fakecam"]
+    assert all(r["saliency_kind"] == "full_png" and r["target_layer"] is None for r in fake)
+
+    maps = store.load_maps(run, table)
+    fake_map = maps[(shards[0], fake[0]["key"], "fakecam")]
+    assert fake_map[0, 0] == 0.0 and fake_map.min() == 0.0 and (fake_map[1:, 1:] == 1.0).all()
+    assert pq.read_table(result.errors_url).num_rows == 0
+    status = store.read_shard_status(run)[0]
+    assert status["complete"] is True
+    # The report rebuilds the model inputs from the data shards with this resize size.
+    assert status["resize_size"] == 64
+
+
+def test_stored_lowres_map_rebuilds_the_map_used_for_the_metrics(
+    shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opticam import methods
+
+    captured: dict[str, torch.Tensor] = {}
+    real = methods.get_explainer
+
+    def recording(name: str, loaded: Any, **options: Any) -> Any:
+        explainer = real(name, loaded, **options)
+
+        def call(images: torch.Tensor, targets: torch.Tensor) -> Any:
+            out = explainer(images, targets)
+            captured[name] = out.maps.detach().clone()
+            return out
+
+        call.normalization = getattr(explainer, "normalization", None)  # type: ignore[attr-defined]
+        return call
+
+    monkeypatch.setattr(methods, "get_explainer", recording)
+    config = make_config(shards[0], tmp_path, methods=["gradcam"], batch_size=8)
+    pipeline.process_shard(config, shards[0], "cpu")
+    run = pipeline.run_url_of(config)
+    table = store.read_rows(run)
+    maps = store.load_maps(run, table)
+    for i, key in enumerate(table.column("key").to_pylist()):
+        got = maps[(shards[0], key, "gradcam")]
+        np.testing.assert_allclose(got, captured["gradcam"][i, 0].numpy(), atol=3e-3)
+
+
+def test_bad_samples_become_errors_and_good_rows_are_kept(tmp_path: Path) -> None:
+    url = str(tmp_path / "mixed-000000.tar")
+    good = [jpeg(i) for i in range(3)]
+    with ShardWriter(str(tmp_path / "mixed-%06d.tar"), per_shard=100) as writer:
+        writer.write({"__key__": "good0", "jpg": good[0][0], "cls": good[0][1]})
+        writer.write({"__key__": "corrupt", "jpg": b"\xff\xd8 not a jpeg", "cls": 1})
+        writer.write({"__key__": "nolabel", "jpg": good[1][0]})
+        writer.write({"__key__": "good1", "jpg": good[2][0], "cls": good[2][1]})
+        writer.write({"__key__": "alien", "jpg": good[2][0], "cls": N_CLASSES + 2})
+    config = make_config(url, tmp_path / "out")
+    result = pipeline.process_shard(config, url, "cpu")
+
+    rows = store.read_rows(pipeline.run_url_of(config))
+    assert sorted(set(rows.column("key").to_pylist())) == ["good0", "good1"]
+    assert rows.num_rows == 6
+    errors = {(e["key"], e["stage"]) for e in pq.read_table(result.errors_url).to_pylist()}
+    assert ("corrupt", "decode") in errors and ("nolabel", "label") in errors
+    assert ("alien", "label") in errors  # a class the model does not have
+    assert result.complete and result.n_images == 2
+    # Samples without boxes: localization columns stay null.
+    assert set(rows.column("pointing_game").to_pylist()) == {None}
+
+
+def test_target_predicted_keeps_unlabelled_samples(tmp_path: Path) -> None:
+    url = str(tmp_path / "nolabels-000000.tar")
+    with ShardWriter(str(tmp_path / "nolabels-%06d.tar"), per_shard=100) as writer:
+        for i in range(3):
+            writer.write({"__key__": f"k{i}", "png": _png(i)})
+    config = make_config(url, tmp_path / "out", target="predicted", methods=["gradcam"])
+    pipeline.process_shard(config, url, "cpu")
+    rows = store.read_rows(pipeline.run_url_of(config)).to_pylist()
+    assert len(rows) == 3
+    assert all(r["label"] is None and r["target"] == r["predicted"] for r in rows)
+
+
+def _png(index: int) -> bytes:
+    image, _, _, _ = generate_sample(index, 9)
+    buf = io.BytesIO()
+    image.resize((40, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_truncated_shard_is_written_and_flagged_incomplete(
+    shards: list[str], tmp_path: Path
+) -> None:
+    data = Path(shards[1]).read_bytes()
+    url = str(tmp_path / "cut.tar")
+    Path(url).write_bytes(data[: int(len(data) * 0.6)])
+    config = make_config(url, tmp_path / "out", methods=["fakecam"])
+    result = pipeline.process_shard(config, url, "cpu")
+    assert not result.complete and 0 < result.n_images < 5
+    errors = pq.read_table(result.errors_url).to_pylist()
+    assert "incomplete" in {e["stage"] for e in errors}
+    status = store.read_shard_status(pipeline.run_url_of(config))[0]
+    assert status["complete"] is False and status["done"] is True
+
+
+def test_a_failing_method_costs_error_rows_and_the_others_go_on(
+    shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opticam import methods
+
+    real = methods.get_explainer
+
+    def flaky(name: str, loaded: Any, **options: Any) -> Any:
+        if name != "gradcam":
+            return real(name, loaded, **options)
+
+        def boom(images: torch.Tensor, targets: torch.Tensor) -> Any:
+            raise RuntimeError("gradcam exploded")
+
+        return boom
+
+    monkeypatch.setattr(methods, "get_explainer", flaky)
+    config = make_config(shards[0], tmp_path)
+    result = pipeline.process_shard(config, shards[0], "cpu")
+    rows = store.read_rows(pipeline.run_url_of(config))
+    assert set(rows.column("method").to_pylist()) == {"opticam", "fakecam"}
+    errors = pq.read_table(result.errors_url).to_pylist()
+    assert len(errors) == 5 and all(e["stage"] == "explain" for e in errors)
+    assert "gradcam exploded" in errors[0]["message"]
+
+
+def test_max_images_limits_the_shard(shards: list[str], tmp_path: Path) -> None:
+    config = make_config(shards[0], tmp_path, methods=["fakecam"])
+    result = pipeline.process_shard(config, shards[0], "cpu", max_images=2)
+    assert result.n_images == 2 and result.complete
+    status = store.read_shard_status(pipeline.run_url_of(config))[0]
+    assert status["limit_reached"] is True and status["max_images"] == 2
+
+
+def test_unopenable_shard_raises_a_retryable_error_and_is_not_done(tmp_path: Path) -> None:
+    url = str(tmp_path / "gone.tar")
+    config = make_config(url, tmp_path / "out", methods=["fakecam"])
+    with pytest.raises(pipeline.ShardUnavailableError) as info:
+        pipeline.process_shard(config, url, "cpu")
+    assert isinstance(info.value, OSError)
+    run = pipeline.run_url_of(config)
+    assert store.list_done_shards(run) == []
+    assert store.read_errors(run).column("stage").to_pylist() == ["open"]
+
+
+def test_full_png_maps_when_asked(shards: list[str], tmp_path: Path) -> None:
+    config = make_config(shards[0], tmp_path, methods=["gradcam"], maps="full_png")
+    pipeline.process_shard(config, shards[0], "cpu", max_images=2)
+    rows = store.read_rows(pipeline.run_url_of(config)).to_pylist()
+    assert {r["saliency_kind"] for r in rows} == {"full_png"}
+    assert rows[0]["saliency_shape"] == [64, 64]
+
+
+def test_plan_spreads_max_images_over_shards(shards: list[str], tmp_path: Path) -> None:
+    plan = pipeline.plan_shards(make_config(shards, tmp_path, max_images=3))
+    assert [p["max_images"] for p in plan] == [2, 1]
+    assert [p["url"] for p in plan] == shards
+    only_one = pipeline.plan_shards(make_config(shards, tmp_path, max_images=1))
+    assert [p["url"] for p in only_one] == shards[:1]
+    assert all(p["max_images"] is None for p in pipeline.plan_shards(make_config(shards, tmp_path)))
+    with pytest.raises(NoShardsError):
+        pipeline.plan_shards(make_config(str(tmp_path / "none-*.tar"), tmp_path))
+
+
+def test_models_are_cached_per_spec_and_device(tmp_path: Path) -> None:
+    config = make_config("x.tar", tmp_path)
+    first = pipeline.get_loaded_model(config, "cpu")
+    assert pipeline.get_loaded_model(config.model_copy(update={"batch_size": 1}), "cpu") is first
+    other = make_config(
+        "x.tar",
+        tmp_path,
+        model={"source": "factory:opticam_test_tiny:build", "target_layer": "features.0"},
+    )
+    assert pipeline.get_loaded_model(other, "cpu") is not first
+
+
+def test_check_methods_fails_early_on_bad_options(tmp_path: Path) -> None:
+    config = make_config("x.tar", tmp_path, methods=[{"name": "opticam", "options": {"lr0": 1}}])
+    with pytest.raises(ValueError, match="lr0"):
+        pipeline.check_methods(config, "cpu")
+
+
+def test_resolve_device() -> None:
+    assert pipeline.resolve_device("cpu") == ["cpu"]
+    assert pipeline.resolve_device("auto") == pipeline.local_devices()
+    if not torch.cuda.is_available():
+        assert pipeline.resolve_device("auto") == ["cpu"]
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pipeline.resolve_device("cuda")
+        with pytest.raises(ValueError, match="has 0 CUDA"):
+            pipeline.resolve_device("cuda:1")
+
+
+def test_pending_shards_skips_done_ones(shards: list[str], tmp_path: Path) -> None:
+    config = make_config(shards, tmp_path, methods=["fakecam"])
+    plan = pipeline.plan_shards(config)
+    pipeline.process_shard(config, shards[1], "cpu")
+    assert [p["url"] for p in pipeline.pending_shards(config, plan)] == [shards[0]]
+    assert pipeline.done_result(config, shards[1]).skipped
