@@ -1,0 +1,421 @@
+"""Build a run's report: read its rows, summarise, draw, write ``<run>/report/``.
+
+:func:`build_report` reads whatever the run holds now (the finished shards only: a
+shard's rows file exists once it is complete), so it works on a partial run and gives an
+empty but valid report before the first shard finishes. Everything is written through
+fsspec (:func:`opticam.store.atomic_write_bytes`), so the run may live on S3, and
+``index.html`` is written last: when it exists the rest of the report is there too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from opticam import store
+from opticam.report.figures import (
+    bar_chart,
+    curves_chart,
+    distributions_chart,
+    series_colors,
+    series_label,
+)
+from opticam.report.gallery import GALLERY_COLUMNS, build_gallery
+from opticam.report.page import Figure, PageContent, render_index
+from opticam.report.summary import (
+    CONFIDENCE,
+    SOURCE_COLUMNS,
+    SUMMARY_METRICS,
+    float_column,
+    summarize,
+    summary_markdown,
+    summary_table,
+)
+
+__all__ = ["ReportResult", "build_report"]
+
+#: Row columns read for the summary, figures and gallery (never the maps or curves: those
+#: are read per group or per image, so memory stays bounded by one method's curves).
+_ROW_COLUMNS = sorted({"run_id", *SOURCE_COLUMNS, *GALLERY_COLUMNS, "input_height", "input_width"})
+_MAX_ERROR_ROWS = 20
+
+
+@dataclass
+class ReportResult:
+    """What :func:`build_report` produced.
+
+    Attributes:
+        summary: one dict per (model, method) (keys of
+            :data:`opticam.report.SUMMARY_SCHEMA`).
+        summary_markdown: Markdown for a terminal or a Prefect artifact: notes (partial
+            run, ...), how to read the table, and the table; ``summary.md`` is this under a
+            title.
+        index_url: URL of ``index.html``.
+        files: URLs of every file written, ``index.html`` last.
+    """
+
+    summary: list[dict[str, Any]]
+    summary_markdown: str
+    index_url: str
+    files: list[str]
+
+
+def _methods_of(run_json: Mapping[str, Any] | None) -> list[str]:
+    """Method names in the order of the run config (plain names or MethodSpec dicts)."""
+    config = (run_json or {}).get("config") or {}
+    names = []
+    for spec in config.get("methods") or []:
+        name = spec.get("name") if isinstance(spec, Mapping) else spec
+        if isinstance(name, str):
+            names.append(name)
+    return names
+
+
+def _resize_size(
+    run_json: Mapping[str, Any] | None, statuses: Sequence[Mapping[str, Any]]
+) -> tuple[int | None, bool]:
+    """The model's resize size (shorter side before the centre crop), and whether it is known.
+
+    In order: recorded by the pipeline in a shard status (``resize_size``), set in
+    the config's model spec, or implied by the model source: the demo model resizes to its
+    input size (128) and a factory model to its input size (``None`` here: the
+    :class:`~opticam.data.Preprocess` default). A torchvision model's default comes from
+    its weights, which the report does not load: ``(None, False)``.
+    """
+    for status in statuses:
+        value = status.get("resize_size")
+        if isinstance(value, int):
+            return value, True
+    model = ((run_json or {}).get("config") or {}).get("model") or {}
+    if not isinstance(model, Mapping):
+        return None, False
+    if isinstance(model.get("resize_size"), int):
+        return int(model["resize_size"]), True
+    source = str(model.get("source", ""))
+    if source == "demo":
+        from opticam.demo import DEMO_INPUT_SIZE
+
+        return DEMO_INPUT_SIZE, True
+    return None, source.startswith("factory:")
+
+
+def _mean_curve(column: pa.ChunkedArray) -> np.ndarray | None:
+    """Mean of list<float> curves (nulls skipped); curves of other lengths are resampled.
+
+    Runs hold one ``steps`` value, so all curves normally have one length; should they not,
+    each is linearly interpolated onto the longest curve's grid over [0, 1] first.
+    """
+    curves = pc.drop_null(column)
+    if len(curves) == 0:
+        return None
+    lengths = np.asarray(pc.list_value_length(curves).to_numpy(zero_copy_only=False))
+    flat = np.asarray(pc.list_flatten(curves).to_numpy(zero_copy_only=False), dtype=np.float64)
+    if lengths.min() == lengths.max() and lengths[0] > 0:
+        return np.asarray(np.nanmean(flat.reshape(-1, int(lengths[0])), axis=0))
+    grid = np.linspace(0.0, 1.0, int(lengths.max()))
+    stacked = []
+    for start, length in zip(np.cumsum(lengths) - lengths, lengths, strict=True):
+        if length > 0:
+            curve = flat[start : start + length]
+            stacked.append(np.interp(grid, np.linspace(0.0, 1.0, length), curve))
+    return np.asarray(np.nanmean(np.vstack(stacked), axis=0)) if stacked else None
+
+
+def _figures(
+    run: str,
+    rows: pa.Table,
+    summary: Sequence[Mapping[str, Any]],
+    storage_options: Mapping[str, Any] | None,
+) -> list[Figure]:
+    several_models = len({r["model"] for r in summary}) > 1
+    labels = [series_label(r, several_models) for r in summary]
+    colors = series_colors(len(summary))
+    by_name = {m.name: m for m in SUMMARY_METRICS}
+    figures = []
+
+    def bars(name: str, metrics: Sequence[str], title: str, caption: str) -> None:
+        png = bar_chart(summary, [by_name[m] for m in metrics], labels, colors, title)
+        if png is not None:
+            figures.append(Figure(name, title, caption, png))
+
+    bars(
+        "faithfulness.png",
+        ["average_drop", "average_gain", "average_increase"],
+        "Average Drop, Gain and Increase",
+        "Mean over images with 95% bootstrap intervals. AD (lower is better) and AG (higher is "
+        "better) belong together: a map that changes nothing (Fake-CAM) has a small AD and an "
+        "AG near zero. AI counts images whose score increased.",
+    )
+    bars(
+        "insertion_deletion.png",
+        ["insertion", "deletion"],
+        "Insertion and deletion",
+        "Area under the class-probability curve (predicted class) as pixels are inserted "
+        "into a blurred image (higher is better) or deleted (lower is better).",
+    )
+    bars(
+        "localization.png",
+        ["pointing_game", "energy_in_box", "f1", "loc_error", "box_acc"],
+        "Localization",
+        "Over images with ground-truth boxes: pointing game (SP), energy inside the boxes "
+        "(EP), F1, localization error (LE, lower is better) and box accuracy.",
+    )
+
+    curves = []
+    for row in summary:
+        group = (pc.field("model") == row["model"]) & (pc.field("method") == row["method"])
+        table = store.read_rows(
+            run, ["insertion_curve", "deletion_curve"], storage_options, filter=group
+        )
+        curves.append(
+            (
+                _mean_curve(table.column("insertion_curve")),
+                _mean_curve(table.column("deletion_curve")),
+            )
+        )
+    png = curves_chart(curves, labels, colors)
+    if png is not None:
+        figures.append(
+            Figure(
+                "curves.png",
+                "Mean insertion and deletion curves",
+                "Class probability averaged over images at each step; the areas under these "
+                "curves are the insertion and deletion scores.",
+                png,
+            )
+        )
+
+    models = np.asarray(rows.column("model").to_pylist(), dtype=object)
+    methods = np.asarray(rows.column("method").to_pylist(), dtype=object)
+    masks = [(models == r["model"]) & (methods == r["method"]) for r in summary]
+    panels = []
+    for column, title in (
+        ("drop", "Drop per image (lower is better)"),
+        ("gain", "Gain per image (higher is better)"),
+        ("insertion_auc", "Insertion AUC per image (higher is better)"),
+        ("deletion_auc", "Deletion AUC per image (lower is better)"),
+    ):
+        values = 100.0 * float_column(rows, column)
+        panels.append((title, [values[mask] for mask in masks]))
+    png = distributions_chart(panels, labels, colors)
+    if png is not None:
+        figures.append(
+            Figure(
+                "distributions.png",
+                "Per-image distributions",
+                "Share of each method's images per 5-point bin. A mean hides whether a method "
+                "is a little good everywhere or very good on some images only.",
+                png,
+            )
+        )
+    return figures
+
+
+def _counts(
+    rows: pa.Table,
+    errors: pa.Table,
+    run_json: Mapping[str, Any] | None,
+    done: Sequence[str],
+    statuses: Sequence[Mapping[str, Any]],
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Rows of the counts table and the notes about a partial or empty run."""
+    images = len(
+        set(zip(rows.column("shard").to_pylist(), rows.column("key").to_pylist(), strict=True))
+    )
+    planned = (run_json or {}).get("shards")
+    n_planned = len(planned) if isinstance(planned, list) else None
+    failed = [s for s in statuses if not s.get("done")]
+    truncated = [s for s in statuses if s.get("done") and s.get("complete") is False]
+    counts = [
+        ("images", str(images)),
+        ("rows (image × method)", str(rows.num_rows)),
+        ("shards finished", f"{len(done)} of {n_planned}" if n_planned else str(len(done))),
+    ]
+    if failed:
+        counts.append(("shards failed (no rows yet)", str(len(failed))))
+    if truncated:
+        counts.append(("shards read only in part (truncated)", str(len(truncated))))
+    counts.append(("error rows", str(errors.num_rows)))
+    for name in ("created", "updated"):
+        if run_json and run_json.get(name):
+            counts.append((f"run {name}", str(run_json[name])))
+
+    notes = []
+    if run_json is None:
+        notes.append("This folder has no run.json: the configuration is unknown.")
+    if rows.num_rows == 0:
+        notes.append("No results yet: no shard of this run has finished.")
+    elif n_planned and len(done) < n_planned:
+        notes.append(
+            f"Partial run: {len(done)} of {n_planned} shards have finished; every number "
+            "here covers the finished shards only."
+        )
+    return counts, notes
+
+
+def _markdown(
+    summary: Sequence[Mapping[str, Any]], notes: Sequence[str], n_boot: int, seed: int
+) -> str:
+    """Notes, how to read the table, and the table: the body of ``summary.md``."""
+    models = sorted({str(r["model"]) for r in summary})
+    lines = [f"Model: `{models[0]}`", ""] if len(models) == 1 else []
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines += [
+        f"Mean per image [{round(100 * CONFIDENCE)}% percentile bootstrap interval, "
+        f"{n_boot} resamples, seed {seed}]. Percent, except s/img (seconds). "
+        "↓ lower is better, ↑ higher is better.",
+        "",
+        summary_markdown(summary),
+    ]
+    return "\n".join(lines)
+
+
+def _with_bootstrap(table: pa.Table, n_boot: int, seed: int) -> pa.Table:
+    """Record how the intervals were computed in the Parquet key-value metadata."""
+    meta = {
+        **(table.schema.metadata or {}),
+        b"opticam.bootstrap": json.dumps(
+            {"confidence": CONFIDENCE, "n_boot": n_boot, "seed": seed}
+        ).encode(),
+    }
+    return table.replace_schema_metadata(meta)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _remove_stale_figures(
+    folder: str, keep: set[str], storage_options: Mapping[str, Any] | None
+) -> None:
+    """Delete figures of an earlier build that this build did not draw (e.g. a gallery)."""
+    fs, path = fsspec.core.url_to_fs(folder, **dict(storage_options or {}))
+    try:
+        fs.invalidate_cache(path)
+        existing = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return
+    for entry in existing:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(".png") and name not in keep:
+            fs.rm(entry)
+
+
+def build_report(
+    run_url: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    data_storage_options: Mapping[str, Any] | None = None,
+    gallery_size: int = 4,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> ReportResult:
+    """Aggregate a run and write its report to ``<run_url>/report/``.
+
+    Writes ``index.html`` (self-contained: figures embedded as data URIs, inline CSS, no
+    script), ``summary.md``, ``summary.parquet`` (schema
+    :data:`opticam.report.SUMMARY_SCHEMA`) and ``figures/*.png``. See
+    :mod:`opticam.report.summary` for the summary metrics (means in percent with 95%
+    bootstrap intervals) and :mod:`opticam.report.gallery` for the gallery.
+
+    Args:
+        run_url: the run folder (``<output>/<run_id>``), any fsspec URL.
+        storage_options: fsspec options of the run folder (endpoint, credentials).
+        data_storage_options: fsspec options for reading the data shards back for the
+            gallery; defaults to ``storage_options``.
+        gallery_size: images in the gallery (0: no gallery, no data read).
+        n_boot: bootstrap resamples per interval (>= 1).
+        seed: bootstrap seed; the same run, ``n_boot`` and ``seed`` give the same summary.
+
+    Returns:
+        The :class:`ReportResult`.
+
+    Raises:
+        ValueError: ``gallery_size`` < 0 or ``n_boot`` < 1.
+    """
+    if isinstance(gallery_size, bool) or not isinstance(gallery_size, int) or gallery_size < 0:
+        raise ValueError(f"gallery_size must be an integer >= 0, got {gallery_size!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    run_url = run_url.rstrip("/")
+    if data_storage_options is None:
+        data_storage_options = storage_options
+
+    run_json = store.read_run_json(run_url, storage_options)
+    rows = store.read_rows(run_url, _ROW_COLUMNS, storage_options)
+    errors = store.read_errors(run_url, storage_options)
+    done = store.list_done_shards(run_url, storage_options)
+    statuses = store.read_shard_status(run_url, storage_options)
+    run_id = (run_json or {}).get("run_id")
+    if run_id is None and rows.num_rows:
+        run_id = rows.column("run_id")[0].as_py()
+
+    summary = summarize(
+        rows, run_id=run_id, method_order=_methods_of(run_json), n_boot=n_boot, seed=seed
+    )
+    figures = _figures(run_url, rows, summary, storage_options) if summary else []
+    models = {r["model"] for r in summary}
+    gallery_methods = [r["method"] for r in summary if r["model"] == min(models, default=None)]
+    resize_size, resize_known = _resize_size(run_json, statuses)
+    gallery = build_gallery(
+        run_url,
+        rows,
+        gallery_methods,
+        size=gallery_size,
+        storage_options=storage_options,
+        data_storage_options=data_storage_options,
+        resize_size=resize_size,
+        resize_known=resize_known,
+    )
+    counts, notes = _counts(rows, errors, run_json, done, statuses)
+    stage_counts = errors.group_by("stage").aggregate([("stage", "count")]).to_pylist()
+    content = PageContent(
+        run_id=run_id,
+        run_url=run_url,
+        run_json=run_json,
+        summary=summary,
+        counts=counts,
+        notes=notes,
+        figures=figures,
+        gallery=gallery if gallery_size > 0 and rows.num_rows else None,
+        errors_by_stage={r["stage"]: int(r["stage_count"]) for r in stage_counts},
+        error_rows=errors.slice(0, _MAX_ERROR_ROWS).to_pylist(),
+        n_boot=n_boot,
+        seed=seed,
+    )
+    markdown = _markdown(summary, notes, n_boot, seed)
+    markdown_file = f"# Opti-CAM summary — {run_id or 'run'}\n\n{markdown}"
+
+    folder = store.report_url(run_url)
+    outputs: list[tuple[str, bytes]] = [(f"figures/{f.name}", f.png) for f in figures]
+    if gallery.png is not None:
+        outputs.append(("figures/gallery.png", gallery.png))
+    outputs += [
+        ("summary.parquet", _parquet_bytes(_with_bootstrap(summary_table(summary), n_boot, seed))),
+        ("summary.md", markdown_file.encode("utf-8")),
+        ("index.html", render_index(content).encode("utf-8")),
+    ]
+    _remove_stale_figures(
+        f"{folder}/figures",
+        {name.rsplit("/", 1)[-1] for name, _ in outputs if name.startswith("figures/")},
+        storage_options,
+    )
+    files = []
+    for name, data in outputs:
+        url = f"{folder}/{name}"
+        store.atomic_write_bytes(url, data, storage_options)
+        files.append(url)
+    return ReportResult(
+        summary=summary, summary_markdown=markdown, index_url=f"{folder}/index.html", files=files
+    )

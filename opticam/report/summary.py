@@ -1,0 +1,294 @@
+"""Dataset-level summary of a run: one row per (model, method), with bootstrap intervals.
+
+Every summary metric is the mean over images of a per-image Parquet column, in the
+paper's units (percent for the fractions, seconds for time)::
+
+    average_drop      = 100 * mean(drop)            (AD, lower is better)
+    average_gain      = 100 * mean(gain)            (AG, higher is better)
+    average_increase  = 100 * mean(increase)        (AI, higher is better)
+    insertion         = 100 * mean(insertion_auc)   (higher is better)
+    deletion          = 100 * mean(deletion_auc)    (lower is better)
+    pointing_game, energy_in_box, f1, loc_error, box_acc = 100 * mean(column)
+    seconds_per_image = mean(seconds)
+
+Null (or NaN) values are left out of a metric's mean, so localization means are over
+the images that have boxes and insertion/deletion over the images where they were
+computed. Each mean carries a 95% percentile bootstrap interval
+(:class:`opticam.metrics.MetricAggregator`), deterministic for a given seed.
+
+The summary is a list of plain dicts (what :class:`~opticam.report.ReportResult` holds
+and ``summary.parquet`` stores), with the keys of :data:`SUMMARY_SCHEMA`; a metric with no
+value in a group is ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from opticam.metrics import METRIC_DIRECTIONS, MetricAggregator, to_paper_units
+
+__all__ = [
+    "CONFIDENCE",
+    "SUMMARY_METRICS",
+    "SUMMARY_SCHEMA",
+    "SOURCE_COLUMNS",
+    "MetricInfo",
+    "float_column",
+    "format_table",
+    "format_value",
+    "metric_header",
+    "summarize",
+    "summary_columns",
+    "summary_markdown",
+    "summary_table",
+]
+
+#: Coverage of the bootstrap intervals.
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How one summary metric is named and shown.
+
+    Attributes:
+        name: summary key, e.g. ``average_drop`` (also the ``summary.parquet`` column).
+        column: per-image Parquet column it averages, e.g. ``drop``.
+        short: table header, e.g. ``AD``.
+        title: full name for legends and tooltips.
+        direction: ``"lower"`` or ``"higher"`` is better.
+        unit: ``"%"`` or ``"s"``.
+    """
+
+    name: str
+    column: str
+    short: str
+    title: str
+    direction: str
+    unit: str
+
+    @property
+    def arrow(self) -> str:
+        """``↓`` when lower is better, ``↑`` when higher is better."""
+        return "↓" if self.direction == "lower" else "↑"
+
+
+def _info(name: str, column: str, short: str, title: str, unit: str = "%") -> MetricInfo:
+    return MetricInfo(name, column, short, title, METRIC_DIRECTIONS[name], unit)
+
+
+#: Summary metrics in display order: faithfulness, insertion/deletion, localization, time.
+SUMMARY_METRICS: tuple[MetricInfo, ...] = (
+    _info("average_drop", "drop", "AD", "Average Drop"),
+    _info("average_gain", "gain", "AG", "Average Gain"),
+    _info("average_increase", "increase", "AI", "Average Increase"),
+    _info("insertion", "insertion_auc", "Ins", "Insertion AUC"),
+    _info("deletion", "deletion_auc", "Del", "Deletion AUC"),
+    _info("pointing_game", "pointing_game", "SP", "Pointing game"),
+    _info("energy_in_box", "energy_in_box", "EP", "Energy-based pointing game"),
+    _info("f1", "f1", "F1", "F1 of energy inside the boxes"),
+    _info("loc_error", "loc_error", "LE", "Localization error (1 - max IoU)"),
+    _info("box_acc", "box_acc", "BoxAcc", "Box accuracy"),
+    _info("seconds_per_image", "seconds", "s/img", "Seconds per image", unit="s"),
+)
+_BY_NAME = {m.name: m for m in SUMMARY_METRICS}
+
+#: Per-image columns the summary reads (besides model and method).
+SOURCE_COLUMNS: tuple[str, ...] = (*(m.column for m in SUMMARY_METRICS), "constant_map")
+
+_COUNT_FIELDS = ("images", "images_with_boxes", "constant_maps")
+
+
+def _summary_fields() -> list[pa.Field]:
+    fields = [
+        pa.field("run_id", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("method", pa.string()),
+        *(pa.field(name, pa.int64()) for name in _COUNT_FIELDS),
+    ]
+    for m in SUMMARY_METRICS:
+        fields += [
+            pa.field(m.name, pa.float64()),
+            pa.field(f"{m.name}_ci_low", pa.float64()),
+            pa.field(f"{m.name}_ci_high", pa.float64()),
+        ]
+    return fields
+
+
+#: Columns of ``summary.parquet`` (and keys of every summary dict).
+#: ``images``: rows of the group; ``images_with_boxes``: rows with localization values;
+#: ``constant_maps``: rows whose map was constant (normalized to all ones).
+SUMMARY_SCHEMA = pa.schema(_summary_fields())
+
+
+def float_column(table: pa.Table, name: str) -> np.ndarray:
+    """A column as float64 numpy with NaN for nulls (booleans become 0.0 / 1.0)."""
+    column = pc.cast(table.column(name), pa.float64())
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def summarize(
+    rows: pa.Table,
+    *,
+    run_id: str | None = None,
+    method_order: Sequence[str] = (),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Summarise per-image rows into one dict per (model, method).
+
+    Args:
+        rows: per-image rows with ``model``, ``method`` and the per-image metric columns
+            (``drop``, ``gain``, ``increase``, ``insertion_auc``, ``deletion_auc``, the
+            localization columns, ``seconds``, ``constant_map``); any subset of runs.
+        run_id: stored in every summary row (``None`` when unknown).
+        method_order: preferred method order (e.g. the run config's); methods not listed
+            follow in alphabetical order. Models are sorted.
+        n_boot: bootstrap resamples per interval.
+        seed: seed of every bootstrap (the same seed for each metric and group, so a
+            summary is reproducible and one metric's interval never depends on another).
+
+    Returns:
+        Dicts with the keys of :data:`SUMMARY_SCHEMA`: the mean of each metric (see the
+        module doc) and its ``_ci_low`` / ``_ci_high``; ``None`` where a group has no value.
+    """
+    if rows.num_rows == 0:
+        return []
+    models = np.asarray(rows.column("model").to_pylist(), dtype=object)
+    methods = np.asarray(rows.column("method").to_pylist(), dtype=object)
+    rank = {name: i for i, name in enumerate(method_order)}
+    groups = sorted(
+        {(str(a), str(b)) for a, b in zip(models, methods, strict=True)},
+        key=lambda g: (g[0], rank.get(g[1], len(rank)), g[1]),
+    )
+    per_image = {m.column: float_column(rows, m.column) for m in SUMMARY_METRICS}
+    # The metrics package names time per image "seconds_per_image".
+    per_image["seconds_per_image"] = per_image.pop("seconds")
+    constant = float_column(rows, "constant_map")
+
+    summary = []
+    for model, method in groups:
+        mask = (models == model) & (methods == method)
+        aggregator = MetricAggregator()
+        aggregator.update(to_paper_units({k: v[mask] for k, v in per_image.items()}))
+        stats = aggregator.summary(confidence=CONFIDENCE, n_boot=n_boot, seed=seed)
+        row: dict[str, Any] = {
+            "run_id": run_id,
+            "model": model,
+            "method": method,
+            "images": int(mask.sum()),
+            "images_with_boxes": int(stats["pointing_game"]["n"]),
+            "constant_maps": int(np.nansum(constant[mask])),
+        }
+        for m in SUMMARY_METRICS:
+            s = stats[m.name]
+            row[m.name] = _nan_to_none(s["mean"])
+            row[f"{m.name}_ci_low"] = _nan_to_none(s["ci_low"])
+            row[f"{m.name}_ci_high"] = _nan_to_none(s["ci_high"])
+        summary.append(row)
+    return summary
+
+
+def summary_table(summary: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """The summary dicts as a table with :data:`SUMMARY_SCHEMA` (empty but typed if none)."""
+    return pa.Table.from_pylist([dict(r) for r in summary], schema=SUMMARY_SCHEMA)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def summary_columns(summary: Sequence[Mapping[str, Any]]) -> list[MetricInfo]:
+    """The metrics that have a value in at least one summary row, in display order."""
+    return [m for m in SUMMARY_METRICS if any(r.get(m.name) is not None for r in summary)]
+
+
+def metric_header(metric: str | MetricInfo) -> str:
+    """Table header of a metric with its direction, e.g. ``AD ↓``."""
+    info = _BY_NAME[metric] if isinstance(metric, str) else metric
+    return f"{info.short} {info.arrow}"
+
+
+def format_value(metric: str | MetricInfo, value: float | None) -> str:
+    """A metric value for tables: percent with one decimal, seconds with 3 digits."""
+    info = _BY_NAME[metric] if isinstance(metric, str) else metric
+    if value is None:
+        return "–"
+    return f"{value:.3g}" if info.unit == "s" else f"{value:.1f}"
+
+
+def _cell(info: MetricInfo, row: Mapping[str, Any], with_ci: bool) -> str:
+    mean = row.get(info.name)
+    text = format_value(info, mean)
+    if with_ci and mean is not None:
+        low, high = row.get(f"{info.name}_ci_low"), row.get(f"{info.name}_ci_high")
+        text += f" [{format_value(info, low)}, {format_value(info, high)}]"
+    return text
+
+
+def _text_rows(
+    summary: Sequence[Mapping[str, Any]], with_ci: bool
+) -> tuple[list[str], list[list[str]]]:
+    """Header and cells shared by the Markdown and terminal tables."""
+    show_model = len({r.get("model") for r in summary}) > 1
+    metrics = summary_columns(summary)
+    header = [*(["model"] if show_model else []), "method", "images"]
+    header += [metric_header(m) for m in metrics]
+    body = []
+    for r in summary:
+        cells = [*([str(r.get("model"))] if show_model else []), str(r.get("method"))]
+        cells.append(str(r.get("images", "")))
+        cells += [_cell(m, r, with_ci) for m in metrics]
+        body.append(cells)
+    return header, body
+
+
+def summary_markdown(summary: Sequence[Mapping[str, Any]], *, with_ci: bool = True) -> str:
+    """The summary as a GitHub-flavoured Markdown table (a line per (model, method)).
+
+    Columns: ``model`` (only when there are several), ``method``, ``images`` and every
+    metric with a value, headed ``AD ↓``, ``AG ↑``, ...; cells read ``mean [ci_low,
+    ci_high]`` (``with_ci=False`` drops the interval). An empty summary gives a table
+    with a single "no results" line.
+    """
+    header, body = _text_rows(summary, with_ci)
+    if not body:
+        body = [["(no results yet)", *([""] * (len(header) - 1))]]
+    right = [i for i, h in enumerate(header) if h not in ("model", "method")]
+    align = ["---:" if i in right else "---" for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(align), *(line(c) for c in body)]) + "\n"
+
+
+def format_table(summary: Sequence[Mapping[str, Any]], *, with_ci: bool = True) -> str:
+    """The summary as an aligned plain-text table for a terminal.
+
+    Same columns and cells as :func:`summary_markdown`; text columns left-aligned,
+    numbers right-aligned, a rule under the header.
+    """
+    header, body = _text_rows(summary, with_ci)
+    if not body:
+        return "(no results yet)\n"
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    text_columns = {i for i, h in enumerate(header) if h in ("model", "method")}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in text_columns else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(c) for c in body)]) + "\n"
