@@ -33,10 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import SkipJsonSchema
 
 from opticam.models import ModelSpec
+from opticam.names import KNOWN_METHODS
 
 __all__ = [
     "DEFAULT_OUTPUT",
-    "KNOWN_METHOD_NAMES",
     "MethodSpec",
     "MetricsOptions",
     "ModelSpec",
@@ -46,19 +46,6 @@ __all__ = [
 
 DEFAULT_OUTPUT = "./opticam-runs"
 
-# Kept in sync with opticam.methods.KNOWN_METHODS; duplicated so that validating a config
-# (e.g. in the Prefect UI process) does not import torch.
-KNOWN_METHOD_NAMES: tuple[str, ...] = (
-    "opticam",
-    "gradcam",
-    "gradcampp",
-    "xgradcam",
-    "scorecam",
-    "ablationcam",
-    "layercam",
-    "hirescam",
-    "fakecam",
-)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _SLUG_RE = re.compile(r"[^a-z0-9]+")
@@ -109,8 +96,8 @@ class MethodSpec(BaseModel):
     @classmethod
     def _check_name(cls, value: str) -> str:
         name = value.strip().lower()
-        if name not in KNOWN_METHOD_NAMES:
-            raise ValueError(f"unknown method {value!r} (known: {', '.join(KNOWN_METHOD_NAMES)})")
+        if name not in KNOWN_METHODS:
+            raise ValueError(f"unknown method {value!r} (known: {', '.join(KNOWN_METHODS)})")
         return name
 
     @field_validator("options")
@@ -251,9 +238,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _check_methods(cls, value: list[MethodSpec]) -> list[MethodSpec]:
         if not value:
-            raise ValueError(
-                f"at least one method is needed (known: {', '.join(KNOWN_METHOD_NAMES)})"
-            )
+            raise ValueError(f"at least one method is needed (known: {', '.join(KNOWN_METHODS)})")
         names = [m.name for m in value]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -7,33 +7,12 @@ import pytest
 import torch
 from pytorch_grad_cam import GradCAM, HiResCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from torch import Tensor, nn
+from tiny import TinyNet
+from torch import Tensor
 
 from opticam.methods import CAM_METHODS, FakeCAM, GradCAMBaseline, upsample_normalize
 
 torch.set_num_threads(1)
-
-
-class TinyNet(nn.Module):
-    """Two convs at 32x32 -> features A (B,8,16,16) -> GAP -> linear, 5 logits."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(6, 8, 3, stride=2, padding=1),
-            nn.ReLU(),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 def _images(seed: int = 0, batch: int = 3) -> Tensor:

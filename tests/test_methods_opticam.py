@@ -11,34 +11,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny import TinyNet
 from torch import Tensor, nn
 
 from opticam.methods import OptiCAM, get_explainer, normalize_maps, upsample_normalize
 from opticam.methods.opticam import capture_features
 
 torch.set_num_threads(1)
-
-
-class TinyNet(nn.Module):
-    """Two convs at 32x32 -> (B,8,16,16) features -> GAP -> 5 logits."""
-
-    def __init__(self, seed: int = 0, classes: int = 5) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(6, 8, 3, stride=2, padding=1),
-            nn.ReLU(),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, classes)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 def _images(seed: int, batch: int = 4, size: int = 32) -> Tensor:

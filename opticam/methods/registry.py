@@ -11,20 +11,10 @@ from opticam.methods.baselines import CAM_METHODS, FakeCAM, GradCAMBaseline
 from opticam.methods.common import Explainer
 from opticam.methods.opticam import OptiCAM
 from opticam.models import LoadedModel, ResolvedLayer, find_layer, resolve_target_layer
+from opticam.names import KNOWN_METHODS
 
 __all__ = ["KNOWN_METHODS", "get_explainer"]
 
-KNOWN_METHODS: tuple[str, ...] = (
-    "opticam",
-    "gradcam",
-    "gradcampp",
-    "xgradcam",
-    "scorecam",
-    "ablationcam",
-    "layercam",
-    "hirescam",
-    "fakecam",
-)
 
 # Options about how the target layer's output is read, valid for every layer-based
 # method (they override what the LoadedModel or the family default says).
