@@ -366,3 +366,14 @@ def test_encode_lowres_scaling_rules() -> None:
                 "saliency": b"",
             }
         )
+
+
+def test_readme_documents_every_column() -> None:
+    """The README's schema table names exactly the columns the store writes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Parquet schema", 1)[1].split("\n\n", 2)[1]
+    documented: list[str] = []
+    for line in section.splitlines()[2:]:
+        first_cell = line.split("|")[1]
+        documented += [name.strip(" `") for name in first_cell.split(",")]
+    assert documented == store.SCHEMA.names
