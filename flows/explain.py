@@ -134,15 +134,18 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 # --------------------------------------------------------------------------- tasks
 
 
-@task(
-    name="explain-shard",
-    retries=len(RETRY_DELAYS),
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=_retry_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    task_run_name="shard {shard_url}",
-)
+# Both tasks retry transient storage errors only, and neither caches nor persists its
+# result: inputs are URLs and configs, outputs live in the run folder.
+_STORAGE_TASK: dict[str, Any] = {
+    "retries": len(RETRY_DELAYS),
+    "retry_delay_seconds": RETRY_DELAYS,
+    "retry_condition_fn": _retry_transient,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
+
+
+@task(name="explain-shard", task_run_name="shard {shard_url}", **_STORAGE_TASK)
 def shard_task(
     config: RunConfig, shard_url: str, device: str, max_images: int | None = None
 ) -> dict[str, Any]:
@@ -158,14 +161,7 @@ def shard_task(
     return result.to_dict()
 
 
-@task(
-    name="build-report",
-    retries=len(RETRY_DELAYS),
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=_retry_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(name="build-report", **_STORAGE_TASK)
 def report_task(config: RunConfig) -> dict[str, Any]:
     """Aggregate the run's rows and render the report (:func:`opticam.report.build_report`)."""
     from opticam.report import build_report
