@@ -237,13 +237,18 @@ def faithfulness_terms(
             p = p_clean.to(_probability_dtype(p_clean.device))
         o = _chunked_probabilities(model, masked, targets, batch_size).to(p.device)
 
+    return {"p_clean": p, "p_masked": o, **_per_image_terms(p, o)}
+
+
+def _per_image_terms(p: Tensor, o: Tensor) -> dict[str, Tensor]:
+    """``drop``, ``gain`` and ``increase`` per image from probabilities p (clean), o (masked)."""
     # max(0, p-o) is 0 whenever p == 0 (o >= 0) and max(0, o-p) is 0 whenever p == 1
     # (o <= 1), so swapping a zero denominator for 1 gives exactly the guarded value.
     one = torch.ones_like(p)
     drop = torch.clamp(p - o, min=0) / torch.where(p > 0, p, one)
     gain = torch.clamp(o - p, min=0) / torch.where(p < 1, 1 - p, one)
     increase = (p < o).to(p.dtype)
-    return {"p_clean": p, "p_masked": o, "drop": drop, "gain": gain, "increase": increase}
+    return {"drop": drop, "gain": gain, "increase": increase}
 
 
 def _as_float64(values: Tensor | np.ndarray | float | list[float], name: str) -> np.ndarray:
@@ -257,12 +262,14 @@ def _as_float64(values: Tensor | np.ndarray | float | list[float], name: str) ->
     return array
 
 
-def _paired(p_clean: object, p_masked: object) -> tuple[np.ndarray, np.ndarray]:
+def _mean_term(p_clean: object, p_masked: object, term: str) -> float:
+    """100 * the mean of one per-image term, in float64 on the CPU."""
     p = _as_float64(p_clean, "p_clean")  # type: ignore[arg-type]
     o = _as_float64(p_masked, "p_masked")  # type: ignore[arg-type]
     if p.shape != o.shape:
         raise ValueError(f"p_clean and p_masked differ in length: {p.size} vs {o.size}")
-    return p, o
+    values = _per_image_terms(torch.from_numpy(p), torch.from_numpy(o))[term]
+    return float(100.0 * values.mean())
 
 
 def average_drop(p_clean: Tensor | np.ndarray, p_masked: Tensor | np.ndarray) -> float:
@@ -274,9 +281,7 @@ def average_drop(p_clean: Tensor | np.ndarray, p_masked: Tensor | np.ndarray) ->
 
     Terms with ``p_i == 0`` count as 0.
     """
-    p, o = _paired(p_clean, p_masked)
-    drop = np.maximum(p - o, 0.0) / np.where(p > 0, p, 1.0)
-    return float(100.0 * drop.mean())
+    return _mean_term(p_clean, p_masked, "drop")
 
 
 def average_gain(p_clean: Tensor | np.ndarray, p_masked: Tensor | np.ndarray) -> float:
@@ -288,9 +293,7 @@ def average_gain(p_clean: Tensor | np.ndarray, p_masked: Tensor | np.ndarray) ->
 
     Terms with ``p_i == 1`` count as 0.
     """
-    p, o = _paired(p_clean, p_masked)
-    gain = np.maximum(o - p, 0.0) / np.where(p < 1, 1.0 - p, 1.0)
-    return float(100.0 * gain.mean())
+    return _mean_term(p_clean, p_masked, "gain")
 
 
 def average_increase(p_clean: Tensor | np.ndarray, p_masked: Tensor | np.ndarray) -> float:
@@ -300,8 +303,7 @@ def average_increase(p_clean: Tensor | np.ndarray, p_masked: Tensor | np.ndarray
         p_clean: (N,) probabilities ``p_i`` of the explained class on the clean images.
         p_masked: (N,) probabilities ``o_i`` on the masked images.
     """
-    p, o = _paired(p_clean, p_masked)
-    return float(100.0 * (p < o).mean())
+    return _mean_term(p_clean, p_masked, "increase")
 
 
 # ---------------------------------------------------------------------------
