@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from opticam.config import ModelSpec, RunConfig
     from opticam.methods import (
-        KNOWN_METHODS,
         Explainer,
         Explanation,
         get_explainer,
         upsample_normalize,
     )
-    from opticam.models import LoadedModel, ModelSpec, load_model
+    from opticam.models import LoadedModel, load_model
+    from opticam.names import KNOWN_METHODS
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "Explanation",
     "LoadedModel",
     "ModelSpec",
+    "RunConfig",
     "__version__",
     "explain",
     "get_explainer",
@@ -44,14 +46,17 @@ __all__ = [
     "upsample_normalize",
 ]
 
+# Name -> module it comes from; the module is imported on first access. Config and names
+# are torch-free, so ``opticam.ModelSpec`` or ``opticam.KNOWN_METHODS`` never load torch.
 _LAZY = {
-    "KNOWN_METHODS": "opticam.methods",
+    "KNOWN_METHODS": "opticam.names",
+    "ModelSpec": "opticam.config",
+    "RunConfig": "opticam.config",
     "Explainer": "opticam.methods",
     "Explanation": "opticam.methods",
     "get_explainer": "opticam.methods",
     "upsample_normalize": "opticam.methods",
     "LoadedModel": "opticam.models",
-    "ModelSpec": "opticam.models",
     "load_model": "opticam.models",
 }
 

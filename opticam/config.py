@@ -15,6 +15,10 @@ out: they change how a job runs, not what it computes. So rerunning the same com
 resumes the same run folder, and changing a parameter that changes the results starts a
 fresh one.
 
+Every field carries a description: the command line (:mod:`opticam.cli`) builds its flags,
+defaults, choices and help from these models, ``opticam config --example`` prints them as
+a commented YAML file, and the Prefect UI shows them on the flow's form.
+
 Storage options may hold credentials. They are excluded from every dump of the config
 (``model_dump``, ``model_dump_json``, :meth:`RunConfig.public_dict`), from ``repr`` and
 from the run id, so they never reach ``run.json``, logs, artifacts, or the parameters a
@@ -29,18 +33,29 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
-from opticam.models import ModelSpec
-from opticam.names import KNOWN_METHODS
+from opticam.names import KNOWN_METHODS, METHODS, NORMALIZATIONS, OBJECTIVES, SCORES
 
 __all__ = [
     "DEFAULT_OUTPUT",
+    "CAMOptions",
     "MethodSpec",
     "MetricsOptions",
     "ModelSpec",
+    "OptiCAMOptions",
     "RunConfig",
+    "method_options_model",
     "normalize_url",
 ]
 
@@ -49,6 +64,9 @@ DEFAULT_OUTPUT = "./opticam-runs"
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _SLUG_RE = re.compile(r"[^a-z0-9]+")
+_SOURCE_RE = re.compile(
+    r"^(demo|torchvision:[A-Za-z0-9_]+(:[A-Za-z0-9_.]+)?|factory:[A-Za-z0-9_.]+:[A-Za-z0-9_]+)$"
+)
 
 
 def normalize_url(url: str) -> str:
@@ -66,15 +84,176 @@ def normalize_url(url: str) -> str:
     return os.path.abspath(os.path.expanduser(url))
 
 
+def _one_of(value: str, known: tuple[str, ...], what: str) -> str:
+    if value not in known:
+        raise ValueError(f"unknown {what} {value!r} (known: {', '.join(known)})")
+    return value
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class ModelSpec(BaseModel):
+    """What classifier to explain, and how (see :func:`opticam.models.load_model`).
+
+    Sources: ``"demo"`` (the bundled demo classifier), ``"torchvision:NAME[:WEIGHTS]"``
+    (e.g. ``"torchvision:resnet50:IMAGENET1K_V2"``) or ``"factory:package.module:function"``
+    (``function()`` returns an ``nn.Module``). Each field's description says the rest.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(
+        default="demo",
+        description="the classifier: demo | torchvision:NAME[:WEIGHTS] | factory:pkg.mod:fn",
+    )
+    checkpoint: str | None = Field(
+        default=None, description="state_dict to load, at any fsspec URL (local, s3://, ...)"
+    )
+    trust_checkpoint: bool = Field(
+        default=False,
+        description="read the checkpoint with full unpickling, which runs code from the "
+        "file: only for files you trust (default: tensors and plain containers only)",
+    )
+    target_layer: str | None = Field(
+        default=None, description="dotted module name of the CAM target layer (default per family)"
+    )
+    input_size: int | None = Field(
+        default=None,
+        description="side of the square model input (default per family: 224, demo 128)",
+    )
+    resize_size: int | None = Field(
+        default=None,
+        description="shorter side before the centre crop (default per family: 256, demo 128)",
+    )
+    num_classes: int | None = Field(
+        default=None, description="number of logits (default: from the weights or a forward pass)"
+    )
+    mean: tuple[float, float, float] | None = Field(
+        default=None,
+        description="RGB input mean for [0,1] images, applied inside the model (default per "
+        "family: ImageNet's for torchvision, none for demo and factories)",
+    )
+    std: tuple[float, float, float] | None = Field(
+        default=None, description="RGB input standard deviation (default per family)"
+    )
+    relu_features: bool | None = Field(
+        default=None,
+        description="ReLU the target layer's features (CNNs, as in the paper; not for "
+        "transformers); default per family",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if not _SOURCE_RE.match(value):
+            raise ValueError(
+                f"unknown model source {value!r} (accepted: 'demo', "
+                "'torchvision:NAME[:WEIGHTS]' e.g. 'torchvision:resnet50:IMAGENET1K_V2', "
+                "'factory:package.module:function')"
+            )
+        return value
+
+    @field_validator("input_size", "resize_size", "num_classes")
+    @classmethod
+    def _check_positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be a positive integer, got {value}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _check_std(
+        cls, value: tuple[float, float, float] | None
+    ) -> tuple[float, float, float] | None:
+        if value is not None and min(value) <= 0:
+            raise ValueError(f"std must be positive, got {value}")
+        return value
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class _LayerOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    relu_features: bool | None = Field(
+        default=None, description="override the model's relu_features for this method"
+    )
+    normalization: str = Field(
+        default="range",
+        description=f"n in M = n(up(S)): {', '.join(NORMALIZATIONS)}",
+        json_schema_extra={"enum": list(NORMALIZATIONS)},
+    )
+
+    @field_validator("normalization")
+    @classmethod
+    def _check_normalization(cls, value: str) -> str:
+        return _one_of(value, NORMALIZATIONS, "normalization")
+
+
+class OptiCAMOptions(_LayerOptions):
+    """Options of Opti-CAM (:class:`opticam.methods.OptiCAM`); the defaults are the paper's."""
+
+    iterations: int = Field(default=100, ge=0, description="Adam steps per image (paper: 100)")
+    lr: float = Field(default=0.1, gt=0, description="Adam learning rate (paper: 0.1)")
+    objective: str = Field(
+        default="mask",
+        description="mask: maximize g_c(f(x*M)); diff: minimize |g_c(f(x)) - g_c(f(x*M))|",
+        json_schema_extra={"enum": list(OBJECTIVES)},
+    )
+    score: str = Field(
+        default="logit",
+        description="g_c: the class logit or its softmax probability",
+        json_schema_extra={"enum": list(SCORES)},
+    )
+    tolerance: float = Field(
+        default=1e-10,
+        ge=0,
+        description="an image stops once its objective changes by less than this",
+    )
+    amp_dtype: Literal["bf16", "fp16"] | None = Field(
+        default=None, description="run the model under CUDA autocast in this dtype"
+    )
+
+    @field_validator("objective")
+    @classmethod
+    def _check_objective(cls, value: str) -> str:
+        return _one_of(value, OBJECTIVES, "objective")
+
+    @field_validator("score")
+    @classmethod
+    def _check_score(cls, value: str) -> str:
+        return _one_of(value, SCORES, "score")
+
+
+class CAMOptions(_LayerOptions):
+    """Options of the pytorch-grad-cam baselines (:class:`opticam.methods.GradCAMBaseline`)."""
+
+    batch_size: int = Field(
+        default=32, ge=1, description="images per forward pass inside Score-CAM and Ablation-CAM"
+    )
+
+
+class _NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def method_options_model(name: str) -> type[BaseModel]:
+    """The pydantic model that validates the options of method ``name``."""
+    if name == "opticam":
+        return OptiCAMOptions
+    return CAMOptions if METHODS[name].uses_layer else _NoOptions
+
+
 class MethodSpec(BaseModel):
     """One saliency method and its options.
 
     Attributes:
-        name: a method name from ``opticam.methods.KNOWN_METHODS`` (``opticam``,
-            ``gradcam``, ``gradcampp``, ``xgradcam``, ``scorecam``, ``ablationcam``,
-            ``layercam``, ``hirescam``, ``fakecam``).
-        options: keyword options for ``opticam.methods.get_explainer`` (e.g.
-            ``{"iterations": 50}`` for Opti-CAM). JSON values only.
+        name: a method name from :data:`opticam.names.KNOWN_METHODS`.
+        options: keyword options for :func:`opticam.methods.get_explainer`, checked
+            against :func:`method_options_model` (e.g. ``{"iterations": 50}`` for
+            Opti-CAM). Only the options given are stored (and hashed into the run id).
 
     A plain string is accepted wherever a ``MethodSpec`` is expected:
     ``"gradcam"`` means ``MethodSpec(name="gradcam")``.
@@ -95,21 +274,36 @@ class MethodSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        name = value.strip().lower()
-        if name not in KNOWN_METHODS:
-            raise ValueError(f"unknown method {value!r} (known: {', '.join(KNOWN_METHODS)})")
-        return name
+        return _one_of(value.strip().lower(), KNOWN_METHODS, "method")
 
     @field_validator("options")
     @classmethod
-    def _check_options(cls, value: dict[str, Any]) -> dict[str, Any]:
-        try:
-            json.dumps(value, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as err:
+    def _check_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is None:  # the name itself was invalid; that error is reported
+            return value
+        model = method_options_model(name)
+        unknown = sorted(set(value) - set(model.model_fields))
+        if unknown:
             raise ValueError(
-                f"method options must be JSON values (numbers, strings, lists, dicts): {err}"
-            ) from err
-        return value
+                f"unknown option(s) {', '.join(map(repr, unknown))} for method {name!r} "
+                f"(accepted: {', '.join(model.model_fields) or 'none'})"
+            )
+        try:
+            checked = model(**value)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
+                for e in err.errors()
+            )
+            raise ValueError(f"bad option for method {name!r}: {problems}") from None
+        # The given keys with their checked values ("1e-10" from a YAML file is a float).
+        return {key: getattr(checked, key) for key in value}
+
+    def explicit_options(self) -> dict[str, Any]:
+        """The options that differ from the method's defaults (what the run id hashes)."""
+        defaults = method_options_model(self.name)()
+        return {k: v for k, v in self.options.items() if getattr(defaults, k) != v}
 
     @property
     def label(self) -> str:
@@ -117,33 +311,39 @@ class MethodSpec(BaseModel):
         return self.name
 
 
+# --------------------------------------------------------------------------- metrics
+
+
 class MetricsOptions(BaseModel):
     """Which metrics to compute, and their parameters (METHOD.md sections 2-4).
 
     Average Drop / Gain / Increase terms are always computed: they are the paper's
     headline metrics.
-
-    Attributes:
-        insertion_deletion: compute insertion and deletion AUCs (class: the predicted one,
-            the paper's protocol).
-        steps: insertion/deletion steps; each step inserts/deletes ``ceil(H*W/steps)``
-            pixels (the paper: 224 steps of 224 pixels at 224x224).
-        blur_sigma: Gaussian blur of the insertion start image; None = metric default.
-        blur_kernel: its kernel size (odd); None = metric default.
-        deletion_baseline: value deleted pixels are set to (0 = black).
-        save_curves: keep the per-image insertion/deletion curves in the Parquet rows.
-        localization: compute localization metrics for samples that have boxes.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    insertion_deletion: bool = True
-    steps: int = Field(default=224, ge=1)
-    blur_sigma: float | None = Field(default=None, gt=0)
-    blur_kernel: int | None = Field(default=None, ge=1)
-    deletion_baseline: float = 0.0
-    save_curves: bool = True
-    localization: bool = True
+    insertion_deletion: bool = Field(
+        default=True, description="compute insertion and deletion AUCs (predicted class)"
+    )
+    steps: int = Field(
+        default=224,
+        ge=1,
+        description="insertion/deletion steps, each ceil(H*W/steps) pixels (paper: 224)",
+    )
+    blur_sigma: float | None = Field(
+        default=None, gt=0, description="Gaussian blur sigma of the insertion start image"
+    )
+    blur_kernel: int | None = Field(
+        default=None, ge=1, description="its kernel size (odd; default from the metric)"
+    )
+    deletion_baseline: float = Field(default=0.0, description="value deleted pixels are set to")
+    save_curves: bool = Field(
+        default=True, description="keep per-image insertion/deletion curves in the Parquet rows"
+    )
+    localization: bool = Field(
+        default=True, description="compute localization metrics for samples with boxes"
+    )
 
     @field_validator("blur_kernel")
     @classmethod
@@ -153,51 +353,62 @@ class MetricsOptions(BaseModel):
         return value
 
 
-class RunConfig(BaseModel):
-    """A dataset-scale explanation job.
+# --------------------------------------------------------------------------- the job
 
-    Attributes:
-        data: shard URL or pattern (``s3://b/shard-{000000..000099}.tar``, a glob, a
-            local path), or a list of them.
-        output: where run folders go; the run lives at ``<output>/<run_id>/``.
-        model: the classifier (:class:`opticam.models.ModelSpec`).
-        methods: saliency methods, as :class:`MethodSpec` or plain names.
-        target: class explained per image: ``"label"`` (ground truth, the paper's tables;
-            samples without a label are recorded as errors) or ``"predicted"``.
-        batch_size: images per batch.
-        device: ``"auto"`` (every local GPU, else the CPU), ``"cpu"``, ``"cuda"`` (every
-            local GPU), ``"cuda:N"`` or ``"mps"``.
-        metrics: metric switches and parameters.
-        maps: how maps are stored: ``"lowres"`` (the method's low-resolution map, rebuilt by
-            bilinear upsampling + normalization; methods without one fall back to
-            ``"full_png"``) or ``"full_png"`` (8-bit PNG at input resolution).
-        max_images: stop after this many images in total (spread over the shards), or None.
-        executor: ``"local"`` (this machine's devices). ``"deployments"`` (one child flow
-            run per shard on a work pool) is reserved and not available yet.
-        storage_options: fsspec options for both data and output (endpoint, credentials).
-        data_storage_options, output_storage_options: per-side options merged over
-            ``storage_options``.
+
+def _default_methods() -> list[MethodSpec]:
+    return [MethodSpec(name=n) for n in ("opticam", "gradcam", "fakecam")]
+
+
+class RunConfig(BaseModel):
+    """A dataset-scale explanation job (see the module doc and each field's description).
 
     The three storage option fields are secret: excluded from dumps, repr, run id and the
     JSON schema (so no Prefect UI form asks for them); pass them from code or the CLI, or
-    let s3fs find credentials in the environment.
+    let s3fs find credentials in the environment. ``maps`` is accepted as the version 1
+    spelling of ``map_format``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: str | list[str]
-    output: str = DEFAULT_OUTPUT
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    methods: list[MethodSpec] = Field(
-        default_factory=lambda: [MethodSpec(name=n) for n in ("opticam", "gradcam", "fakecam")]
+    data: str | list[str] = Field(
+        description="shard URL or pattern (s3://b/shard-{000000..000099}.tar, a glob, a "
+        "local path), or a list of them"
     )
-    target: Literal["label", "predicted"] = "label"
-    batch_size: int = Field(default=32, ge=1)
-    device: str = "auto"
-    metrics: MetricsOptions = Field(default_factory=MetricsOptions)
-    maps: Literal["lowres", "full_png"] = "lowres"
-    max_images: int | None = Field(default=None, ge=1)
-    executor: Literal["local", "deployments"] = "local"
+    output: str = Field(
+        default=DEFAULT_OUTPUT, description="folder URL of run folders (<output>/<run_id>/)"
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec, description="the classifier")
+    methods: list[MethodSpec] = Field(
+        default_factory=_default_methods,
+        description=f"saliency methods: names (comma-separated on the command line) or "
+        f"{{name, options}} ({', '.join(KNOWN_METHODS)})",
+    )
+    target: Literal["label", "predicted"] = Field(
+        default="label",
+        description="class explained: the ground-truth label (paper) or the predicted class",
+    )
+    batch_size: int = Field(default=32, ge=1, description="images per batch")
+    device: str = Field(
+        default="auto",
+        description="auto (every local GPU, else the CPU) | cpu | cuda | cuda:N | mps",
+    )
+    metrics: MetricsOptions = Field(
+        default_factory=MetricsOptions, description="metric switches and parameters"
+    )
+    map_format: Literal["lowres", "full_png"] = Field(
+        default="lowres",
+        validation_alias=AliasChoices("map_format", "maps"),
+        description="how maps are stored: lowres (the method's low-resolution map, rebuilt "
+        "by up + n) or full_png (8-bit PNG at input resolution)",
+    )
+    max_images: int | None = Field(
+        default=None, ge=1, description="stop after this many images in all, spread over shards"
+    )
+    executor: Literal["local", "deployments"] = Field(
+        default="local",
+        description="local: this machine's devices (deployments: reserved, not available yet)",
+    )
     # Secret: excluded from dumps and repr, and left out of the JSON schema so that the
     # Prefect UI never offers a form field whose value it would store in its database.
     storage_options: SkipJsonSchema[dict[str, Any]] = Field(
@@ -280,8 +491,9 @@ class RunConfig(BaseModel):
     def job_description(self) -> dict[str, Any]:
         """What the run computes: the fields hashed into :attr:`run_id` (JSON values).
 
-        Lists of shards are sorted (a set of shards is the same data in any order) and
-        local paths made absolute (see :func:`normalize_url`).
+        Lists of shards are sorted (a set of shards is the same data in any order),
+        local paths made absolute (see :func:`normalize_url`), and method options equal
+        to their defaults left out (``iterations: 100`` computes what no option does).
         """
         data = [normalize_url(u) for u in self.data_urls()]
         return {
@@ -289,12 +501,12 @@ class RunConfig(BaseModel):
             "model": self.model.model_dump(mode="json"),
             # Sorted: the same methods in another order compute the same rows.
             "methods": sorted(
-                ({"name": m.name, "options": m.options} for m in self.methods),
+                ({"name": m.name, "options": m.explicit_options()} for m in self.methods),
                 key=lambda m: m["name"],
             ),
             "target": self.target,
             "metrics": self.metrics.model_dump(mode="json"),
-            "maps": self.maps,
+            "map_format": self.map_format,
             "max_images": self.max_images,
         }
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib
 import io
 import math
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,8 +39,10 @@ from urllib.error import URLError
 
 import fsspec
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
+
+from opticam.config import ModelSpec
+from opticam.errors import UserError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -71,79 +72,13 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _IMAGENET_INPUT_SIZE = 224
 _IMAGENET_RESIZE_SIZE = 256
 
-_SOURCE_RE = re.compile(
-    r"^(demo|torchvision:[A-Za-z0-9_]+(:[A-Za-z0-9_.]+)?|factory:[A-Za-z0-9_.]+:[A-Za-z0-9_]+)$"
-)
 
-
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights could not be obtained (typically: no network, nothing cached)."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be read or does not fit the architecture."""
-
-
-class ModelSpec(BaseModel):
-    """What classifier to explain, and how.
-
-    Attributes:
-        source: ``"demo"``, ``"torchvision:NAME[:WEIGHTS]"`` or ``"factory:pkg.mod:fn"``.
-        checkpoint: a state_dict at any fsspec URL (local path, ``file://``, ``s3://``...).
-        trust_checkpoint: False reads the checkpoint with ``torch.load(weights_only=True)``
-            (tensors and plain containers only); True allows arbitrary pickled objects,
-            which runs code from the file: only for files you trust.
-        target_layer: dotted module name of the CAM target layer; default per family.
-        input_size: side of the square model input; default per family (224, demo 128).
-        resize_size: shorter side before the centre crop; default per family (256 for
-            ImageNet models or what the weights specify, demo 128).
-        num_classes: number of logits; inferred from the weights/checkpoint when None.
-        mean, std: input normalization (RGB, for [0,1] images) applied inside the loaded
-            model; None means the family default (ImageNet's for torchvision, none for the
-            demo model and factories, whose module may declare ``input_mean``/``input_std``).
-        relu_features: ReLU the target layer's features (True for CNNs, as in the paper;
-            False for transformers); None means the family default.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = "demo"
-    checkpoint: str | None = None
-    trust_checkpoint: bool = False
-    target_layer: str | None = None
-    input_size: int | None = None
-    resize_size: int | None = None
-    num_classes: int | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    relu_features: bool | None = None
-
-    @field_validator("source")
-    @classmethod
-    def _check_source(cls, value: str) -> str:
-        if not _SOURCE_RE.match(value):
-            raise ValueError(
-                f"unknown model source {value!r} (accepted: 'demo', "
-                "'torchvision:NAME[:WEIGHTS]' e.g. 'torchvision:resnet50:IMAGENET1K_V2', "
-                "'factory:package.module:function')"
-            )
-        return value
-
-    @field_validator("input_size", "resize_size", "num_classes")
-    @classmethod
-    def _check_positive(cls, value: int | None) -> int | None:
-        if value is not None and value <= 0:
-            raise ValueError(f"must be a positive integer, got {value}")
-        return value
-
-    @field_validator("std")
-    @classmethod
-    def _check_std(
-        cls, value: tuple[float, float, float] | None
-    ) -> tuple[float, float, float] | None:
-        if value is not None and min(value) <= 0:
-            raise ValueError(f"std must be positive, got {value}")
-        return value
 
 
 class Normalized(nn.Module):

@@ -1,19 +1,197 @@
-"""Names shared by the configuration and the library, importable without torch."""
+"""The one registry of names: methods, metrics, error stages, map formats, method options.
+
+Everything that is named in more than one place (a config value, a Parquet column, a
+report header, a CLI choice) is named here once, and every other module reads it from
+here. This module imports nothing heavy (no torch, no pyarrow, no Prefect), so that a
+config can be validated anywhere, e.g. in the process that renders a Prefect UI form.
+
+- :data:`METHODS`: method name -> where its class lives (``"module:Class"``, imported
+  on first use by :func:`opticam.methods.get_explainer`) and whether it reads a target
+  layer. Adding a method is one entry here plus its class.
+- :data:`METRICS`: per-image Parquet column -> summary name, table header, title,
+  direction, unit and scale. The pipeline writes the columns, the aggregator averages
+  them, the report shows them: all from this table.
+- :data:`STAGES`: every value of the errors table's ``stage`` column, with its meaning.
+- :data:`MAP_FORMATS`: how a map is stored (the ``map_format`` config field, CLI flag
+  and Parquet column).
+"""
 
 from __future__ import annotations
 
-__all__ = ["KNOWN_METHODS"]
+from dataclasses import dataclass
 
-# The registry in opticam.methods serves exactly these; a config (e.g. validated in the
-# Prefect UI's process) checks against them without importing torch.
-KNOWN_METHODS: tuple[str, ...] = (
-    "opticam",
-    "gradcam",
-    "gradcampp",
-    "xgradcam",
-    "scorecam",
-    "ablationcam",
-    "layercam",
-    "hirescam",
-    "fakecam",
+__all__ = [
+    "ERROR_STAGES",
+    "KNOWN_METHODS",
+    "LOCALIZATION_COLUMNS",
+    "MAP_FORMATS",
+    "METHODS",
+    "METRICS",
+    "METRICS_BY_COLUMN",
+    "METRICS_BY_NAME",
+    "NORMALIZATIONS",
+    "OBJECTIVES",
+    "SCORES",
+    "STAGES",
+    "STAGE_BOXES",
+    "STAGE_DECODE",
+    "STAGE_EXPLAIN",
+    "STAGE_INCOMPLETE",
+    "STAGE_KEY",
+    "STAGE_LABEL",
+    "STAGE_OPEN",
+    "STAGE_PREPROCESS",
+    "STAGE_SHARD",
+    "STAGE_TAR",
+    "STAGE_UNSAFE",
+    "MethodInfo",
+    "Metric",
+]
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One saliency method.
+
+    Attributes:
+        name: the name in configs, on the CLI and in the Parquet ``method`` column.
+        title: how people write it (report legends).
+        target: ``"module:Class"`` of its :class:`opticam.methods.Explainer` subclass.
+        uses_layer: whether it reads a target layer (Fake-CAM does not).
+    """
+
+    name: str
+    title: str
+    target: str
+    uses_layer: bool = True
+
+
+_BASELINES = "opticam.methods.baselines"
+
+#: Method name -> :class:`MethodInfo`, in display order (Opti-CAM first, controls last).
+METHODS: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo("opticam", "Opti-CAM", "opticam.methods.opticam:OptiCAM"),
+        MethodInfo("gradcam", "Grad-CAM", f"{_BASELINES}:GradCAMMethod"),
+        MethodInfo("gradcampp", "Grad-CAM++", f"{_BASELINES}:GradCAMPlusPlusMethod"),
+        MethodInfo("xgradcam", "XGrad-CAM", f"{_BASELINES}:XGradCAMMethod"),
+        MethodInfo("scorecam", "Score-CAM", f"{_BASELINES}:ScoreCAMMethod"),
+        MethodInfo("ablationcam", "Ablation-CAM", f"{_BASELINES}:AblationCAMMethod"),
+        MethodInfo("layercam", "Layer-CAM", f"{_BASELINES}:LayerCAMMethod"),
+        MethodInfo("hirescam", "HiRes-CAM", f"{_BASELINES}:HiResCAMMethod"),
+        MethodInfo("fakecam", "Fake-CAM", f"{_BASELINES}:FakeCAM", uses_layer=False),
+    )
+}
+
+#: The method names, in display order.
+KNOWN_METHODS: tuple[str, ...] = tuple(METHODS)
+
+#: ``n`` in ``M = n(up(S))`` (METHOD.md section 1).
+NORMALIZATIONS: tuple[str, ...] = ("range", "max", "sigmoid")
+#: Opti-CAM objectives: maximize the masked score, or minimize its gap to the clean one.
+OBJECTIVES: tuple[str, ...] = ("mask", "diff")
+#: Opti-CAM class scores ``g_c``: the logit or the softmax probability.
+SCORES: tuple[str, ...] = ("logit", "probability")
+
+
+# --------------------------------------------------------------------------- map formats
+
+#: How maps are stored: the low-resolution map rebuilt by up + n, or an 8-bit PNG.
+MAP_FORMATS: tuple[str, ...] = ("lowres", "full_png")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-image metric and the dataset summary made of it.
+
+    Attributes:
+        column: per-image Parquet column, a fraction (``drop``) or seconds.
+        name: summary name, the mean over images in the paper's units (``average_drop``);
+            also the ``summary.parquet`` column.
+        short: table header (``AD``).
+        title: full name for legends and tooltips.
+        direction: ``"lower"`` or ``"higher"`` is better.
+        unit: unit of the summary, ``"%"`` or ``"s"``.
+        scale: summary = scale * mean(column) (100 for fractions shown in percent).
+        group: ``faithfulness``, ``insertion_deletion``, ``localization`` or ``time``.
+    """
+
+    column: str
+    name: str
+    short: str
+    title: str
+    direction: str
+    unit: str = "%"
+    scale: float = 100.0
+    group: str = "faithfulness"
+
+    @property
+    def arrow(self) -> str:
+        """``↓`` when lower is better, ``↑`` when higher is better."""
+        return "↓" if self.direction == "lower" else "↑"
+
+
+_LOC = "localization"
+_INS = "insertion_deletion"
+
+#: Every summary metric, in display order: faithfulness, insertion/deletion,
+#: localization, time (METHOD.md sections 2-4).
+METRICS: tuple[Metric, ...] = (
+    Metric("drop", "average_drop", "AD", "Average Drop", "lower"),
+    Metric("gain", "average_gain", "AG", "Average Gain", "higher"),
+    Metric("increase", "average_increase", "AI", "Average Increase", "higher"),
+    Metric("insertion_auc", "insertion", "Ins", "Insertion AUC", "higher", group=_INS),
+    Metric("deletion_auc", "deletion", "Del", "Deletion AUC", "lower", group=_INS),
+    Metric("pointing_game", "pointing_game", "SP", "Pointing game", "higher", group=_LOC),
+    Metric(
+        "energy_in_box", "energy_in_box", "EP", "Energy-based pointing game", "higher", group=_LOC
+    ),
+    Metric("f1", "f1", "F1", "F1 of energy inside the boxes", "higher", group=_LOC),
+    Metric("loc_error", "loc_error", "LE", "Localization error (1 - max IoU)", "lower", group=_LOC),
+    Metric("box_acc", "box_acc", "BoxAcc", "Box accuracy", "higher", group=_LOC),
+    Metric("seconds", "seconds_per_image", "s/img", "Seconds per image", "lower", "s", 1.0, "time"),
 )
+METRICS_BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+METRICS_BY_COLUMN: dict[str, Metric] = {m.column: m for m in METRICS}
+#: Per-image localization columns, as :func:`opticam.metrics.localization` returns them.
+LOCALIZATION_COLUMNS: tuple[str, ...] = tuple(m.column for m in METRICS if m.group == _LOC)
+
+
+# --------------------------------------------------------------------------- error stages
+
+# Values of the errors table's ``stage`` column: one name per kind of failure, so the
+# table can be grouped by it.
+STAGE_OPEN = "open"
+STAGE_TAR = "tar"
+STAGE_DECODE = "decode"
+STAGE_LABEL = "label"
+STAGE_BOXES = "boxes"
+STAGE_KEY = "key"
+STAGE_UNSAFE = "unsafe-member"
+STAGE_PREPROCESS = "preprocess"
+STAGE_EXPLAIN = "explain"
+STAGE_INCOMPLETE = "incomplete"
+STAGE_SHARD = "shard"
+
+#: Stage -> what failed. Sample-level stages have a key; shard-level ones a null key.
+STAGES: dict[str, str] = {
+    STAGE_OPEN: "the shard URL could not be opened at all",
+    STAGE_TAR: "the tar stream is truncated or unreadable",
+    STAGE_DECODE: "an image or JSON member could not be decoded, or a sample has no image",
+    STAGE_LABEL: "the label is missing (target 'label'), malformed, or out of range",
+    STAGE_BOXES: "the boxes are malformed",
+    STAGE_KEY: "a key occurs twice in one shard",
+    STAGE_UNSAFE: "a pickle-like member, skipped and never loaded",
+    STAGE_PREPROCESS: "resize or crop failed",
+    STAGE_EXPLAIN: "a method raised on a batch (the other methods went on)",
+    STAGE_INCOMPLETE: "the shard was not read to its end; its rows hold what was read",
+    STAGE_SHARD: "the shard failed for good after its retries",
+}
+ERROR_STAGES: tuple[str, ...] = tuple(STAGES)

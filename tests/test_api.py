@@ -100,11 +100,3 @@ def test_loaded_model_and_predicted_targets() -> None:
     # A layer name relative to the wrapper works for a LoadedModel too.
     c = opticam.explain(loaded, x, predicted, method="gradcam", target_layer="model.features.1")
     assert c.saliency is not None and c.saliency.shape == (2, 1, 16, 16)
-
-
-def test_lazy_top_level_names() -> None:
-    assert opticam.KNOWN_METHODS == KNOWN_METHODS
-    assert opticam.get_explainer is get_explainer
-    assert opticam.ModelSpec().source == "demo"
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        opticam.nope  # noqa: B018

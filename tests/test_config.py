@@ -55,7 +55,8 @@ def test_run_id_is_stable_across_instances_and_json_round_trips() -> None:
         {"target": "predicted"},
         {"metrics": {"steps": 32}},
         {"metrics": {"insertion_deletion": False}},
-        {"maps": "full_png"},
+        {"maps": "full_png"},  # the version 1 spelling of map_format
+        {"map_format": "full_png"},
         {"max_images": 100},
     ],
 )
@@ -125,7 +126,12 @@ def test_unknown_method_error_lists_the_known_ones() -> None:
         ({"metrics": {"blur_kernel": 4}}, "odd"),
         ({"executor": "kubernetes"}, "local"),
         ({"colour": "red"}, "Extra inputs"),
-        ({"methods": [{"name": "opticam", "options": {"f": object()}}]}, "JSON values"),
+        ({"methods": [{"name": "opticam", "options": {"f": 1}}]}, "unknown option(s) 'f'"),
+        ({"methods": [{"name": "opticam", "options": {"lr": object()}}]}, "lr: Input should be"),
+        ({"methods": [{"name": "opticam", "options": {"iterations": -1}}]}, "iterations"),
+        ({"methods": [{"name": "opticam", "options": {"score": "odds"}}]}, "unknown score"),
+        ({"methods": [{"name": "gradcam", "options": {"iterations": 3}}]}, "'iterations'"),
+        ({"methods": [{"name": "fakecam", "options": {"batch_size": 3}}]}, "accepted: none"),
     ],
 )
 def test_bad_values_are_rejected_with_a_useful_message(
@@ -183,3 +189,53 @@ def test_config_is_a_valid_flow_parameter_schema() -> None:
     assert "data" in schema["properties"]
     assert schema["required"] == ["data"]
     assert not any("storage_options" in name for name in schema["properties"])
+
+
+def _signature_defaults(cls: type) -> dict[str, Any]:
+    import inspect
+
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def test_option_models_match_the_methods_they_configure() -> None:
+    """The config's option defaults are the methods' own (the CLI shows the former)."""
+    from opticam.config import CAMOptions, OptiCAMOptions
+    from opticam.methods import GradCAMBaseline, OptiCAM
+
+    for options, method in ((OptiCAMOptions, OptiCAM), (CAMOptions, GradCAMBaseline)):
+        signature = _signature_defaults(method)
+        accepted = set(method.options) | {"relu_features"}
+        assert set(options.model_fields) == accepted, method.__name__
+        for name in method.options:
+            assert options.model_fields[name].default == signature[name], (method, name)
+
+
+def test_options_equal_to_their_defaults_do_not_change_the_run_id() -> None:
+    plain = make(methods=["opticam", "gradcam"])
+    spelled = make(
+        methods=[
+            {"name": "opticam", "options": {"iterations": 100, "lr": 0.1, "objective": "mask"}},
+            {"name": "gradcam", "options": {"batch_size": 32}},
+        ]
+    )
+    assert spelled.run_id == plain.run_id
+    assert (
+        make(methods=[{"name": "opticam", "options": {"lr": 0.2}}]).run_id
+        != make(methods=["opticam"]).run_id
+    )
+
+
+def test_options_are_stored_with_their_checked_types() -> None:
+    # A YAML file gives "1e-10" as a string; the option is a float from then on.
+    spec = MethodSpec(name="opticam", options={"tolerance": "1e-10", "iterations": 5})
+    assert spec.options == {"tolerance": 1e-10, "iterations": 5}
+    assert isinstance(spec.options["tolerance"], float)
+
+
+def test_the_version_1_field_name_maps_is_still_accepted() -> None:
+    assert make(maps="full_png").map_format == "full_png"
+    assert make(maps="full_png").run_id == make(map_format="full_png").run_id

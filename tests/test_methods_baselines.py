@@ -10,7 +10,13 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tiny import TinyNet
 from torch import Tensor
 
-from opticam.methods import CAM_METHODS, FakeCAM, GradCAMBaseline, upsample_normalize
+from opticam.methods import (
+    CAM_METHODS,
+    FakeCAM,
+    GradCAMBaseline,
+    explainer_class,
+    upsample_normalize,
+)
 
 torch.set_num_threads(1)
 
@@ -26,7 +32,7 @@ TARGETS = torch.tensor([0, 3, 4])
 def test_every_method_gives_maps_in_unit_range(method: str) -> None:
     model = TinyNet(1)
     flags_before = [p.requires_grad for p in model.parameters()]
-    result = GradCAMBaseline(method, model, model.features, batch_size=4)(_images(1), TARGETS)
+    result = explainer_class(method)(model, model.features, batch_size=4)(_images(1), TARGETS)
     assert result.maps.shape == (3, 1, 32, 32)
     assert result.saliency is not None and result.saliency.shape == (3, 1, 16, 16)
     assert torch.isfinite(result.maps).all()
@@ -46,7 +52,7 @@ def test_gradcam_equals_cam_for_a_gap_linear_head() -> None:
     Grad-CAM's saliency is relu(sum_k W[c,k] A_k) / (h w): class activation mapping."""
     model = TinyNet(2)
     x = _images(2)
-    result = GradCAMBaseline("gradcam", model, model.features)(x, TARGETS)
+    result = explainer_class("gradcam")(model, model.features)(x, TARGETS)
     with torch.no_grad():
         feats = model.features(x)
         expected = torch.relu(torch.einsum("bk,bkhw->bhw", model.fc.weight[TARGETS], feats))
@@ -59,7 +65,7 @@ def test_matches_pytorch_grad_cam_output(cls: type, name: str) -> None:
     """Same maps as the package's own call, up to its OpenCV resize and 1e-7 scaling."""
     model = TinyNet(3)
     x = _images(3)
-    ours = GradCAMBaseline(name, model, model.features)(x, TARGETS)
+    ours = explainer_class(name)(model, model.features)(x, TARGETS)
     with cls(model=model, target_layers=[model.features]) as cam:
         theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in TARGETS])
     keep = ~ours.diagnostics["constant_map"]
@@ -72,8 +78,8 @@ def test_matches_pytorch_grad_cam_output(cls: type, name: str) -> None:
 def test_predicted_class_when_targets_omitted() -> None:
     model = TinyNet(0)
     x = _images(0)
-    a = GradCAMBaseline("gradcampp", model, model.features)(x)
-    b = GradCAMBaseline("gradcampp", model, model.features)(x, model(x).argmax(1))
+    a = explainer_class("gradcampp")(model, model.features)(x)
+    b = explainer_class("gradcampp")(model, model.features)(x, model(x).argmax(1))
     assert torch.equal(a.maps, b.maps)
 
 
@@ -85,7 +91,7 @@ def test_hooks_released_when_gradcam_raises() -> None:
 
     model = Exploding()
     with pytest.raises(RuntimeError, match="boom"):
-        GradCAMBaseline("gradcam", model, model.features)(_images(), TARGETS)
+        explainer_class("gradcam")(model, model.features)(_images(), TARGETS)
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
 
@@ -103,7 +109,7 @@ def test_ablation_layer_put_back_when_ablation_cam_raises() -> None:
     model = ExplodingHead()
     layer = model.features
     with pytest.raises(RuntimeError, match="boom"):
-        GradCAMBaseline("ablationcam", model, layer)(_images(), TARGETS)
+        explainer_class("ablationcam")(model, layer)(_images(), TARGETS)
     assert model.features is layer
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
 
@@ -111,8 +117,8 @@ def test_ablation_layer_put_back_when_ablation_cam_raises() -> None:
 def test_scorecam_batch_size_does_not_change_maps() -> None:
     model = TinyNet(4)
     x = _images(4)
-    a = GradCAMBaseline("scorecam", model, model.features, batch_size=3)(x, TARGETS)
-    b = GradCAMBaseline("scorecam", model, model.features, batch_size=8)(x, TARGETS)
+    a = explainer_class("scorecam")(model, model.features, batch_size=3)(x, TARGETS)
+    b = explainer_class("scorecam")(model, model.features, batch_size=8)(x, TARGETS)
     assert torch.allclose(a.maps, b.maps, atol=1e-5)
 
 
@@ -127,7 +133,9 @@ def test_fakecam() -> None:
 
 def test_bad_options() -> None:
     model = TinyNet()
-    with pytest.raises(ValueError, match="unknown pytorch-grad-cam method 'gradcam\\+'"):
-        GradCAMBaseline("gradcam+", model, model.features)
+    with pytest.raises(ValueError, match="unknown method 'gradcam\\+' \\(known: opticam, "):
+        explainer_class("gradcam+")
+    with pytest.raises(TypeError, match="GradCAMBaseline is abstract"):
+        GradCAMBaseline(model, model.features)
     with pytest.raises(ValueError, match="batch_size"):
-        GradCAMBaseline("scorecam", model, model.features, batch_size=0)
+        explainer_class("scorecam")(model, model.features, batch_size=0)

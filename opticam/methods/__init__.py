@@ -1,12 +1,23 @@
 """Saliency methods: Opti-CAM, pytorch-grad-cam baselines and Fake-CAM, one call shape.
 
 ``get_explainer(name, model, target_layer=None, **options)(images, targets)`` returns an
-:class:`Explanation` with maps (B,1,H,W) in [0,1] on the images' device.
+:class:`Explanation` with maps (B,1,H,W) in [0,1] on the images' device. Method names and
+their classes are listed once, in :data:`opticam.names.METHODS`.
 """
 
-from opticam.methods.baselines import CAM_METHODS, FakeCAM, GradCAMBaseline
+from opticam.methods.baselines import (
+    CAM_METHODS,
+    AblationCAMMethod,
+    FakeCAM,
+    GradCAMBaseline,
+    GradCAMMethod,
+    GradCAMPlusPlusMethod,
+    HiResCAMMethod,
+    LayerCAMMethod,
+    ScoreCAMMethod,
+    XGradCAMMethod,
+)
 from opticam.methods.common import (
-    NORMALIZATIONS,
     Explainer,
     Explanation,
     frozen,
@@ -14,8 +25,9 @@ from opticam.methods.common import (
     normalize_maps,
     upsample_normalize,
 )
-from opticam.methods.opticam import OBJECTIVES, SCORES, OptiCAM
-from opticam.methods.registry import KNOWN_METHODS, get_explainer
+from opticam.methods.opticam import OptiCAM
+from opticam.methods.registry import explainer_class, get_explainer
+from opticam.names import KNOWN_METHODS, NORMALIZATIONS, OBJECTIVES, SCORES
 
 __all__ = [
     "CAM_METHODS",
@@ -23,11 +35,19 @@ __all__ = [
     "NORMALIZATIONS",
     "OBJECTIVES",
     "SCORES",
+    "AblationCAMMethod",
     "Explainer",
     "Explanation",
     "FakeCAM",
     "GradCAMBaseline",
+    "GradCAMMethod",
+    "GradCAMPlusPlusMethod",
+    "HiResCAMMethod",
+    "LayerCAMMethod",
     "OptiCAM",
+    "ScoreCAMMethod",
+    "XGradCAMMethod",
+    "explainer_class",
     "frozen",
     "get_explainer",
     "no_leaked_hooks",

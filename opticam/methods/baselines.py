@@ -52,7 +52,6 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from opticam.methods.common import (
-    NORMALIZATIONS,
     Explainer,
     Explanation,
     check_target_range,
@@ -61,26 +60,29 @@ from opticam.methods.common import (
     predicted_classes,
     upsample_normalize,
 )
+from opticam.names import METHODS, NORMALIZATIONS
 
-__all__ = ["CAM_METHODS", "FakeCAM", "GradCAMBaseline"]
-
-#: Method name -> pytorch-grad-cam class.
-CAM_METHODS: dict[str, type[BaseCAM]] = {
-    "gradcam": GradCAM,
-    "gradcampp": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "scorecam": ScoreCAM,
-    "ablationcam": AblationCAM,
-    "layercam": LayerCAM,
-    "hirescam": HiResCAM,
-}
+__all__ = [
+    "CAM_METHODS",
+    "AblationCAMMethod",
+    "FakeCAM",
+    "GradCAMBaseline",
+    "GradCAMMethod",
+    "GradCAMPlusPlusMethod",
+    "HiResCAMMethod",
+    "LayerCAMMethod",
+    "ScoreCAMMethod",
+    "XGradCAMMethod",
+]
 
 
 class GradCAMBaseline(Explainer):
     """A pytorch-grad-cam method with this project's call shape and up + n.
 
+    One subclass per method sets :attr:`cam_class`; :data:`opticam.names.METHODS` maps
+    each method name to its subclass.
+
     Args:
-        method: one of :data:`CAM_METHODS`.
         model: classifier taking (B,3,H,W) images in [0,1].
         target_layer: the CAM target layer.
         reshape_transform: maps the layer's output to (B,K,h,w) (ViT tokens), or None.
@@ -98,11 +100,12 @@ class GradCAMBaseline(Explainer):
     in place. Use one model per thread (as the pipeline does: one per device).
     """
 
+    #: The pytorch-grad-cam class that computes the low-resolution map.
+    cam_class: ClassVar[type[BaseCAM]]
     options: ClassVar[tuple[str, ...]] = ("batch_size", "normalization")
 
     def __init__(
         self,
-        method: str,
         model: nn.Module,
         target_layer: nn.Module,
         *,
@@ -112,9 +115,10 @@ class GradCAMBaseline(Explainer):
         normalization: str = "range",
     ) -> None:
         super().__init__(model)
-        if method not in CAM_METHODS:
-            raise ValueError(
-                f"unknown pytorch-grad-cam method {method!r} (known: {', '.join(CAM_METHODS)})"
+        if not hasattr(type(self), "cam_class"):
+            raise TypeError(
+                "GradCAMBaseline is abstract: use a method's subclass, e.g. GradCAMMethod, "
+                "or opticam.methods.get_explainer(name, model)"
             )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -122,7 +126,6 @@ class GradCAMBaseline(Explainer):
             raise ValueError(
                 f"unknown normalization {normalization!r} (known: {', '.join(NORMALIZATIONS)})"
             )
-        self.method = method
         self.target_layer = target_layer
         self.reshape_transform = reshape_transform
         self.relu_features = relu_features
@@ -142,7 +145,7 @@ class GradCAMBaseline(Explainer):
     @contextlib.contextmanager
     def _cam(self) -> Iterator[BaseCAM]:
         """A pytorch-grad-cam object whose hooks and layer swaps never outlive the call."""
-        cls = CAM_METHODS[self.method]
+        cls = self.cam_class
         layers = [self.target_layer]
         cam: BaseCAM
         if cls is AblationCAM:
@@ -228,6 +231,56 @@ class FakeCAM(Explainer):
         maps[:, :, 0, 0] = 0.0
         constant = torch.zeros(b, dtype=torch.bool, device=images.device)
         return Explanation(maps=maps, saliency=None, diagnostics={"constant_map": constant})
+
+
+class GradCAMMethod(GradCAMBaseline):
+    """Grad-CAM (Selvaraju et al.) through pytorch-grad-cam."""
+
+    cam_class = GradCAM
+
+
+class GradCAMPlusPlusMethod(GradCAMBaseline):
+    """Grad-CAM++ (Chattopadhay et al.) through pytorch-grad-cam."""
+
+    cam_class = GradCAMPlusPlus
+
+
+class XGradCAMMethod(GradCAMBaseline):
+    """XGrad-CAM (Fu et al.) through pytorch-grad-cam."""
+
+    cam_class = XGradCAM
+
+
+class ScoreCAMMethod(GradCAMBaseline):
+    """Score-CAM (Wang et al.) through pytorch-grad-cam."""
+
+    cam_class = ScoreCAM
+
+
+class AblationCAMMethod(GradCAMBaseline):
+    """Ablation-CAM (Desai and Ramaswamy) through pytorch-grad-cam."""
+
+    cam_class = AblationCAM
+
+
+class LayerCAMMethod(GradCAMBaseline):
+    """Layer-CAM (Jiang et al.) through pytorch-grad-cam."""
+
+    cam_class = LayerCAM
+
+
+class HiResCAMMethod(GradCAMBaseline):
+    """HiRes-CAM (Draelos and Carin) through pytorch-grad-cam."""
+
+    cam_class = HiResCAM
+
+
+#: Method name -> pytorch-grad-cam class, read off :data:`opticam.names.METHODS`.
+CAM_METHODS: dict[str, type[BaseCAM]] = {
+    name: globals()[info.target.rsplit(":", 1)[1]].cam_class
+    for name, info in METHODS.items()
+    if info.target.startswith(f"{__name__}:") and info.uses_layer
+}
 
 
 def _silent_tqdm(iterable: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opticam.names import NORMALIZATIONS
+
 __all__ = [
     "NORMALIZATIONS",
     "Explainer",
@@ -30,8 +32,7 @@ __all__ = [
     "upsample_normalize",
 ]
 
-Normalization = Literal["range", "max", "sigmoid"]
-NORMALIZATIONS: tuple[str, ...] = ("range", "max", "sigmoid")
+Normalization = Literal["range", "max", "sigmoid"]  # one of opticam.names.NORMALIZATIONS
 
 # A map whose span (max - min) is within a few float rounding steps of its magnitude
 # carries no spatial information: bilinear upsampling of a constant is only constant up

@@ -30,18 +30,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from opticam.methods.common import (
-    NORMALIZATIONS,
     Explainer,
     Explanation,
     check_target_range,
     frozen,
     upsample_normalize,
 )
+from opticam.names import NORMALIZATIONS, OBJECTIVES, SCORES
 
 __all__ = ["OBJECTIVES", "SCORES", "OptiCAM", "capture_features"]
 
-OBJECTIVES: tuple[str, ...] = ("mask", "diff")
-SCORES: tuple[str, ...] = ("logit", "probability")
 _AMP_DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,

@@ -1,24 +1,41 @@
-"""Saliency methods by name: ``get_explainer("opticam", model, iterations=50)``."""
+"""Saliency methods by name: ``get_explainer("opticam", model, iterations=50)``.
+
+The name -> class mapping is :data:`opticam.names.METHODS` (torch-free, so configs can be
+checked without torch); this module imports a method's class on first use.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 
-from opticam.methods.baselines import CAM_METHODS, FakeCAM, GradCAMBaseline
 from opticam.methods.common import Explainer
-from opticam.methods.opticam import OptiCAM
 from opticam.models import LoadedModel, ResolvedLayer, find_layer, resolve_target_layer
-from opticam.names import KNOWN_METHODS
+from opticam.names import KNOWN_METHODS, METHODS
 
-__all__ = ["KNOWN_METHODS", "get_explainer"]
+__all__ = ["KNOWN_METHODS", "explainer_class", "get_explainer"]
 
 
 # Options about how the target layer's output is read, valid for every layer-based
 # method (they override what the LoadedModel or the family default says).
 _LAYER_OPTIONS = ("relu_features", "reshape_transform")
+
+
+def explainer_class(name: str) -> type[Explainer]:
+    """The :class:`Explainer` subclass of method ``name`` (:data:`opticam.names.METHODS`).
+
+    Raises:
+        ValueError: unknown method.
+    """
+    info = METHODS.get(name)
+    if info is None:
+        raise ValueError(f"unknown method {name!r} (known: {', '.join(KNOWN_METHODS)})")
+    module, _, attr = info.target.partition(":")
+    cls: type[Explainer] = getattr(importlib.import_module(module), attr)
+    return cls
 
 
 def get_explainer(
@@ -45,12 +62,9 @@ def get_explainer(
     Raises:
         ValueError: unknown method, unknown option, bad option value, or unknown layer.
     """
-    if name not in KNOWN_METHODS:
-        raise ValueError(f"unknown method {name!r} (known: {', '.join(KNOWN_METHODS)})")
-    cls: type[Explainer] = (
-        OptiCAM if name == "opticam" else FakeCAM if name == "fakecam" else GradCAMBaseline
-    )
-    accepted = cls.options + (_LAYER_OPTIONS if cls is not FakeCAM else ())
+    cls = explainer_class(name)
+    uses_layer = METHODS[name].uses_layer
+    accepted = cls.options + (_LAYER_OPTIONS if uses_layer else ())
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(
@@ -62,8 +76,8 @@ def get_explainer(
         raise ValueError(
             f"model must be a LoadedModel or a torch.nn.Module, got {type(model).__name__}"
         )
-    if cls is FakeCAM:
-        return FakeCAM(net)
+    if not uses_layer:
+        return cls(net, **options)  # type: ignore[call-arg]
 
     layer = _layer(
         model,
@@ -71,17 +85,7 @@ def get_explainer(
         relu_features=options.pop("relu_features", None),
         reshape_transform=options.pop("reshape_transform", None),
     )
-    if cls is OptiCAM:
-        return OptiCAM(
-            net,
-            layer.module,
-            reshape_transform=layer.reshape_transform,
-            relu_features=layer.relu_features,
-            **options,
-        )
-    assert name in CAM_METHODS
-    return GradCAMBaseline(
-        name,
+    return cls(  # type: ignore[call-arg]
         net,
         layer.module,
         reshape_transform=layer.reshape_transform,

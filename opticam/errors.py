@@ -1,0 +1,19 @@
+"""Errors that mean "the input was wrong", as opposed to a bug.
+
+The command line prints a :class:`UserError` as one line and exits with status 2; any
+other exception keeps its traceback, because it is a bug to report. Each class also
+derives from the built-in exception it refines (``ValueError``, ``RuntimeError``), so
+code that caught those before still does.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "UserError"]
+
+
+class UserError(Exception):
+    """Bad input from the person running opticam: a value, a URL, a file, an option."""
+
+
+class ConfigError(UserError, ValueError):
+    """A job that cannot run as described: a bad model, method option, layer or device."""
