@@ -46,7 +46,7 @@ DOCUMENTED_COLUMNS = [
     ("seconds", pa.float64(), False),
     ("saliency", pa.binary(), False),
     ("saliency_shape", pa.list_(pa.int32()), False),
-    ("saliency_kind", pa.string(), False),
+    ("map_format", pa.string(), False),
     ("input_height", pa.int32(), False),
     ("input_width", pa.int32(), False),
     ("normalization", pa.string(), False),
@@ -87,7 +87,7 @@ def lowres_row(
         "seconds": 0.01,
         "saliency": data,
         "saliency_shape": list(saliency.shape),
-        "saliency_kind": "lowres",
+        "map_format": "lowres",
         "input_height": size,
         "input_width": size,
         "normalization": "range",
@@ -295,7 +295,7 @@ def test_readers_on_s3_see_files_written_by_another_client(
     shards = write_two_shards(run, s3_storage_options)
     # A separate filesystem instance (another process, in effect) adds a shard.
     other = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
-    source = store.shard_url(run, shards[0])[len("s3://") :]
+    source = store.rows_url(run, shards[0])[len("s3://") :]
     other.copy(source, source.replace(store.shard_name(shards[0]), "late-00000000"))
     assert len(store.list_done_shards(run, cached)) == 3
     assert store.read_rows(run, ["key"], cached).num_rows == 18
@@ -335,7 +335,7 @@ def test_full_png_round_trip_is_within_one_quantization_step() -> None:
     row = {
         "saliency": store.encode_full_png(full),
         "saliency_shape": [33, 21],
-        "saliency_kind": "full_png",
+        "map_format": "full_png",
         "input_height": 33,
         "input_width": 21,
         "normalization": "none",
@@ -356,10 +356,10 @@ def test_encode_lowres_scaling_rules() -> None:
     assert store.encode_lowres(np.array([[np.nan, 1.0]]), "range") is None
     constant = np.frombuffer(store.encode_lowres(np.zeros((2, 2)), "range") or b"", "<f2")
     assert (constant == 0).all()
-    with pytest.raises(ValueError, match="unknown saliency_kind"):
+    with pytest.raises(ValueError, match="unknown map_format"):
         store.decode_map(
             {
-                "saliency_kind": "jpeg",
+                "map_format": "jpeg",
                 "saliency_shape": [1, 1],
                 "input_height": 1,
                 "input_width": 1,

@@ -1,0 +1,84 @@
+"""The run in object storage: where files live, what tables hold, how maps are stored.
+
+- :mod:`opticam.store.layout`: the run folder and its names (:func:`run_url`,
+  :func:`shard_name`, :func:`rows_url`, :func:`errors_url`), atomic writes.
+- :mod:`opticam.store.tables`: the Parquet schemas (:data:`SCHEMA`,
+  :data:`ERRORS_SCHEMA`), :class:`ShardStatus`, writing and reading rows and errors.
+- :mod:`opticam.store.runs`: ``run.json``.
+- :mod:`opticam.store.maps`: the map codec (:func:`encode_map`, :func:`decode_map`,
+  :func:`load_maps`).
+
+Every name is also importable from :mod:`opticam.store` itself.
+"""
+
+from opticam.names import MAP_FORMATS
+from opticam.store.layout import (
+    atomic_write_bytes,
+    errors_url,
+    report_url,
+    rows_url,
+    run_url,
+    shard_name,
+)
+from opticam.store.maps import (
+    MAP_COLUMNS,
+    decode_map,
+    encode_full_png,
+    encode_lowres,
+    encode_map,
+    load_maps,
+)
+from opticam.store.runs import (
+    RunCollisionError,
+    check_run_json,
+    package_versions,
+    read_run_json,
+    write_run_json,
+)
+from opticam.store.tables import (
+    ERRORS_SCHEMA,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STATUS_KEY,
+    ShardStatus,
+    list_done_shards,
+    read_errors,
+    read_rows,
+    read_shard_status,
+    rows_to_table,
+    write_errors,
+    write_shard,
+)
+
+__all__ = [
+    "ERRORS_SCHEMA",
+    "MAP_COLUMNS",
+    "MAP_FORMATS",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "STATUS_KEY",
+    "RunCollisionError",
+    "ShardStatus",
+    "atomic_write_bytes",
+    "check_run_json",
+    "decode_map",
+    "encode_full_png",
+    "encode_lowres",
+    "encode_map",
+    "errors_url",
+    "list_done_shards",
+    "load_maps",
+    "package_versions",
+    "read_errors",
+    "read_rows",
+    "read_run_json",
+    "read_shard_status",
+    "report_url",
+    "rows_to_table",
+    "rows_url",
+    "run_url",
+    "shard_name",
+    "write_errors",
+    "write_run_json",
+    "write_shard",
+]

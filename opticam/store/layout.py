@@ -1,0 +1,164 @@
+"""Where a run's files live: the run folder, its names, and atomic writes to any fsspec URL.
+
+One run lives in one folder (a local path, ``s3://``, ...)::
+
+    <output>/<run_id>/run.json                 job, config without secrets, versions, shards
+    <output>/<run_id>/shards/<name>.parquet    rows: one per (image, method)
+    <output>/<run_id>/errors/<name>.parquet    one row per bad sample / failed step
+    <output>/<run_id>/report/                  written by opticam.report
+
+``<name>`` is :func:`shard_name` of the input shard's URL: its basename without the
+``.tar`` extension, made filename-safe, plus 8 hex digits of the SHA-256 of the full URL
+(two shards called ``train/0.tar`` and ``val/0.tar`` never share a name). Two kinds of URL
+meet here and are named apart everywhere: a *shard URL* is an input tar, a *rows URL*
+(:func:`rows_url`) and an *errors URL* (:func:`errors_url`) are this run's output files
+for it.
+
+Every file is written in one piece (:func:`atomic_write_bytes`), so a reader never sees a
+partial file and a writer that fails midway leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = [
+    "atomic_write_bytes",
+    "invalidate",
+    "errors_url",
+    "filesystem",
+    "join",
+    "list_parquet",
+    "report_url",
+    "rows_url",
+    "run_json_url",
+    "run_url",
+    "shard_name",
+]
+
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_TAR_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` with single slashes (URLs and local paths alike)."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def run_url(output: str, run_id: str) -> str:
+    """``<output>/<run_id>``; a local output becomes an absolute path."""
+    if "://" not in output:
+        output = os.path.abspath(os.path.expanduser(output))
+    return join(output, run_id)
+
+
+def shard_name(shard_url: str) -> str:
+    """Filename-safe, unique name for a shard URL: ``<stem>-<sha256(url)[:8]>``.
+
+    ``s3://bucket/train/shard-000003.tar`` -> ``shard-000003-1a2b3c4d``.
+    """
+    base = shard_url.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in _TAR_SUFFIXES:
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    stem = _NAME_UNSAFE.sub("_", base).strip("._-")[:80] or "shard"
+    digest = hashlib.sha256(shard_url.encode("utf-8")).hexdigest()[:8]
+    return f"{stem}-{digest}"
+
+
+def rows_url(run: str, shard_url: str) -> str:
+    """URL of the rows file of input shard ``shard_url`` in run folder ``run``."""
+    return join(run, "shards", f"{shard_name(shard_url)}.parquet")
+
+
+def errors_url(run: str, shard_url: str) -> str:
+    """URL of the errors file of input shard ``shard_url`` in run folder ``run``."""
+    return join(run, "errors", f"{shard_name(shard_url)}.parquet")
+
+
+def report_url(run: str) -> str:
+    """URL of the report folder of run folder ``run``."""
+    return join(run, "report")
+
+
+def run_json_url(run: str) -> str:
+    """URL of ``run.json`` in run folder ``run``."""
+    return join(run, "run.json")
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """``(fsspec filesystem, path)`` of a URL."""
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    return fs, path
+
+
+def invalidate(fs: Any, path: str) -> None:
+    """Forget cached listings of ``path``.
+
+    s3fs (and other object stores) cache listings; what another process wrote since
+    must be visible to a resume or a report.
+    """
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+
+
+def list_parquet(folder: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, list[str]]:
+    """``(fs, sorted paths)`` of the Parquet files in a folder (hidden/temp files left out)."""
+    fs, path = filesystem(folder, storage_options)
+    invalidate(fs, path)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return fs, []
+    files = [
+        p
+        for p in entries
+        if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_"))
+    ]
+    return fs, sorted(files)
+
+
+def atomic_write_bytes(
+    url: str, data: bytes, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``data`` to ``url`` so that no reader ever sees a partial file.
+
+    Local files: a hidden temporary file in the destination folder is written, flushed,
+    fsync'ed and renamed over the destination (``os.replace`` is atomic within a
+    filesystem); on any error the temporary file is removed and the destination keeps its
+    previous content (or stays absent). Other filesystems: one ``pipe_file`` call with the
+    complete bytes, i.e. one PUT (or one completed multipart upload) on S3.
+    """
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            # mkstemp creates 0600 files; results are meant to be shared like any file
+            # written with the usual umask.
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return
+    # Never fs.open(..., "wb") + incremental writes here: fsspec's buffered files commit
+    # whatever was written when the context exits, also after an exception.
+    fs.pipe_file(path, data)
+    invalidate(fs, path.rsplit("/", 1)[0])

@@ -1,0 +1,348 @@
+"""The run's tables: Parquet schemas, shard status, and writing and reading rows and errors.
+
+- ``shards/<name>.parquet`` holds the *rows* of one input shard, one per (image, method),
+  with schema :data:`SCHEMA`. Its presence means the shard is done.
+- ``errors/<name>.parquet`` holds its *error rows* (:data:`ERRORS_SCHEMA`), one per bad
+  sample or failed step, with the ``stage`` names of :data:`opticam.names.STAGES`. The
+  pipeline writes it first, so a done shard always has one.
+
+What happened to a shard (:class:`ShardStatus`: complete or truncated, counts, time) is
+stored as JSON in the key-value metadata (key :data:`STATUS_KEY`) of both files, and a
+truncated shard also gets an error row with stage ``"incomplete"`` so that table-only
+readers see it too.
+
+Schema versions: version 2 renamed the map format column ``saliency_kind`` to
+``map_format`` (the config field and CLI flag have the same name). :func:`read_rows`
+reads runs of both versions and always returns the current schema.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from opticam.store.layout import (
+    atomic_write_bytes,
+    errors_url,
+    join,
+    list_parquet,
+    rows_url,
+)
+
+__all__ = [
+    "ERRORS_SCHEMA",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "STATUS_KEY",
+    "ShardStatus",
+    "list_done_shards",
+    "read_errors",
+    "read_rows",
+    "read_shard_status",
+    "rows_to_table",
+    "write_errors",
+    "write_shard",
+]
+
+#: Version of the layout and of :data:`SCHEMA`; stored in run.json and file metadata.
+SCHEMA_VERSION = "2"
+#: Key of the shard status JSON in the Parquet key-value metadata.
+STATUS_KEY = "opticam.shard_status"
+
+_F64 = pa.float64()
+_CURVE = pa.list_(pa.float32())
+
+#: One row per (image, method). Fractions, not percent: AD = 100 * mean(drop), etc.
+SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),  # input shard URL
+        pa.field("key", pa.string(), nullable=False),  # sample __key__
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("target_layer", pa.string()),  # null for methods without a layer
+        pa.field("label", pa.int64()),  # ground truth, null when unknown
+        pa.field("predicted", pa.int64(), nullable=False),  # argmax of the clean logits
+        pa.field("target", pa.int64(), nullable=False),  # class explained
+        pa.field("p_clean", _F64, nullable=False),  # softmax prob of target, clean image
+        pa.field("p_masked", _F64, nullable=False),  # same on x * M
+        pa.field("drop", _F64, nullable=False),  # max(0, p - o) / p
+        pa.field("gain", _F64, nullable=False),  # max(0, o - p) / (1 - p)
+        pa.field("increase", _F64, nullable=False),  # [p < o] as 0.0 / 1.0
+        pa.field("insertion_auc", _F64),  # predicted class; null when disabled
+        pa.field("deletion_auc", _F64),
+        pa.field("insertion_curve", _CURVE),  # steps + 1 probabilities
+        pa.field("deletion_curve", _CURVE),
+        pa.field("pointing_game", _F64),  # localization: null without boxes
+        pa.field("energy_in_box", _F64),
+        pa.field("f1", _F64),
+        pa.field("loc_error", _F64),
+        pa.field("box_acc", _F64),
+        pa.field("iterations", pa.int32()),  # Opti-CAM optimizer steps; null otherwise
+        pa.field("constant_map", pa.bool_(), nullable=False),  # map was constant (all ones)
+        pa.field("seconds", _F64, nullable=False),  # method time per image (batch time / B)
+        pa.field("saliency", pa.binary(), nullable=False),  # the map, see opticam.store.maps
+        pa.field("saliency_shape", pa.list_(pa.int32()), nullable=False),  # [h, w]
+        pa.field("map_format", pa.string(), nullable=False),  # "lowres" | "full_png"
+        pa.field("input_height", pa.int32(), nullable=False),
+        pa.field("input_width", pa.int32(), nullable=False),
+        pa.field("normalization", pa.string(), nullable=False),  # "range" | "max" | ...
+    ],
+    metadata={"opticam.schema_version": SCHEMA_VERSION},
+)
+
+# Columns renamed since schema version 1: {old name: current name}.
+_RENAMED = {"saliency_kind": "map_format"}
+
+#: One row per sample or step that failed (key null for a shard-level problem).
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+    ],
+    metadata={"opticam.schema_version": SCHEMA_VERSION},
+)
+
+
+@dataclass
+class ShardStatus:
+    """What happened to one input shard: stored in its files' metadata, returned by
+    :func:`opticam.pipeline.process_shard`, and passed around by the flows.
+
+    Attributes:
+        shard: the input shard's URL.
+        name: :func:`opticam.store.shard_name` of it.
+        rows_url: URL of its rows file in the run.
+        errors_url: URL of its errors file in the run.
+        complete: False when the tar was truncated/unreadable (rows hold what was read).
+        n_samples: samples read from the shard (bad ones included).
+        n_images: images with at least one row.
+        n_rows: rows written (images x methods that succeeded).
+        n_errors: error rows written.
+        max_images: per-shard image limit of the run, or None.
+        limit_reached: reading stopped at ``max_images``.
+        seconds: wall time of the whole shard.
+        device: where it ran.
+        resize_size: the model's resize size (shorter side before the centre crop), so that
+            readers can rebuild the exact model inputs from the data shards.
+        finished: ISO 8601 UTC time the files were written.
+        skipped: True when the shard was already done and nothing was computed.
+        schema_version: :data:`SCHEMA_VERSION` of the files.
+    """
+
+    shard: str
+    name: str
+    rows_url: str = ""
+    errors_url: str = ""
+    complete: bool = True
+    n_samples: int = 0
+    n_images: int = 0
+    n_rows: int = 0
+    n_errors: int = 0
+    max_images: int | None = None
+    limit_reached: bool = False
+    seconds: float = 0.0
+    device: str = ""
+    resize_size: int | None = None
+    finished: str = ""
+    skipped: bool = False
+    schema_version: str = field(default=SCHEMA_VERSION)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the fields (what a Prefect task returns)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShardStatus:
+        """The status of a dict from :meth:`to_dict` or a file's metadata (extra keys ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _with_status(table: pa.Table, status: ShardStatus) -> pa.Table:
+    meta = dict(table.schema.metadata or {})
+    meta[STATUS_KEY.encode()] = json.dumps(asdict(status), sort_keys=True).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Rows (dicts with every :data:`SCHEMA` column) -> a table with exactly that schema.
+
+    Raises:
+        ValueError: a column is missing or unknown, or a non-nullable value is None.
+    """
+    names = set(SCHEMA.names)
+    for i, row in enumerate(rows):
+        missing = names - set(row)
+        unknown = set(row) - names
+        if missing or unknown:
+            raise ValueError(
+                f"row {i} does not match the opticam schema: missing {sorted(missing)}, "
+                f"unknown {sorted(unknown)}"
+            )
+        for f in SCHEMA:
+            if not f.nullable and row[f.name] is None:
+                raise ValueError(f"row {i}: column {f.name!r} must not be null")
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+
+
+def write_shard(
+    run: str,
+    table: pa.Table,
+    status: ShardStatus,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write the rows of one shard (marks the shard done); returns the rows URL."""
+    if not table.schema.equals(SCHEMA, check_metadata=False):
+        raise ValueError(f"shard table does not have the opticam schema:\n{table.schema}")
+    url = rows_url(run, status.shard)
+    atomic_write_bytes(url, _table_bytes(_with_status(table, status)), storage_options)
+    return url
+
+
+def write_errors(
+    run: str,
+    run_id: str,
+    errors: Iterable[Any],
+    status: ShardStatus,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write the error rows of one shard (possibly none); returns the errors URL.
+
+    Args:
+        run: run folder URL.
+        run_id: the run id (a column, so that error tables of runs can be concatenated).
+        errors: records with ``shard``, ``key``, ``stage``, ``message`` attributes (e.g.
+            :class:`opticam.data.ErrorRecord`) or mappings with those keys.
+        status: the shard status stored in the file metadata.
+    """
+    rows = []
+    for err in errors:
+        get = err.get if isinstance(err, Mapping) else lambda k, e=err: getattr(e, k)
+        rows.append(
+            {
+                "run_id": run_id,
+                "shard": str(get("shard") or status.shard),
+                "key": None if get("key") is None else str(get("key")),
+                "stage": str(get("stage")),
+                "message": str(get("message")),
+            }
+        )
+    table = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
+    url = errors_url(run, status.shard)
+    atomic_write_bytes(url, _table_bytes(_with_status(table, status)), storage_options)
+    return url
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def list_done_shards(run: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Names (:func:`opticam.store.shard_name`) of the shards whose rows file exists, sorted."""
+    _, files = list_parquet(join(run, "shards"), storage_options)
+    return [f.rsplit("/", 1)[-1][: -len(".parquet")] for f in files]
+
+
+def _dataset(files: list[str], fs: Any, schema: pa.Schema) -> pads.Dataset:
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return pads.dataset(
+        files, schema=schema, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs))
+    )
+
+
+# What rows files of every version are read with: the current columns (nullable, since a
+# version 1 file lacks the renamed ones) plus the old names. Columns a file lacks read as
+# null, so one dataset reads a run of either version.
+_READ_SCHEMA = pa.schema(
+    [f.with_nullable(True) for f in SCHEMA]
+    + [SCHEMA.field(new).with_name(old).with_nullable(True) for old, new in _RENAMED.items()],
+    metadata=SCHEMA.metadata,
+)
+
+
+def read_rows(
+    run: str,
+    columns: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    filter: Any = None,
+) -> pa.Table:
+    """All rows of the run's finished shards (an empty table with the schema if none).
+
+    Runs written with schema version 1 are read too: their renamed columns come back
+    under the current names (a ``filter`` on a renamed column sees null in such files).
+
+    Args:
+        run: run folder URL.
+        columns: subset of :data:`SCHEMA` columns (skipping ``saliency`` is much faster).
+        storage_options: fsspec options of the output.
+        filter: optional ``pyarrow.dataset`` expression, e.g. ``pc.field("method") == "opticam"``.
+
+    Raises:
+        KeyError: a column that is not in :data:`SCHEMA`.
+    """
+    wanted = list(SCHEMA.names if columns is None else columns)
+    unknown = [c for c in wanted if c not in SCHEMA.names]
+    if unknown:
+        raise KeyError(f"unknown column(s) {unknown} (known: {', '.join(SCHEMA.names)})")
+    fs, files = list_parquet(join(run, "shards"), storage_options)
+    if not files:
+        return SCHEMA.empty_table().select(wanted)
+    old_names = {new: old for old, new in _RENAMED.items()}
+    read = wanted + [old_names[c] for c in wanted if c in old_names]
+    table = _dataset(files, fs, _READ_SCHEMA).to_table(columns=read, filter=filter)
+    for new, old in old_names.items():
+        if new in wanted:
+            merged = pc.coalesce(table.column(new), table.column(old))
+            table = table.set_column(table.schema.get_field_index(new), new, merged)
+            table = table.drop_columns([old])
+    return table.cast(pa.schema([SCHEMA.field(c) for c in wanted], metadata=SCHEMA.metadata))
+
+
+def read_errors(run: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """All error rows of the run (schema :data:`ERRORS_SCHEMA`)."""
+    fs, files = list_parquet(join(run, "errors"), storage_options)
+    if not files:
+        return ERRORS_SCHEMA.empty_table()
+    return _dataset(files, fs, ERRORS_SCHEMA).to_table()
+
+
+def read_shard_status(
+    run: str, storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The :class:`ShardStatus` (as dicts) of every shard that has an errors file.
+
+    A shard with an errors file but no rows file was attempted and failed (or is being
+    written); ``done`` in each dict says whether its rows file exists.
+    """
+    fs, files = list_parquet(join(run, "errors"), storage_options)
+    done = set(list_done_shards(run, storage_options))
+    out = []
+    for path in files:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+        raw = meta.get(STATUS_KEY.encode())
+        status = json.loads(raw) if raw else {"name": path.rsplit("/", 1)[-1][:-8]}
+        status["done"] = status.get("name") in done
+        out.append(status)
+    return out
