@@ -43,8 +43,9 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from opticam import store
 from opticam.config import RunConfig
+from opticam.names import STAGE_SHARD
 from opticam.pipeline import (
-    done_result,
+    done_status,
     local_devices,
     pending_shards,
     preflight,
@@ -187,7 +188,7 @@ def _record_failure(config: RunConfig, shard_url: str, exc: BaseException) -> No
     record = {
         "shard": shard_url,
         "key": None,
-        "stage": "shard",
+        "stage": STAGE_SHARD,
         "message": f"{type(exc).__name__}: {exc}",
     }
     # Best effort: the storage that failed the task may fail this write too.
@@ -360,11 +361,11 @@ def explain_shard(
     ``config.device`` on the machine that runs this flow.
 
     Returns:
-        :meth:`opticam.pipeline.ShardResult.to_dict` (``skipped=True`` if already done).
+        :meth:`opticam.store.ShardStatus.to_dict` (``skipped=True`` if already done).
     """
     name = store.shard_name(shard_url)
     if name in store.list_done_shards(run_url_of(config), config.output_options()):
-        return done_result(config, shard_url).to_dict()
+        return done_status(config, shard_url).to_dict()
     chosen = device or resolve_device(config.device)[0]
     result: dict[str, Any] = shard_task(config, shard_url, chosen, max_images)
     return result

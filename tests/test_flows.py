@@ -9,7 +9,6 @@ iterations + Grad-CAM + Fake-CAM, 8 insertion/deletion steps.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -361,14 +360,3 @@ def test_botocore_errors_are_transient() -> None:
     from flows.explain import is_transient_error
 
     assert is_transient_error(EndpointConnectionError(endpoint_url="http://x"))
-
-
-def test_flow_module_has_no_prefect_in_the_library() -> None:
-    root = Path(__file__).resolve().parents[1] / "opticam"
-    offenders = [
-        str(p.relative_to(root))
-        for p in root.rglob("*.py")
-        if "import prefect" in p.read_text() or "from prefect" in p.read_text()
-    ]
-    assert offenders == [], offenders
-    assert os.path.exists(root.parent / "flows" / "explain.py")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import io
-import sys
-import types
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,44 +11,20 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import tiny
 import torch
-from torch import nn
 
 from opticam import pipeline, store
 from opticam.config import RunConfig
 from opticam.data import NoShardsError, ShardWriter
 from opticam.demo import generate_sample, make_shards
-
-N_CLASSES = 10
-
-
-class TinyNet(nn.Module):
-    """A small CNN (64x64 input, 8x8 feature maps) with fixed random weights."""
-
-    default_target_layer = "features"
-    input_size = 64
-
-    def __init__(self) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU()
-        )
-        self.head = nn.Linear(8, N_CLASSES)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean((2, 3)))
+from opticam.errors import ConfigError, UserError
 
 
 @pytest.fixture(autouse=True)
 def tiny_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """``factory:opticam_test_tiny:build`` resolves to :class:`TinyNet`."""
-    module = types.ModuleType("opticam_test_tiny")
-    module.build = TinyNet  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "opticam_test_tiny", module)
+    """``factory:tiny:build`` resolves to the suite's TinyNet."""
+    tiny.register(monkeypatch)
     yield
     pipeline.clear_model_cache()
 
@@ -63,7 +38,7 @@ def make_config(data: Any, output: Path, **changes: Any) -> RunConfig:
     fields: dict[str, Any] = {
         "data": data,
         "output": str(output),
-        "model": {"source": "factory:opticam_test_tiny:build"},
+        "model": {"source": "factory:tiny:build"},
         "methods": [{"name": "opticam", "options": {"iterations": 3}}, "gradcam", "fakecam"],
         "metrics": {"steps": 4},
         "device": "cpu",
@@ -107,13 +82,13 @@ def test_process_shard_writes_rows_that_match_the_schema(shards: list[str], tmp_
         m: [r for r in rows if r["method"] == m] for m in ("opticam", "gradcam", "fakecam")
     }
     assert all(
-        r["saliency_kind"] == "lowres" and r["saliency_shape"] == [8, 8]
+        r["map_format"] == "lowres" and r["saliency_shape"] == [8, 8]
         for r in by_method["opticam"] + by_method["gradcam"]
     )
     assert all(r["iterations"] is not None and r["iterations"] <= 3 for r in by_method["opticam"])
     assert all(r["iterations"] is None for r in by_method["gradcam"])
     fake = by_method["fakecam"]
-    assert all(r["saliency_kind"] == "full_png" and r["target_layer"] is None for r in fake)
+    assert all(r["map_format"] == "full_png" and r["target_layer"] is None for r in fake)
 
     maps = store.load_maps(run, table)
     fake_map = maps[(shards[0], fake[0]["key"], "fakecam")]
@@ -163,7 +138,7 @@ def test_bad_samples_become_errors_and_good_rows_are_kept(tmp_path: Path) -> Non
         writer.write({"__key__": "corrupt", "jpg": b"\xff\xd8 not a jpeg", "cls": 1})
         writer.write({"__key__": "nolabel", "jpg": good[1][0]})
         writer.write({"__key__": "good1", "jpg": good[2][0], "cls": good[2][1]})
-        writer.write({"__key__": "alien", "jpg": good[2][0], "cls": N_CLASSES + 2})
+        writer.write({"__key__": "alien", "jpg": good[2][0], "cls": tiny.N_CLASSES + 2})
     config = make_config(url, tmp_path / "out")
     result = pipeline.process_shard(config, url, "cpu")
 
@@ -258,10 +233,10 @@ def test_unopenable_shard_raises_a_retryable_error_and_is_not_done(tmp_path: Pat
 
 
 def test_full_png_maps_when_asked(shards: list[str], tmp_path: Path) -> None:
-    config = make_config(shards[0], tmp_path, methods=["gradcam"], maps="full_png")
+    config = make_config(shards[0], tmp_path, methods=["gradcam"], map_format="full_png")
     pipeline.process_shard(config, shards[0], "cpu", max_images=2)
     rows = store.read_rows(pipeline.run_url_of(config)).to_pylist()
-    assert {r["saliency_kind"] for r in rows} == {"full_png"}
+    assert {r["map_format"] for r in rows} == {"full_png"}
     assert rows[0]["saliency_shape"] == [64, 64]
 
 
@@ -283,26 +258,70 @@ def test_models_are_cached_per_spec_and_device(tmp_path: Path) -> None:
     other = make_config(
         "x.tar",
         tmp_path,
-        model={"source": "factory:opticam_test_tiny:build", "target_layer": "features.0"},
+        model={"source": "factory:tiny:build", "target_layer": "features.0"},
     )
     assert pipeline.get_loaded_model(other, "cpu") is not first
 
 
-def test_check_methods_fails_early_on_bad_options(tmp_path: Path) -> None:
-    config = make_config("x.tar", tmp_path, methods=[{"name": "opticam", "options": {"lr0": 1}}])
-    with pytest.raises(ValueError, match="lr0"):
+def test_bad_method_options_fail_in_the_config(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown option.*'lr0' for method 'opticam'"):
+        make_config("x.tar", tmp_path, methods=[{"name": "opticam", "options": {"lr0": 1}}])
+    with pytest.raises(ValueError, match="unknown objective 'max'"):
+        make_config(
+            "x.tar", tmp_path, methods=[{"name": "opticam", "options": {"objective": "max"}}]
+        )
+
+
+def test_check_methods_turns_a_bad_model_spec_into_a_config_error(tmp_path: Path) -> None:
+    config = make_config(
+        "x.tar", tmp_path, model={"source": "factory:tiny:build", "target_layer": "nope"}
+    )
+    with pytest.raises(ConfigError, match="nope"):
         pipeline.check_methods(config, "cpu")
+    missing = make_config(
+        "x.tar",
+        tmp_path,
+        model={"source": "factory:tiny:build", "checkpoint": str(tmp_path / "absent.pt")},
+    )
+    with pytest.raises(UserError, match="absent.pt"):
+        pipeline.check_methods(missing, "cpu")
 
 
-def test_resolve_device() -> None:
-    assert pipeline.resolve_device("cpu") == ["cpu"]
-    assert pipeline.resolve_device("auto") == pipeline.local_devices()
-    if not torch.cuda.is_available():
-        assert pipeline.resolve_device("auto") == ["cpu"]
-        with pytest.raises(ValueError, match="no CUDA device"):
-            pipeline.resolve_device("cuda")
-        with pytest.raises(ValueError, match="has 0 CUDA"):
-            pipeline.resolve_device("cuda:1")
+@pytest.mark.parametrize(
+    ("count", "spec", "expected"),
+    [
+        (0, "auto", ["cpu"]),
+        (2, "auto", ["cuda:0", "cuda:1"]),
+        (2, "cuda", ["cuda:0", "cuda:1"]),
+        (2, "cuda:1", ["cuda:1"]),
+        (0, "cpu", ["cpu"]),
+        (2, "cpu", ["cpu"]),
+        (2, "mps", ["mps"]),
+    ],
+)
+def test_resolve_device_on_machines_with_and_without_gpus(
+    monkeypatch: pytest.MonkeyPatch, count: int, spec: str, expected: list[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert pipeline.resolve_device(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("count", "spec", "message"),
+    [
+        (0, "cuda", "device 'cuda' asked for, but no CUDA device is available"),
+        (0, "cuda:0", "device 'cuda:0' asked for, but this machine has 0 CUDA device"),
+        (2, "cuda:2", "device 'cuda:2' asked for, but this machine has 2 CUDA device"),
+    ],
+)
+def test_resolve_device_names_a_missing_gpu(
+    monkeypatch: pytest.MonkeyPatch, count: int, spec: str, message: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pipeline.resolve_device(spec)
 
 
 def test_pending_shards_skips_done_ones(shards: list[str], tmp_path: Path) -> None:
@@ -310,4 +329,4 @@ def test_pending_shards_skips_done_ones(shards: list[str], tmp_path: Path) -> No
     plan = pipeline.plan_shards(config)
     pipeline.process_shard(config, shards[1], "cpu")
     assert [p["url"] for p in pipeline.pending_shards(config, plan)] == [shards[0]]
-    assert pipeline.done_result(config, shards[1]).skipped
+    assert pipeline.done_status(config, shards[1]).skipped

@@ -1,0 +1,63 @@
+"""The unit of work and what comes before it: plan, check, then one shard at a time.
+
+Plain Python (no Prefect): the flows call it once per shard, and so can a notebook, a
+test or another orchestrator.
+
+- :mod:`~opticam.pipeline.devices`: ``RunConfig.device`` -> this machine's devices.
+- :mod:`~opticam.pipeline.plan`: shard plan, model cache, :func:`preflight` (every check
+  of the input, before any work).
+- :mod:`~opticam.pipeline.targets`: per batch, the explained images and their classes.
+- :mod:`~opticam.pipeline.scoring`: per batch and method, maps -> metrics -> rows.
+- :mod:`~opticam.pipeline.shard`: :func:`process_shard`, which runs the two steps above
+  over a shard and writes its files.
+"""
+
+from opticam.pipeline.devices import local_devices, resolve_device
+from opticam.pipeline.plan import (
+    check_methods,
+    clear_model_cache,
+    explainers,
+    get_loaded_model,
+    pending_shards,
+    plan_shards,
+    preflight,
+    run_url_of,
+)
+from opticam.pipeline.scoring import method_rows
+from opticam.pipeline.shard import (
+    ShardUnavailableError,
+    done_status,
+    process_shard,
+    write_outputs,
+)
+from opticam.pipeline.targets import BatchTargets, choose_targets, label_problem
+from opticam.store import ShardStatus
+
+#: The name of :class:`~opticam.store.ShardStatus` before the two types became one.
+ShardResult = ShardStatus
+#: The name of :func:`done_status` before the two types became one.
+done_result = done_status
+
+__all__ = [
+    "BatchTargets",
+    "ShardResult",
+    "ShardStatus",
+    "ShardUnavailableError",
+    "check_methods",
+    "choose_targets",
+    "clear_model_cache",
+    "done_result",
+    "done_status",
+    "explainers",
+    "get_loaded_model",
+    "label_problem",
+    "local_devices",
+    "method_rows",
+    "pending_shards",
+    "plan_shards",
+    "preflight",
+    "process_shard",
+    "resolve_device",
+    "run_url_of",
+    "write_outputs",
+]

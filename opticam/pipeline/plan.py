@@ -1,0 +1,141 @@
+"""Before any shard runs: the plan of shards, the model cache, and every check of the input.
+
+:func:`preflight` is where bad input is found: a pattern that matches no shard, a device
+this machine lacks, a model or method option that does not load, a run folder that holds
+another job. Each becomes a :class:`opticam.errors.UserError` with one message, before any
+work or orchestration starts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from opticam import store
+from opticam.config import RunConfig
+from opticam.errors import ConfigError, UserError
+from opticam.pipeline.devices import resolve_device
+
+__all__ = [
+    "check_methods",
+    "clear_model_cache",
+    "explainers",
+    "get_loaded_model",
+    "pending_shards",
+    "plan_shards",
+    "preflight",
+    "run_url_of",
+]
+
+_MODELS: dict[tuple[str, str], Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def get_loaded_model(config: RunConfig, device: str) -> Any:
+    """The config's model on ``device``, loaded once per process (thread-safe).
+
+    Returns:
+        :class:`opticam.models.LoadedModel`.
+    """
+    from opticam.models import load_model
+
+    key = (config.model.model_dump_json(), device)
+    with _MODELS_LOCK:
+        loaded = _MODELS.get(key)
+        if loaded is None:
+            loaded = load_model(config.model, device, storage_options=config.data_options())
+            _MODELS[key] = loaded
+        return loaded
+
+
+def clear_model_cache() -> None:
+    """Forget every cached model (frees their memory once nothing else holds them)."""
+    with _MODELS_LOCK:
+        _MODELS.clear()
+
+
+def explainers(config: RunConfig, loaded: Any) -> dict[str, Any]:
+    """Method name -> explainer bound to ``loaded``, for every method of the config."""
+    from opticam.methods import get_explainer
+
+    return {m.name: get_explainer(m.name, loaded, **m.options) for m in config.methods}
+
+
+def check_methods(config: RunConfig, device: str | None = None) -> None:
+    """Fail early on a bad model or method option, before any shard is read.
+
+    Loads (and caches) the model on ``device`` and builds every explainer.
+
+    Raises:
+        ConfigError: unknown option or bad value, unknown target layer, bad model spec,
+            a checkpoint that is missing or does not fit.
+    """
+    try:
+        device = device or resolve_device(config.device)[0]
+        explainers(config, get_loaded_model(config, device))
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        # Raised while building from the user's spec: the spec is what was wrong.
+        raise ConfigError(str(err)) from err
+
+
+def run_url_of(config: RunConfig) -> str:
+    """The run folder URL of a config: ``<output>/<run_id>``."""
+    return store.run_url(config.output, config.run_id)
+
+
+def plan_shards(config: RunConfig) -> list[dict[str, Any]]:
+    """Expand the data spec and split ``max_images`` over the shards.
+
+    With ``max_images = N`` over ``S`` shards, shard ``i`` (in expansion order) may read
+    ``N // S + (1 if i < N % S else 0)`` images, so the run reads ``N`` images when every
+    shard holds enough, spread over the dataset instead of the first shards only; shards
+    with a zero share are left out of the plan.
+
+    Returns:
+        One dict per shard: ``url``, ``name`` (:func:`opticam.store.shard_name`),
+        ``max_images`` (None without a limit).
+
+    Raises:
+        opticam.data.NoShardsError: the data spec matches no shard.
+    """
+    from opticam.data import expand_shards
+
+    urls = expand_shards(config.data, storage_options=config.data_options())
+    plan: list[dict[str, Any]] = []
+    n, s = config.max_images, len(urls)
+    for i, url in enumerate(urls):
+        limit = None if n is None else n // s + (1 if i < n % s else 0)
+        if limit == 0:
+            continue
+        plan.append({"url": url, "name": store.shard_name(url), "max_images": limit})
+    return plan
+
+
+def pending_shards(config: RunConfig, plan: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The planned shards whose rows file does not exist yet."""
+    done = set(store.list_done_shards(run_url_of(config), config.output_options()))
+    return [p for p in plan if p["name"] not in done]
+
+
+def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every check that can fail on bad input, before any work or orchestration starts.
+
+    Expands the data spec (:func:`plan_shards`), resolves the devices, loads the model and
+    builds the explainers (:func:`check_methods`), and checks that the run folder holds
+    no other job. Cheap to repeat: the model stays cached.
+
+    Returns:
+        ``(plan, devices)``.
+
+    Raises:
+        opticam.errors.UserError: what was wrong, in one message (no shard matches,
+            unknown device, bad model or option, a run folder holding another job).
+    """
+    plan = plan_shards(config)
+    devices = resolve_device(config.device)
+    check_methods(config, devices[0])
+    store.check_run_json(run_url_of(config), config, config.output_options())
+    return plan, devices

@@ -1,0 +1,134 @@
+"""Step 2 of a batch: explain it with one method, score the maps, and make its rows.
+
+For one method and one batch: the explanation (maps on the device), the AD/AG/AI terms
+with the batch's clean probabilities, insertion/deletion with the predicted class (the
+paper's protocol), localization for images with boxes, then one Parquet row per image
+with the map in the run's :data:`~opticam.names.MAP_FORMATS` format. Every quantity
+crosses to the host once per batch, never once per image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from opticam import store
+from opticam.config import MetricsOptions, RunConfig
+from opticam.names import LOCALIZATION_COLUMNS, METHODS
+from opticam.pipeline.targets import BatchTargets
+
+__all__ = ["method_rows"]
+
+
+def _host(values: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().cpu().numpy() for k, v in values.items()}
+
+
+def _optional(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def _insertion_deletion(
+    options: MetricsOptions, model: Any, batch: BatchTargets, maps: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    from opticam.metrics import insertion_deletion
+
+    if not options.insertion_deletion:
+        return {}
+    kwargs: dict[str, Any] = {
+        "steps": options.steps,
+        "deletion_baseline": options.deletion_baseline,
+    }
+    if options.blur_sigma is not None:
+        kwargs["blur_sigma"] = options.blur_sigma
+    if options.blur_kernel is not None:
+        kwargs["blur_kernel"] = options.blur_kernel
+    return insertion_deletion(model, batch.images, maps, batch.predicted, **kwargs)
+
+
+def method_rows(
+    config: RunConfig,
+    loaded: Any,
+    method: str,
+    explainer: Any,
+    batch: BatchTargets,
+    shard_url: str,
+) -> list[dict[str, Any]]:
+    """Explain and score one batch with one method: one :data:`opticam.store.SCHEMA` row
+    per image.
+
+    Args:
+        config: the job (metric options, map format, run id).
+        loaded: the :class:`opticam.models.LoadedModel`.
+        method: the method's name.
+        explainer: its explainer, bound to ``loaded``.
+        batch: the batch's images and targets (:func:`~opticam.pipeline.choose_targets`).
+        shard_url: the input shard's URL (the rows' ``shard`` column).
+    """
+    from opticam.metrics import faithfulness_terms, localization
+
+    explanation = explainer(batch.images, batch.targets)
+    maps = explanation.maps.detach()
+    terms = _host(
+        faithfulness_terms(loaded.model, batch.images, maps, batch.targets, p_clean=batch.p_clean)
+    )
+    curves = _host(_insertion_deletion(config.metrics, loaded.model, batch, maps))
+    with_loc = config.metrics.localization and batch.has_boxes
+    loc = _host(localization(maps, batch.boxes)) if with_loc else {}
+
+    maps_np = maps[:, 0].float().cpu().numpy()
+    low = explanation.saliency
+    low_np = low[:, 0].detach().float().cpu().numpy() if low is not None else None
+    diag = explanation.diagnostics
+    iterations = diag["iterations"].cpu().numpy() if "iterations" in diag else None
+    constant = diag["constant_map"].cpu().numpy() if "constant_map" in diag else None
+    normalization = getattr(explainer, "normalization", None)
+    predicted = batch.predicted.cpu().numpy()
+    targets = batch.targets.cpu().numpy()
+    seconds = float(explanation.seconds) / max(len(batch.keys), 1)
+    layer = loaded.target_layer_name if METHODS[method].uses_layer else None
+    height, width = int(batch.images.shape[-2]), int(batch.images.shape[-1])
+    keep_curves = bool(curves) and config.metrics.save_curves
+
+    rows = []
+    for i, key in enumerate(batch.keys):
+        blob, shape, fmt = store.encode_map(
+            None if low_np is None else low_np[i], maps_np[i], normalization, config.map_format
+        )
+        row: dict[str, Any] = {
+            "run_id": config.run_id,
+            "shard": shard_url,
+            "key": key,
+            "method": method,
+            "model": loaded.name,
+            "target_layer": layer,
+            "label": batch.labels[i],
+            "predicted": int(predicted[i]),
+            "target": int(targets[i]),
+            "p_clean": float(terms["p_clean"][i]),
+            "p_masked": float(terms["p_masked"][i]),
+            "drop": float(terms["drop"][i]),
+            "gain": float(terms["gain"][i]),
+            "increase": float(terms["increase"][i]),
+            "insertion_auc": float(curves["insertion_auc"][i]) if curves else None,
+            "deletion_auc": float(curves["deletion_auc"][i]) if curves else None,
+            "insertion_curve": curves["insertion_curve"][i].tolist() if keep_curves else None,
+            "deletion_curve": curves["deletion_curve"][i].tolist() if keep_curves else None,
+            "iterations": None if iterations is None else int(iterations[i]),
+            "constant_map": bool(constant[i]) if constant is not None else False,
+            "seconds": seconds,
+            "saliency": blob,
+            "saliency_shape": shape,
+            "map_format": fmt,
+            "input_height": height,
+            "input_width": width,
+            # Stored maps are already normalized for methods without a low-res form.
+            "normalization": normalization if fmt == "lowres" else (normalization or "none"),
+        }
+        for name in LOCALIZATION_COLUMNS:
+            row[name] = _optional(float(loc[name][i])) if name in loc else None
+        rows.append(row)
+    return rows

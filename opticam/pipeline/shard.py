@@ -1,0 +1,227 @@
+"""The unit of work: explain and score every image of one shard, write its two files.
+
+:func:`process_shard` for one input shard
+
+1. loads the model (cached per (model spec, device) in this process),
+2. streams the shard (:class:`opticam.data.ShardReader`), preprocesses to the model's
+   input size and batches with overlapped loading (:func:`opticam.data.iter_batches`),
+3. per batch: picks the explained images and their classes
+   (:func:`~opticam.pipeline.targets.choose_targets`), then per method explains and
+   scores them (:func:`~opticam.pipeline.scoring.method_rows`),
+4. writes ``errors/<shard>.parquet`` (always, possibly empty) and then
+   ``shards/<shard>.parquet`` (last: its presence means "done"), both atomically
+   (:func:`write_outputs`).
+
+Bad data never stops a shard: unreadable samples are error rows (from the data layer), a
+method that raises on a batch costs error rows with stage ``"explain"`` for that batch's
+images and the other methods go on. A truncated shard is written with what could be read
+and flagged (``complete=False`` in its status, plus an ``"incomplete"`` error row). A
+shard that cannot be opened at all raises :class:`ShardUnavailableError` (an ``OSError``,
+so an orchestrator may retry it) after writing its errors file, and gets no rows file, so
+a rerun tries it again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from opticam import store
+from opticam.config import RunConfig
+from opticam.data import ErrorRecord
+from opticam.names import STAGE_EXPLAIN, STAGE_INCOMPLETE, STAGE_OPEN
+from opticam.pipeline.devices import resolve_device
+from opticam.pipeline.plan import explainers, get_loaded_model, run_url_of
+from opticam.pipeline.scoring import method_rows
+from opticam.pipeline.targets import BatchTargets, choose_targets
+
+__all__ = [
+    "ShardUnavailableError",
+    "done_status",
+    "process_shard",
+    "write_outputs",
+]
+
+logger = logging.getLogger("opticam.pipeline")
+
+ProgressFn = Callable[[int], None]
+
+
+class ShardUnavailableError(OSError):
+    """A shard could not be opened at all (possibly transient: network, permissions)."""
+
+
+def _limited(reader: Any, limit: int | None, state: dict[str, bool]) -> Iterator[Any]:
+    """Samples of ``reader``, stopping after ``limit``; closes the reader's iterator."""
+    iterator = iter(reader)
+    try:
+        for count, sample in enumerate(iterator, start=1):
+            yield sample
+            if limit is not None and count >= limit:
+                state["limit_reached"] = True
+                return
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def _explain_batch(
+    config: RunConfig,
+    loaded: Any,
+    bound: dict[str, Any],
+    batch: BatchTargets,
+    shard_url: str,
+    errors: list[Any],
+) -> list[dict[str, Any]]:
+    """Rows of every method for one batch; a method that raises costs error rows only."""
+    rows: list[dict[str, Any]] = []
+    for method, explainer in bound.items():
+        try:
+            rows.extend(method_rows(config, loaded, method, explainer, batch, shard_url))
+        except Exception as exc:  # one method's failure must not stop the others
+            logger.warning("method %s failed on a batch of %s: %s", method, shard_url, exc)
+            message = f"{method}: {type(exc).__name__}: {exc}"
+            errors.extend(ErrorRecord(shard_url, key, STAGE_EXPLAIN, message) for key in batch.keys)
+    return rows
+
+
+def write_outputs(
+    config: RunConfig,
+    status: store.ShardStatus,
+    rows: list[dict[str, Any]],
+    errors: list[Any],
+    opened: bool,
+) -> store.ShardStatus:
+    """Write the errors file, then (if the shard could be opened) the rows file.
+
+    Args:
+        config: the job.
+        status: the shard's status so far; its counts, time and URLs are completed here.
+        rows: :data:`opticam.store.SCHEMA` rows.
+        errors: error records of the shard.
+        opened: False when the shard could not be opened and nothing was read.
+
+    Returns:
+        The final status (the same object).
+
+    Raises:
+        ShardUnavailableError: the shard could not be opened (the errors file is written
+            first, the rows file never).
+        OSError: writing failed (worth retrying).
+    """
+    run = run_url_of(config)
+    out_options = config.output_options()
+    if opened and not status.complete:
+        errors.append(
+            ErrorRecord(
+                status.shard,
+                None,
+                STAGE_INCOMPLETE,
+                f"shard not read to its end: rows hold the {status.n_samples} samples read",
+            )
+        )
+    status.n_rows = len(rows)
+    status.n_errors = len(errors)
+    status.finished = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    status.rows_url = store.rows_url(run, status.shard)
+    status.errors_url = store.write_errors(run, config.run_id, errors, status, out_options)
+    if not opened and status.n_samples == 0:
+        reason = next((e.message for e in errors if e.stage == STAGE_OPEN), "unknown reason")
+        raise ShardUnavailableError(f"shard {status.shard!r} could not be opened: {reason}")
+    store.write_shard(run, store.rows_to_table(rows), status, out_options)
+    return status
+
+
+def process_shard(
+    config: RunConfig,
+    shard_url: str,
+    device: str | None = None,
+    *,
+    max_images: int | None = None,
+    on_progress: ProgressFn | None = None,
+) -> store.ShardStatus:
+    """Explain and score one shard and write its rows and errors files (see module doc).
+
+    Args:
+        config: the job.
+        shard_url: URL of one input shard (as returned by
+            :func:`~opticam.pipeline.plan_shards`).
+        device: ``"cpu"``, ``"cuda:N"``...; None means the first of ``config.device``.
+        max_images: read at most this many samples from this shard (the planner's share
+            of ``config.max_images``), or None.
+        on_progress: called with the number of images of each finished batch.
+
+    Returns:
+        The shard's :class:`~opticam.store.ShardStatus`.
+
+    Raises:
+        ShardUnavailableError: the shard could not be opened (errors file written first).
+        OSError: writing the output failed (worth retrying).
+    """
+    from opticam.data import Preprocess, ShardReader, iter_batches
+
+    start = time.perf_counter()
+    device = device or resolve_device(config.device)[0]
+    loaded = get_loaded_model(config, device)
+    bound = explainers(config, loaded)
+    reader = ShardReader(
+        shard_url, storage_options=config.data_options(), require_label=config.target == "label"
+    )
+    state = {"limit_reached": False}
+    errors: list[Any] = []
+    rows: list[dict[str, Any]] = []
+    images_with_rows: set[str] = set()
+    batches = iter_batches(
+        _limited(reader, max_images, state),
+        Preprocess(loaded.input_size, loaded.resize_size),
+        config.batch_size,
+        errors=errors,
+        pin_memory=device.startswith("cuda"),
+    )
+    try:
+        for batch in batches:
+            chosen = choose_targets(
+                batch, shard_url, loaded.model, loaded.num_classes, config.target, device, errors
+            )
+            if chosen is not None:
+                new_rows = _explain_batch(config, loaded, bound, chosen, shard_url, errors)
+                rows.extend(new_rows)
+                images_with_rows.update(r["key"] for r in new_rows)
+            if on_progress is not None:
+                on_progress(len(batch.keys))
+    finally:
+        # Stops the loading thread also when a batch raised.
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+    status = store.ShardStatus(
+        shard=shard_url,
+        name=store.shard_name(shard_url),
+        complete=reader.complete or state["limit_reached"],
+        n_samples=reader.n_samples,
+        n_images=len(images_with_rows),
+        max_images=max_images,
+        limit_reached=state["limit_reached"],
+        device=device,
+        resize_size=loaded.resize_size,
+    )
+    opened = not any(e.stage == STAGE_OPEN for e in reader.errors)
+    status.seconds = time.perf_counter() - start
+    return write_outputs(config, status, rows, list(reader.errors) + errors, opened)
+
+
+def done_status(config: RunConfig, shard_url: str) -> store.ShardStatus:
+    """The :class:`~opticam.store.ShardStatus` of a shard already done (``skipped=True``)."""
+    run = run_url_of(config)
+    return store.ShardStatus(
+        shard=shard_url,
+        name=store.shard_name(shard_url),
+        rows_url=store.rows_url(run, shard_url),
+        errors_url=store.errors_url(run, shard_url),
+        skipped=True,
+    )
