@@ -1,30 +1,30 @@
 """Data layer: WebDataset shards on any fsspec URL -> decoded samples -> model batches.
 
-- :func:`expand_shards`: shard patterns (braces, globs, lists) -> existing shard URLs.
-- :class:`ShardReader`: safe streaming of one shard into :class:`Sample` records,
-  with every problem recorded as an :class:`ErrorRecord`.
+- :func:`expand_shards` (:mod:`~opticam.data.urls`): shard patterns (braces, globs,
+  lists) -> existing shard URLs.
+- :class:`ShardReader` (:mod:`~opticam.data.reader`): safe streaming of one shard into
+  :class:`Sample` records, with every problem recorded as an :class:`ErrorRecord`.
 - :class:`Preprocess`: torchvision classification preset (resize, centre crop) for
   images and boxes alike.
-- :func:`iter_batches`: background-thread preprocessing and batching into :class:`Batch`.
+- :func:`iter_batches` (:mod:`~opticam.data.batches`): background-thread preprocessing
+  and batching into :class:`Batch`.
 - :func:`pack`: ImageFolder tree or CSV list -> shards.
 - :class:`ShardWriter`: numbered shards at any fsspec URL.
 """
 
+from opticam.data.batches import iter_batches
 from opticam.data.images import IMAGE_EXTENSIONS, decode_image, to_rgb
 from opticam.data.pack import make_key, pack
 from opticam.data.preprocess import Geometry, Preprocess
-from opticam.data.shards import (
-    UNSAFE_EXTENSIONS,
+from opticam.data.reader import UNSAFE_EXTENSIONS, ShardReader, ShardReadError, parse_boxes
+from opticam.data.types import Batch, Box, ErrorRecord, Sample
+from opticam.data.urls import (
     NoShardsError,
-    ShardReader,
-    ShardReadError,
+    ShardPatternError,
     expand_braces,
     expand_shards,
-    iter_batches,
-    parse_boxes,
     storage_options_for,
 )
-from opticam.data.types import Batch, Box, ErrorRecord, Sample
 from opticam.data.writer import ShardWriter
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Geometry",
     "NoShardsError",
     "Preprocess",
+    "ShardPatternError",
     "Sample",
     "ShardReadError",
     "ShardReader",

@@ -40,8 +40,9 @@ from fsspec.core import url_to_fs
 from PIL import Image
 
 from opticam.data.images import IMAGE_EXTENSIONS
-from opticam.data.shards import parse_boxes, storage_options_for
+from opticam.data.reader import parse_boxes
 from opticam.data.types import Box
+from opticam.data.urls import storage_options_for
 from opticam.data.writer import ShardWriter
 
 __all__ = ["PackItem", "collect_csv", "collect_image_folder", "make_key", "pack"]

@@ -14,6 +14,19 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+# Re-exported so that `from opticam.data.types import STAGE_DECODE` keeps working; the
+# one registry of stage names (and their meanings) is opticam.names.STAGES.
+from opticam.names import (
+    STAGE_BOXES,
+    STAGE_DECODE,
+    STAGE_KEY,
+    STAGE_LABEL,
+    STAGE_OPEN,
+    STAGE_PREPROCESS,
+    STAGE_TAR,
+    STAGE_UNSAFE,
+)
+
 __all__ = [
     "STAGE_BOXES",
     "STAGE_DECODE",
@@ -32,17 +45,6 @@ __all__ = [
 Box = tuple[float, float, float, float]
 """One box ``(x0, y0, x1, y1)`` in pixel-edge coordinates: a box covering pixel
 columns ``0..9`` has ``x0 = 0`` and ``x1 = 10``."""
-
-# Stages named in ErrorRecord.stage by the data layer (later layers add their own,
-# e.g. "explain"). One name per failure kind, so the error table can be grouped by it.
-STAGE_OPEN = "open"  # the shard URL could not be opened at all
-STAGE_TAR = "tar"  # the tar stream is truncated or unreadable (shard incomplete)
-STAGE_DECODE = "decode"  # an image / json member could not be decoded, or no image
-STAGE_LABEL = "label"  # label missing, malformed or contradictory
-STAGE_BOXES = "boxes"  # boxes malformed
-STAGE_KEY = "key"  # a key occurs twice in one shard
-STAGE_UNSAFE = "unsafe-member"  # pickle-like members that are ignored, never loaded
-STAGE_PREPROCESS = "preprocess"  # resize / crop failed
 
 
 @dataclass
@@ -71,9 +73,9 @@ class ErrorRecord:
     Attributes:
         shard: URL of the shard.
         key: sample key, or ``None`` for a shard-level problem.
-        stage: what failed, one of the ``STAGE_*`` names (``"open"``, ``"tar"``,
-            ``"decode"``, ``"label"``, ``"boxes"``, ``"key"``, ``"unsafe-member"``,
-            ``"preprocess"``) or a later layer's own stage (e.g. ``"explain"``).
+        stage: what failed, one of :data:`opticam.names.ERROR_STAGES` (``"open"``,
+            ``"tar"``, ``"decode"``, ``"label"``, ``"boxes"``, ``"key"``,
+            ``"unsafe-member"``, ``"preprocess"``, ``"explain"``, ...).
         message: human-readable cause, naming the offending member or value.
     """
 

@@ -1,0 +1,193 @@
+"""Samples -> model batches: preprocess, collate and prefetch in a background thread.
+
+:func:`iter_batches` runs the source iterator (decoding included, when it is a
+:class:`~opticam.data.reader.ShardReader`) and the preprocessing in a thread and keeps
+a bounded queue of finished :class:`Batch` records, so that loading overlaps with the
+model's compute and never runs more than ``prefetch`` batches ahead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from opticam.data.reader import ShardReader
+from opticam.data.types import Batch, Box, ErrorRecord, Sample
+from opticam.names import STAGE_PREPROCESS
+
+__all__ = ["PreprocessFn", "iter_batches"]
+
+
+class PreprocessFn(Protocol):
+    """``(image, boxes) -> (tensor (3, H, W) float32 in [0, 1], boxes (n, 4) float32)``."""
+
+    def __call__(
+        self, image: Image.Image, boxes: Sequence[Box]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class _Done:
+    """Put in the queue by the loader thread after its last batch."""
+
+
+@dataclass
+class _Failure:
+    """An exception of the loader thread, raised again in the consumer."""
+
+    error: BaseException
+
+
+def _collate(
+    shard: str, items: list[tuple[str, torch.Tensor, int | None, torch.Tensor]], pin: bool
+) -> Batch:
+    images = torch.stack([image for _, image, _, _ in items])
+    if pin:
+        images = images.pin_memory()
+    labels = torch.tensor(
+        [-1 if label is None else label for _, _, label, _ in items], dtype=torch.int64
+    )
+    return Batch(
+        shard=shard,
+        keys=[key for key, _, _, _ in items],
+        images=images,
+        labels=labels,
+        boxes=[boxes.to(torch.float32).reshape(-1, 4) for _, _, _, boxes in items],
+    )
+
+
+def iter_batches(
+    source: ShardReader | Iterable[Sample],
+    preprocess: PreprocessFn | Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    *,
+    prefetch: int = 2,
+    errors: list[ErrorRecord] | None = None,
+    pin_memory: bool = False,
+) -> Generator[Batch, None, None]:
+    """Preprocess and batch samples in a background thread, overlapping with compute.
+
+    A thread iterates ``source`` (decoding happens there too when it is a
+    :class:`ShardReader`), applies ``preprocess`` and puts finished batches into a
+    queue of at most ``prefetch`` batches, so reading is never more than
+    ``prefetch`` batches ahead of the consumer.
+
+    - A batch never mixes shards: a change of ``sample.shard`` closes the batch.
+    - A sample whose preprocessing raises becomes an ``ErrorRecord`` with stage
+      ``"preprocess"``, appended to ``errors`` if given, else to ``source.errors``
+      when the source has such a list (a :class:`ShardReader`); with neither, the
+      exception is raised to the consumer.
+    - Any other exception in the thread is raised to the consumer.
+    - When the consumer stops early (``break``, exception, ``close()``), the
+      thread stops at its next sample and the source's iterator is closed.
+
+    Args:
+        source: a :class:`ShardReader` or any iterable of :class:`Sample`.
+        preprocess: ``(image, boxes) -> (image (3, H, W) float32, boxes (n, 4))``,
+            e.g. :class:`opticam.data.Preprocess`.
+        batch_size: maximum samples per batch (>= 1); the last batch of a shard
+            may be smaller.
+        prefetch: batches prepared ahead (>= 1).
+        errors: where preprocessing errors go (see above).
+        pin_memory: pin batch images in page-locked memory (faster, asynchronous
+            copies to a GPU); ignored without CUDA.
+
+    Yields:
+        :class:`Batch` with ``images`` ``(B, 3, H, W)``, ``labels`` ``(B,)`` (-1
+        where unknown) and ``B`` box tensors ``(n_i, 4)``.
+
+    Raises:
+        ValueError: ``batch_size`` or ``prefetch`` below 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    pin = pin_memory and torch.cuda.is_available()
+    slots: queue.Queue[Batch | _Done | _Failure] = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def sink() -> list[ErrorRecord] | None:
+        if errors is not None:
+            return errors
+        # Looked up per error: ShardReader replaces its list when an iteration starts.
+        found = getattr(source, "errors", None)
+        return found if isinstance(found, list) else None
+
+    def put(item: Batch | _Done | _Failure) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        iterator = iter(source)
+        try:
+            items: list[tuple[str, torch.Tensor, int | None, torch.Tensor]] = []
+            shard = ""
+            for sample in iterator:
+                if stop.is_set():
+                    return
+                if items and sample.shard != shard:
+                    if not put(_collate(shard, items, pin)):
+                        return
+                    items = []
+                shard = sample.shard
+                try:
+                    image, boxes = preprocess(sample.image, sample.boxes)
+                except Exception as exc:
+                    target = sink()
+                    if target is None:
+                        raise
+                    target.append(
+                        ErrorRecord(
+                            shard=sample.shard,
+                            key=sample.key,
+                            stage=STAGE_PREPROCESS,
+                            message=f"{type(exc).__name__}: {exc}",
+                        )
+                    )
+                    continue
+                items.append((sample.key, image, sample.label, torch.as_tensor(boxes)))
+                if len(items) == batch_size:
+                    if not put(_collate(shard, items, pin)):
+                        return
+                    items = []
+            if items and not put(_collate(shard, items, pin)):
+                return
+            put(_Done())
+        except BaseException as exc:
+            put(_Failure(exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="opticam-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = slots.get(timeout=0.1)
+            except queue.Empty:
+                if not thread.is_alive() and slots.empty():
+                    raise RuntimeError("batch loading thread ended without a result") from None
+                continue
+            if isinstance(item, _Done):
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        # Bounded wait: a thread blocked in a slow network read must not hang the
+        # consumer; it is a daemon and exits at its next check of `stop`.
+        thread.join(timeout=10.0)
