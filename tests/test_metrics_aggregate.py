@@ -17,6 +17,7 @@ from opticam.metrics import (
     to_paper_units,
 )
 from opticam.metrics.aggregate import _MAX_DRAWS_PER_BLOCK
+from opticam.names import METRICS
 
 
 def test_mean_matches_numpy_and_ci_contains_it() -> None:
@@ -125,7 +126,7 @@ def test_paper_units_and_directions() -> None:
         "increase": torch.tensor([0.0, 1.0]),
         "insertion_auc": torch.tensor([0.6, 0.7]),
         "insertion_curve": torch.ones(2, 5),
-        "seconds_per_image": [0.5, 0.25],
+        "seconds": [0.5, 0.25],
     }
     out = to_paper_units(per_image)
     assert set(out) == {
@@ -144,3 +145,11 @@ def test_paper_units_and_directions() -> None:
     assert set(METRIC_DIRECTIONS.values()) == {"lower", "higher"}
     lower = {k for k, v in METRIC_DIRECTIONS.items() if v == "lower"}
     assert lower == {"average_drop", "deletion", "loc_error", "seconds_per_image"}
+
+
+def test_units_and_directions_are_views_of_the_one_table() -> None:
+    # No second copy: every entry is read from opticam.names.METRICS, and nothing else.
+    assert {m.column: (m.name, m.scale) for m in METRICS} == PAPER_UNITS
+    assert {m.name: m.direction for m in METRICS} == METRIC_DIRECTIONS
+    assert PAPER_UNITS["seconds"] == ("seconds_per_image", 1.0)
+    assert all(scale == 100.0 for column, (_, scale) in PAPER_UNITS.items() if column != "seconds")

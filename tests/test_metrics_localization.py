@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis.extra.numpy import array_shapes, arrays
 from torch import Tensor
 
-from opticam.metrics import box_iou, boxes_union_mask, largest_component_box, localization
-from opticam.metrics.localization import _ndimage
+from opticam.metrics import (
+    LOCALIZATION_METRICS,
+    box_iou,
+    boxes_union_mask,
+    largest_component_box,
+    localization,
+)
+from opticam.names import LOCALIZATION_COLUMNS, METRICS_BY_COLUMN
 
 
 def one(values: list[list[float]]) -> Tensor:
@@ -59,7 +68,6 @@ def test_largest_component_uses_8_connectivity() -> None:
     assert out["loc_error"] == pytest.approx(0.0, abs=1e-7)
     assert out["box_acc"] == 1.0
     assert largest_component_box((m > 0).numpy()) == (0, 0, 4, 3)
-    assert largest_component_box((m > 0).numpy(), use_scipy=False) == (0, 0, 4, 3)
 
 
 def test_multiple_boxes_form_a_union() -> None:
@@ -102,6 +110,8 @@ def test_no_boxes_gives_nan_and_batches_match_single_images() -> None:
     ]
     out = localization(maps, boxes)
     assert set(out) == {"pointing_game", "energy_in_box", "f1", "loc_error", "box_acc"}
+    assert tuple(out) == LOCALIZATION_COLUMNS == LOCALIZATION_METRICS
+    assert all(METRICS_BY_COLUMN[name].group == "localization" for name in out)
     for name, value in out.items():
         assert value.shape == (4,) and value.dtype == torch.float32
         assert not math.isnan(value[0].item()), name
@@ -143,13 +153,47 @@ def test_bad_inputs() -> None:
         largest_component_box(np.ones((2, 2, 2), dtype=bool))
 
 
-@pytest.mark.skipif(_ndimage is None, reason="SciPy not installed")
-def test_breadth_first_search_agrees_with_scipy() -> None:
+def _flood_fill_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Reference: the largest 8-connected component by breadth-first search, plainly.
+
+    Components are met in raster order of their first pixel and only a strictly larger one
+    replaces the best, which is the documented tie rule.
+    """
+    height, width = mask.shape
+    seen = np.zeros_like(mask)
+    best, best_size = None, 0
+    for i0 in range(height):
+        for j0 in range(width):
+            if not mask[i0, j0] or seen[i0, j0]:
+                continue
+            seen[i0, j0] = True
+            queue, pixels = deque([(i0, j0)]), []
+            while queue:
+                i, j = queue.popleft()
+                pixels.append((i, j))
+                for a in range(max(0, i - 1), min(height, i + 2)):
+                    for b in range(max(0, j - 1), min(width, j + 2)):
+                        if mask[a, b] and not seen[a, b]:
+                            seen[a, b] = True
+                            queue.append((a, b))
+            if len(pixels) > best_size:
+                rows, cols = zip(*pixels, strict=True)
+                best_size, best = len(pixels), (min(cols), min(rows), max(cols) + 1, max(rows) + 1)
+    return best
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(bool, array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=14)))
+def test_largest_component_matches_a_flood_fill(mask: np.ndarray) -> None:
+    assert largest_component_box(mask) == _flood_fill_box(mask)
+
+
+def test_largest_component_on_many_random_masks() -> None:
+    # Densities around the percolation threshold give many components of similar size,
+    # where the tie rule and the corner connections decide the answer.
     rng = np.random.default_rng(0)
-    for trial in range(60):
-        shape = (int(rng.integers(1, 12)), int(rng.integers(1, 12)))
+    for trial in range(200):
+        shape = (int(rng.integers(1, 24)), int(rng.integers(1, 24)))
         mask = rng.random(shape) < rng.uniform(0.05, 0.7)
-        expected = largest_component_box(mask, use_scipy=True)
-        assert largest_component_box(mask, use_scipy=False) == expected, trial
-    assert largest_component_box(np.zeros((3, 3), dtype=bool), use_scipy=False) is None
-    assert largest_component_box(np.zeros((3, 3), dtype=bool), use_scipy=True) is None
+        assert largest_component_box(mask) == _flood_fill_box(mask), trial
+    assert largest_component_box(np.zeros((3, 3), dtype=bool)) is None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 import os
 from collections.abc import Mapping
 from html.parser import HTMLParser
@@ -33,8 +32,9 @@ from opticam.report import (
     summary_markdown,
 )
 from opticam.report.build import _mean_curve, _resize_size
-from opticam.report.gallery import build_gallery, choose_gallery_images
-from opticam.report.page import redact
+from opticam.report.colors import colorize, overlay
+from opticam.report.gallery import Gallery, GalleryItem, build_gallery, choose_gallery_images
+from opticam.report.page import Figure, PageContent, redact, render_index
 
 METHODS = ("opticam", "gradcam")
 INPUT = 32  # model input side of the synthetic run
@@ -149,7 +149,7 @@ def make_synthetic_run(
                     "seconds": float(rng.uniform(0.01, 0.2)),
                     "saliency": saliency,
                     "saliency_shape": shape,
-                    "saliency_kind": kind,
+                    "map_format": kind,
                     "input_height": INPUT,
                     "input_width": INPUT,
                     "normalization": "range",
@@ -197,6 +197,7 @@ class _Collector(HTMLParser):
         self.section: str | None = None
         self.body_rows = 0
         self.headers: list[str] = []
+        self.text: list[str] = []  # every text node, character references resolved
         self._in_th = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -220,6 +221,7 @@ class _Collector(HTMLParser):
             self._in_th = False
 
     def handle_data(self, data: str) -> None:
+        self.text.append(data)
         if self._in_th and self.table_depth:
             self.headers[-1] += data
 
@@ -395,9 +397,75 @@ def test_html_is_self_contained(full_run, full_report) -> None:
     assert "AG ↑" in parsed.headers and "Del ↓" in parsed.headers
     # Config shown without secrets; error counts shown.
     assert "do-not-show-me" not in text and "AKIA-not-real" not in text
-    assert "&quot;steps&quot;: 8" in text
-    assert "bad &lt;jpg&gt;" in text  # escaped error message
+    shown = "".join(parsed.text)
+    assert '"steps": 8' in shown
+    assert "bad <jpg>" in shown and "bad <jpg>" not in text  # escaped error message
     assert "error rows" in text
+
+
+HOSTILE = '<script>alert("x")</script> & \'"><img src=x onerror=alert(1)>'
+
+
+def _tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_text_from_the_run_is_never_markup() -> None:
+    # Every place where data from the run reaches the page: method and model names, keys,
+    # shard URLs, stages, error messages, notes, config values and package versions.
+    png = _tiny_png()
+    row = {"model": f"m{HOSTILE}", "method": f"opticam{HOSTILE}", "images": 3}
+    row.update(average_drop=1.0, average_drop_ci_low=0.5, average_drop_ci_high=1.5)
+    other = {**row, "model": "plain", "method": "gradcam"}
+    item = GalleryItem(
+        shard=f"s3://b/{HOSTILE}.tar", key=f"k{HOSTILE}", label=1, predicted=1, target=1
+    )
+    content = PageContent(
+        run_id=f"run{HOSTILE}",
+        run_url=f"s3://bucket/{HOSTILE}",
+        run_json={
+            "config": {"model": {"source": f"demo{HOSTILE}"}, "note": HOSTILE},
+            "versions": {f"pkg{HOSTILE}": HOSTILE},
+        },
+        summary=[row, other],
+        counts=[(f"count{HOSTILE}", HOSTILE)],
+        notes=[f"note{HOSTILE}"],
+        figures=[Figure("faithfulness.png", f"title{HOSTILE}", f"caption{HOSTILE}", png)],
+        gallery=Gallery(f"model{HOSTILE}", [f"opticam{HOSTILE}"], [item], [HOSTILE], png),
+        errors_by_stage={f"stage{HOSTILE}": 1},
+        error_rows=[
+            {"shard": f"s3://b/{HOSTILE}", "key": HOSTILE, "stage": "decode", "message": HOSTILE}
+        ],
+    )
+    text = render_index(content)
+    parsed = _parse(text)
+    tags = [tag for tag, _ in parsed.tags]
+    assert "script" not in tags
+    assert tags.count("img") == 2  # the figure and the gallery, nothing injected
+    assert not any(name.startswith("on") for _, attrs in parsed.tags for name in attrs)
+    assert "<script>" not in text and 'alert("x")' not in text
+    # The text reads exactly as given, once the page's character references are resolved.
+    shown = "".join(parsed.text)
+    for expected in (
+        f"opticam{HOSTILE}",
+        f"m{HOSTILE}",
+        f"note{HOSTILE}",
+        f"count{HOSTILE}",
+        f"stage{HOSTILE}",
+        f"k{HOSTILE}",
+        f"caption{HOSTILE}",
+        f"Opti-CAM report — run{HOSTILE}",
+        json.dumps(HOSTILE),  # the config, as JSON
+        f"pkg{HOSTILE}",
+        f"s3://bucket/{HOSTILE}",
+    ):
+        assert expected in shown, expected
+    alts = [attrs.get("alt") for tag, attrs in parsed.tags if tag == "img"]
+    assert alts == [f"title{HOSTILE}", f"saliency maps of k{HOSTILE}"]
+    titles = [attrs.get("title") for tag, attrs in parsed.tags if tag == "th" and "title" in attrs]
+    assert titles == ["Average Drop: lower is better"]
 
 
 def test_redact_removes_secret_looking_values() -> None:
@@ -446,6 +514,31 @@ def test_gallery_reads_inputs_and_maps(full_run) -> None:
     assert any("resize size" in note for note in guessed.notes)
     # 0 -> no gallery, nothing read.
     assert build_gallery(run, table, list(METHODS), size=0).png is None
+
+
+def test_gallery_draws_maps_with_the_report_colour_map() -> None:
+    from opticam.report.gallery import _draw
+
+    # A black input under a map of ones shows the overlay's half-strength dark red; a map
+    # of zeros without an input shows the colour map's own low end, dark blue.
+    with_input = GalleryItem("s", "a", 0, 0, 0, image=np.zeros((INPUT, INPUT, 3), np.float32))
+    with_input.maps["m"] = np.ones((INPUT, INPUT), np.float32)
+    alone = GalleryItem("s", "b", 0, 0, 0)
+    alone.maps["m"] = np.zeros((INPUT, INPUT), np.float32)
+    png = _draw(Gallery("demo", ["m"], [with_input, alone], [], None))
+    assert png is not None
+    with Image.open(io.BytesIO(png)) as picture:
+        pixels = np.asarray(picture.convert("RGB")).reshape(-1, 3)
+    expected = {
+        "overlay": np.asarray(overlay(np.zeros((INPUT, INPUT, 3)), np.ones((INPUT, INPUT))))[0, 0],
+        "colorize": np.rint(255 * colorize(np.zeros((1, 1)))[0, 0]),
+    }
+    assert tuple(expected["overlay"]) == (64, 0, 0) and tuple(expected["colorize"]) == (0, 0, 128)
+    for name, colour in expected.items():
+        # Each map cell is about 190 x 215 pixels of one colour at the report's 100 dpi;
+        # matplotlib truncates float colours to 8 bits where overlay rounds: 1 level apart.
+        close = (np.abs(pixels.astype(np.int64) - colour) <= 1).all(axis=1)
+        assert close.sum() > 10_000, name
 
 
 def test_choose_gallery_prefers_images_with_every_method() -> None:
@@ -617,12 +710,52 @@ def test_invalid_arguments(tmp_path) -> None:
         build_report(str(tmp_path), n_boot=0)
 
 
-def test_summary_values_are_finite_or_none(full_report) -> None:
-    for row in full_report.summary:
-        for name, value in row.items():
-            if isinstance(value, float):
-                assert math.isfinite(value), name
-    json.dumps(full_report.summary)  # plain JSON values (CLI / Prefect artifacts)
+def test_missing_values_are_left_out_and_empty_metrics_are_none() -> None:
+    """Null and NaN per-image values are excluded from a mean (not counted as 0), and a
+    metric without any value is None, never NaN: the summary is strict JSON."""
+    import pyarrow as pa
+
+    rows = {
+        "model": ["m"] * 4,
+        "method": ["opticam"] * 4,
+        "drop": [0.1, 0.3, 0.2, 0.2],
+        "gain": [0.0, 0.4, 0.0, 0.0],
+        "increase": [0.0, 1.0, 0.0, 1.0],
+        "insertion_auc": [0.5, None, 0.7, float("nan")],
+        "deletion_auc": [0.1, 0.2, 0.3, 0.4],
+        "pointing_game": [1.0, 0.0, None, None],
+        "seconds": [1.0, 1.0, 1.0, 1.0],
+        "constant_map": [False, True, False, False],
+    }
+    for name in ("energy_in_box", "f1", "loc_error", "box_acc"):
+        rows[name] = [None] * 4
+    (summary,) = summarize(pa.table(rows), n_boot=200)
+    assert summary["insertion"] == pytest.approx(60.0)  # (50 + 70) / 2, not / 4
+    assert summary["pointing_game"] == pytest.approx(50.0)
+    assert summary["images_with_boxes"] == 2
+    assert summary["average_drop"] == pytest.approx(20.0)
+    assert summary["insertion_ci_low"] <= 60.0 <= summary["insertion_ci_high"]
+    for name in ("energy_in_box", "f1", "loc_error", "box_acc"):
+        assert summary[name] is None
+        assert summary[f"{name}_ci_low"] is None and summary[f"{name}_ci_high"] is None
+    json.dumps(summary, allow_nan=False)  # the CLI and Prefect artifacts take it as JSON
+
+
+def test_summary_metrics_are_the_one_table() -> None:
+    from opticam.names import METRICS, Metric
+    from opticam.report import SUMMARY_METRICS, MetricInfo
+    from opticam.report.summary import SOURCE_COLUMNS, better, metric_header
+
+    assert SUMMARY_METRICS is METRICS and MetricInfo is Metric
+    assert (*(m.column for m in METRICS), "constant_map") == SOURCE_COLUMNS
+    assert [metric_header(m) for m in METRICS][:3] == ["AD ↓", "AG ↑", "AI ↑"]
+    assert metric_header("seconds_per_image") == "s/img ↓"
+    assert better("insertion") == "higher is better" and better("deletion") == "lower is better"
+    with pytest.raises(KeyError, match="unknown metric 'drop' .*average_drop"):
+        better("drop")  # a per-image column, not a summary name
+    names = SUMMARY_SCHEMA.names
+    for m in METRICS:  # a mean and its interval per metric, under the summary name
+        assert {m.name, f"{m.name}_ci_low", f"{m.name}_ci_high"} <= set(names)
 
 
 def test_best_mean_is_bold_by_displayed_value() -> None:

@@ -4,9 +4,10 @@ The per-image functions (:mod:`.faithfulness`, :mod:`.localization`) return
 fractions under per-image names (``drop``, ``insertion_auc``, ...). The summary
 uses the paper's names and units: :func:`to_paper_units` maps one to the other
 (percent), so that the mean of a column is the paper's number, e.g.
-``mean(100 * drop) = AD``. :class:`MetricAggregator` streams such columns,
-batch after batch, and summarises each as its mean with a percentile bootstrap
-confidence interval. NaN rows (e.g. localization on an image without boxes)
+``mean(100 * drop) = AD``. Both names, the scale and the direction of every metric
+come from the one table :data:`opticam.names.METRICS`. :class:`MetricAggregator`
+streams such columns, batch after batch, and summarises each as its mean with a
+percentile bootstrap confidence interval. NaN rows (e.g. localization on an image without boxes)
 are left out per metric, and ``n`` says how many rows were used.
 """
 
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from opticam.names import METRICS
+
 __all__ = [
     "METRIC_DIRECTIONS",
     "PAPER_UNITS",
@@ -28,35 +31,12 @@ __all__ = [
     "MetricAggregator",
 ]
 
-#: Which direction is better for every summary metric.
-METRIC_DIRECTIONS: dict[str, str] = {
-    "average_drop": "lower",
-    "average_gain": "higher",
-    "average_increase": "higher",
-    "insertion": "higher",
-    "deletion": "lower",
-    "pointing_game": "higher",
-    "energy_in_box": "higher",
-    "f1": "higher",
-    "loc_error": "lower",
-    "box_acc": "higher",
-    "seconds_per_image": "lower",
-}
+#: Summary metric name -> which direction is better (a view of :data:`opticam.names.METRICS`).
+METRIC_DIRECTIONS: dict[str, str] = {m.name: m.direction for m in METRICS}
 
-#: Per-image column -> (summary metric, factor). Fractions become percent.
-PAPER_UNITS: dict[str, tuple[str, float]] = {
-    "drop": ("average_drop", 100.0),
-    "gain": ("average_gain", 100.0),
-    "increase": ("average_increase", 100.0),
-    "insertion_auc": ("insertion", 100.0),
-    "deletion_auc": ("deletion", 100.0),
-    "pointing_game": ("pointing_game", 100.0),
-    "energy_in_box": ("energy_in_box", 100.0),
-    "f1": ("f1", 100.0),
-    "loc_error": ("loc_error", 100.0),
-    "box_acc": ("box_acc", 100.0),
-    "seconds_per_image": ("seconds_per_image", 1.0),
-}
+#: Per-image column -> (summary metric, scale), a view of :data:`opticam.names.METRICS`:
+#: ``summary = scale * mean(column)`` (fractions become percent, seconds stay seconds).
+PAPER_UNITS: dict[str, tuple[str, float]] = {m.column: (m.name, m.scale) for m in METRICS}
 
 # Bootstrap resamples are drawn in blocks of at most this many indices, so memory stays
 # bounded (32 MiB of int64) however many images there are.
@@ -94,10 +74,12 @@ def _to_numpy(values: ArrayLike, name: str) -> np.ndarray:
 def to_paper_units(per_image: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
     """Rename and rescale per-image columns to the paper's summary metrics.
 
-    ``drop -> average_drop``, ``gain -> average_gain``, ``increase -> average_increase``,
-    ``insertion_auc -> insertion``, ``deletion_auc -> deletion`` and the localization
-    metrics keep their names; all are multiplied by 100 (percent), ``seconds_per_image``
-    is kept as is. Keys not in :data:`PAPER_UNITS` (``p_clean``, curves, ...) are left out.
+    For every :class:`opticam.names.Metric` ``m``, the column ``m.column`` becomes
+    ``m.name`` with ``values * m.scale``: ``drop -> average_drop``, ``gain ->
+    average_gain``, ``increase -> average_increase``, ``insertion_auc -> insertion``,
+    ``deletion_auc -> deletion`` and the localization columns keep their names, all times
+    100 (percent); ``seconds -> seconds_per_image`` times 1. Keys not in
+    :data:`PAPER_UNITS` (``p_clean``, curves, ...) are left out.
 
     Args:
         per_image: per-image columns, e.g. the dicts returned by the metric functions.
@@ -108,8 +90,8 @@ def to_paper_units(per_image: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, values in per_image.items():
         if key in PAPER_UNITS:
-            name, factor = PAPER_UNITS[key]
-            out[name] = _to_numpy(values, key) * factor
+            name, scale = PAPER_UNITS[key]
+            out[name] = _to_numpy(values, key) * scale
     return out
 
 

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 __all__ = [
@@ -314,14 +314,16 @@ def average_increase(p_clean: Tensor | np.ndarray, p_masked: Tensor | np.ndarray
 def gaussian_blur(images: Tensor, kernel_size: int, sigma: float) -> Tensor:
     """Blur each channel with a normalised ``kernel_size`` x ``kernel_size`` Gaussian.
 
-    The 1-D kernel is ``g(t) = exp(-t^2 / (2 sigma^2))`` at ``t = -(k-1)/2 .. (k-1)/2``,
-    divided by its sum, applied separably with reflect padding, the same result as
-    ``torchvision.transforms.functional.gaussian_blur(images, [k, k], [sigma, sigma])``.
-    (The RISE code pads with zeros instead, which darkens the borders of the start image.)
+    ``torchvision.transforms.v2.functional.gaussian_blur(images, [k, k], [sigma, sigma])``:
+    the 1-D kernel is ``g(t) = exp(-t^2 / (2 sigma^2))`` at ``t = -(k-1)/2 .. (k-1)/2``,
+    divided by its sum, the 2-D kernel is ``g(i) g(j)``, and the borders are reflected
+    (``dcb|abcd|cba``). The RISE code pads with zeros instead, which darkens the borders
+    of the insertion start image. This wrapper only checks the arguments, so that a bad
+    ``blur_kernel`` or ``blur_sigma`` is reported in this project's words.
 
     Args:
         images: (B,C,H,W) float images; H and W must exceed ``kernel_size // 2``.
-        kernel_size: odd positive size; 1 returns the images unchanged.
+        kernel_size: odd positive size; 1 leaves the values unchanged.
         sigma: positive standard deviation in pixels.
 
     Returns:
@@ -331,22 +333,14 @@ def gaussian_blur(images: Tensor, kernel_size: int, sigma: float) -> Tensor:
         raise ValueError(f"blur kernel size must be an odd positive integer, got {kernel_size!r}")
     if not sigma > 0:
         raise ValueError(f"blur sigma must be > 0, got {sigma!r}")
-    if kernel_size == 1:
-        return images
     pad = kernel_size // 2
-    _, c, h, w = images.shape
+    _, _, h, w = images.shape
     if pad >= h or pad >= w:
         raise ValueError(
             f"blur kernel {kernel_size} needs images larger than {pad} pixels per side for "
             f"reflect padding, got {h}x{w}; use a kernel size of at most {2 * min(h, w) - 1}"
         )
-    t = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    g = (g / g.sum()).to(device=images.device, dtype=images.dtype)
-    # Depthwise separable convolution: one row pass, one column pass, per channel.
-    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
-    rows = F.conv2d(padded, g.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
-    return F.conv2d(rows, g.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+    return TF.gaussian_blur(images, [kernel_size, kernel_size], [float(sigma), float(sigma)])
 
 
 def saliency_ranks(maps: Tensor) -> Tensor:

@@ -25,23 +25,20 @@ Per image, with ``m`` the map (B,1,H,W), ``|U|`` the number of pixels in U:
 
 Images without boxes, or whose boxes contain no pixel centre, get NaN in every metric.
 Everything but the connected components runs batched on the maps' device; the
-components are labelled on the CPU (one transfer per call), with SciPy when it is
-installed and a breadth-first search otherwise.
+components are labelled on the CPU by :func:`scipy.ndimage.label` (one transfer per
+call, for the whole batch).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import Tensor
 
-try:  # SciPy is optional: it only speeds up the connected-component labelling.
-    from scipy import ndimage as _ndimage
-except ImportError:  # pragma: no cover - depends on the environment
-    _ndimage = None
+from opticam.names import LOCALIZATION_COLUMNS
 
 __all__ = [
     "LOCALIZATION_METRICS",
@@ -51,13 +48,15 @@ __all__ = [
     "localization",
 ]
 
-LOCALIZATION_METRICS = ("pointing_game", "energy_in_box", "f1", "loc_error", "box_acc")
+#: The per-image columns :func:`localization` returns (a view of
+#: :data:`opticam.names.LOCALIZATION_COLUMNS`).
+LOCALIZATION_METRICS: tuple[str, ...] = LOCALIZATION_COLUMNS
 
 #: IoU at or above which a predicted box counts as correct for ``box_acc``.
 BOX_ACC_IOU = 0.5
 
-# The 8 neighbours of a pixel (8-connectivity), as (drow, dcol).
-_NEIGHBOURS = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
+# 8-connectivity: a pixel touches the 8 pixels around it, corners included.
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def _as_box_tensor(boxes: Tensor | Sequence[Sequence[float]], index: int) -> Tensor:
@@ -120,54 +119,15 @@ def boxes_union_mask(
     return _rasterise(flat, owner, len(boxes), height, width)
 
 
-def _largest_component_box_bfs(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    height, width = mask.shape
-    labels = np.zeros(mask.shape, dtype=np.int64)
-    best: tuple[int, int, int, int] | None = None
-    best_size = 0
-    current = 0
-    for i0, j0 in zip(*np.nonzero(mask), strict=True):  # raster order
-        if labels[i0, j0]:
-            continue
-        current += 1
-        labels[i0, j0] = current
-        queue = deque([(int(i0), int(j0))])
-        size, top, left, bottom, right = 0, int(i0), int(j0), int(i0), int(j0)
-        while queue:
-            i, j = queue.popleft()
-            size += 1
-            top, bottom, left, right = min(top, i), max(bottom, i), min(left, j), max(right, j)
-            for di, dj in _NEIGHBOURS:
-                a, b = i + di, j + dj
-                if 0 <= a < height and 0 <= b < width and mask[a, b] and not labels[a, b]:
-                    labels[a, b] = current
-                    queue.append((a, b))
-        if size > best_size:  # strict: the first of equally large components wins
-            best_size, best = size, (left, top, right + 1, bottom + 1)
-    return best
-
-
-def _largest_component_box_scipy(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    assert _ndimage is not None
-    labels, count = _ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if count == 0:
-        return None
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    # SciPy numbers components in raster order of their first pixel, so argmax (first
-    # maximum) breaks ties the same way as the breadth-first search.
-    rows, cols = _ndimage.find_objects(labels)[int(np.argmax(sizes))]
-    return (int(cols.start), int(rows.start), int(cols.stop), int(rows.stop))
-
-
-def largest_component_box(
-    mask: np.ndarray, *, use_scipy: bool | None = None
-) -> tuple[int, int, int, int] | None:
+def largest_component_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """Bounding box of the largest 8-connected component of a binary mask.
+
+    Components are labelled by :func:`scipy.ndimage.label` with a 3x3 structure of ones
+    (8-connectivity). SciPy numbers them in raster order of their first pixel, so the
+    first maximum of their sizes is the first of equally large components in raster order.
 
     Args:
         mask: (H,W) boolean array.
-        use_scipy: force SciPy (True) or the built-in breadth-first search (False);
-            ``None`` uses SciPy when it is installed. Both give the same answer.
 
     Returns:
         ``(x0, y0, x1, y1) = (j0, i0, j1 + 1, i1 + 1)`` for the component spanning rows
@@ -177,13 +137,13 @@ def largest_component_box(
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (H,W), got shape {mask.shape}")
-    if use_scipy is None:
-        use_scipy = _ndimage is not None
-    if use_scipy:
-        if _ndimage is None:
-            raise RuntimeError("use_scipy=True but SciPy is not installed")
-        return _largest_component_box_scipy(mask)
-    return _largest_component_box_bfs(mask)
+    labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    if count == 0:
+        return None
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    largest = int(np.argmax(sizes)) + 1
+    rows, cols = ndimage.find_objects(labels)[largest - 1]
+    return (int(cols.start), int(rows.start), int(cols.stop), int(rows.stop))
 
 
 def box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
@@ -278,4 +238,4 @@ def localization(
         "loc_error": 1 - best_iou,
         "box_acc": (best_iou >= BOX_ACC_IOU).float(),
     }
-    return {name: torch.where(valid, value, nan) for name, value in results.items()}
+    return {name: torch.where(valid, results[name], nan) for name in LOCALIZATION_COLUMNS}

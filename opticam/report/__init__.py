@@ -9,20 +9,31 @@
   aligned terminal table (what ``opticam report`` prints).
 
 Submodules: :mod:`~opticam.report.summary` (numbers), :mod:`~opticam.report.figures`
-(matplotlib, Agg), :mod:`~opticam.report.gallery` (maps over their images),
-:mod:`~opticam.report.page` (the HTML page), :mod:`~opticam.report.build` (I/O).
+(matplotlib, Agg), :mod:`~opticam.report.colors` (the colour map of saliency maps, also
+used by the CLI's overlays), :mod:`~opticam.report.gallery` (maps over their images),
+:mod:`~opticam.report.page` (the HTML page, from ``templates/``),
+:mod:`~opticam.report.build` (I/O).
+
+The names below are imported on first use, so that ``from opticam.report.colors import
+overlay`` does not import the store, pyarrow or torch.
 """
 
-from opticam.report.build import ReportResult, build_report
-from opticam.report.summary import (
-    SUMMARY_METRICS,
-    SUMMARY_SCHEMA,
-    MetricInfo,
-    format_table,
-    summarize,
-    summary_markdown,
-    summary_table,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opticam.report.build import ReportResult, build_report
+    from opticam.report.summary import (
+        SUMMARY_METRICS,
+        SUMMARY_SCHEMA,
+        MetricInfo,
+        format_table,
+        summarize,
+        summary_markdown,
+        summary_table,
+    )
 
 __all__ = [
     "SUMMARY_METRICS",
@@ -35,3 +46,30 @@ __all__ = [
     "summary_markdown",
     "summary_table",
 ]
+
+_LAZY = {
+    "ReportResult": "opticam.report.build",
+    "build_report": "opticam.report.build",
+    **dict.fromkeys(
+        (
+            "SUMMARY_METRICS",
+            "SUMMARY_SCHEMA",
+            "MetricInfo",
+            "format_table",
+            "summarize",
+            "summary_markdown",
+            "summary_table",
+        ),
+        "opticam.report.summary",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'opticam.report' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

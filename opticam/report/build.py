@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from opticam import store
+from opticam.names import METRICS_BY_COLUMN
 from opticam.report.figures import (
     bar_chart,
     curves_chart,
@@ -35,6 +36,7 @@ from opticam.report.summary import (
     CONFIDENCE,
     SOURCE_COLUMNS,
     SUMMARY_METRICS,
+    better,
     float_column,
     summarize,
     summary_markdown,
@@ -47,6 +49,30 @@ __all__ = ["ReportResult", "build_report"]
 #: are read per group or per image, so memory stays bounded by one method's curves).
 _ROW_COLUMNS = sorted({"run_id", *SOURCE_COLUMNS, *GALLERY_COLUMNS, "input_height", "input_width"})
 _MAX_ERROR_ROWS = 20
+
+#: The bar charts: metric group (:attr:`opticam.names.Metric.group`, also the file name),
+#: title and caption.
+_BAR_CHARTS = (
+    (
+        "faithfulness",
+        "Average Drop, Gain and Increase",
+        "Mean over images with 95% bootstrap intervals. AD (lower is better) and AG (higher is "
+        "better) belong together: a map that changes nothing (Fake-CAM) has a small AD and an "
+        "AG near zero. AI counts images whose score increased.",
+    ),
+    (
+        "insertion_deletion",
+        "Insertion and deletion",
+        "Area under the class-probability curve (predicted class) as pixels are inserted "
+        "into a blurred image (higher is better) or deleted (lower is better).",
+    ),
+    (
+        "localization",
+        "Localization",
+        "Over images with ground-truth boxes: pointing game (SP), energy inside the boxes "
+        "(EP), F1, localization error (LE, lower is better) and box accuracy.",
+    ),
+)
 
 
 @dataclass
@@ -139,36 +165,21 @@ def _figures(
     several_models = len({r["model"] for r in summary}) > 1
     labels = [series_label(r, several_models) for r in summary]
     colors = series_colors(len(summary))
-    by_name = {m.name: m for m in SUMMARY_METRICS}
-    figures = []
+    figures: list[Figure] = []
 
-    def bars(name: str, metrics: Sequence[str], title: str, caption: str) -> None:
-        png = bar_chart(summary, [by_name[m] for m in metrics], labels, colors, title)
-        if png is not None:
+    def add(name: str, title: str, caption: str, png: bytes | None) -> None:
+        if png is not None:  # a chart with nothing to draw is left out of the page
             figures.append(Figure(name, title, caption, png))
 
-    bars(
-        "faithfulness.png",
-        ["average_drop", "average_gain", "average_increase"],
-        "Average Drop, Gain and Increase",
-        "Mean over images with 95% bootstrap intervals. AD (lower is better) and AG (higher is "
-        "better) belong together: a map that changes nothing (Fake-CAM) has a small AD and an "
-        "AG near zero. AI counts images whose score increased.",
-    )
-    bars(
-        "insertion_deletion.png",
-        ["insertion", "deletion"],
-        "Insertion and deletion",
-        "Area under the class-probability curve (predicted class) as pixels are inserted "
-        "into a blurred image (higher is better) or deleted (lower is better).",
-    )
-    bars(
-        "localization.png",
-        ["pointing_game", "energy_in_box", "f1", "loc_error", "box_acc"],
-        "Localization",
-        "Over images with ground-truth boxes: pointing game (SP), energy inside the boxes "
-        "(EP), F1, localization error (LE, lower is better) and box accuracy.",
-    )
+    # One bar chart per group of opticam.names.METRICS, named after the group.
+    for metric_group, title, caption in _BAR_CHARTS:
+        metrics = [m for m in SUMMARY_METRICS if m.group == metric_group]
+        add(
+            f"{metric_group}.png",
+            title,
+            caption,
+            bar_chart(summary, metrics, labels, colors, title),
+        )
 
     curves = []
     for row in summary:
@@ -182,41 +193,31 @@ def _figures(
                 _mean_curve(table.column("deletion_curve")),
             )
         )
-    png = curves_chart(curves, labels, colors)
-    if png is not None:
-        figures.append(
-            Figure(
-                "curves.png",
-                "Mean insertion and deletion curves",
-                "Class probability averaged over images at each step; the areas under these "
-                "curves are the insertion and deletion scores.",
-                png,
-            )
-        )
+    add(
+        "curves.png",
+        "Mean insertion and deletion curves",
+        "Class probability averaged over images at each step; the areas under these "
+        "curves are the insertion and deletion scores.",
+        curves_chart(curves, labels, colors),
+    )
 
     models = np.asarray(rows.column("model").to_pylist(), dtype=object)
     methods = np.asarray(rows.column("method").to_pylist(), dtype=object)
     masks = [(models == r["model"]) & (methods == r["method"]) for r in summary]
     panels = []
-    for column, title in (
-        ("drop", "Drop per image (lower is better)"),
-        ("gain", "Gain per image (higher is better)"),
-        ("insertion_auc", "Insertion AUC per image (higher is better)"),
-        ("deletion_auc", "Deletion AUC per image (lower is better)"),
-    ):
-        values = 100.0 * float_column(rows, column)
+    for column in ("drop", "gain", "insertion_auc", "deletion_auc"):
+        metric = METRICS_BY_COLUMN[column]
+        # One image's value is one term of the average: "Drop", not "Average Drop".
+        title = f"{metric.title.removeprefix('Average ')} per image ({better(metric)})"
+        values = metric.scale * float_column(rows, column)
         panels.append((title, [values[mask] for mask in masks]))
-    png = distributions_chart(panels, labels, colors)
-    if png is not None:
-        figures.append(
-            Figure(
-                "distributions.png",
-                "Per-image distributions",
-                "Share of each method's images per 5-point bin. A mean hides whether a method "
-                "is a little good everywhere or very good on some images only.",
-                png,
-            )
-        )
+    add(
+        "distributions.png",
+        "Per-image distributions",
+        "Share of each method's images per 5-point bin. A mean hides whether a method "
+        "is a little good everywhere or very good on some images only.",
+        distributions_chart(panels, labels, colors),
+    )
     return figures
 
 

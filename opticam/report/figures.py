@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from opticam.report.summary import MetricInfo, metric_header
+from opticam.names import Metric
+from opticam.report.summary import better, metric_header
 
 __all__ = [
     "bar_chart",
@@ -55,7 +56,7 @@ def series_colors(count: int) -> list[tuple[float, float, float, float]]:
 
 def bar_chart(
     summary: Sequence[Mapping[str, Any]],
-    metrics: Sequence[MetricInfo],
+    metrics: Sequence[Metric],
     labels: Sequence[str],
     colors: Sequence[Any],
     title: str,
@@ -128,7 +129,7 @@ def curves_chart(
         return None
     figure = Figure(figsize=(9.0, 3.4), layout="constrained")
     axes = figure.subplots(1, 2, sharey=True)
-    titles = ("Insertion (higher is better)", "Deletion (lower is better)")
+    titles = [f"{mode.capitalize()} ({better(mode)})" for mode in ("insertion", "deletion")]
     for side, (ax, title) in enumerate(zip(axes, titles, strict=True)):
         for pair, label, color in zip(curves, labels, colors, strict=True):
             curve = pair[side]

@@ -11,7 +11,11 @@ maps are upsampled bilinearly and range-normalized, full PNG maps decoded). The 
 images are read again from the data shards named in the rows and preprocessed exactly
 as the model saw them (:class:`opticam.data.Preprocess` with the run's input and resize
 sizes). Reading the data back may fail (shards moved, no credentials for the data
-bucket, ...): the gallery then shows the maps alone and :attr:`Gallery.note` says why.
+bucket, ...): the gallery then shows the maps alone and :attr:`Gallery.notes` say why.
+
+Maps are drawn with :func:`opticam.report.colors.overlay` (half map colours, half image)
+or, without an input image, :func:`~opticam.report.colors.colorize`: the same colour map
+and blend as the CLI's ``opticam explain`` overlays.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from opticam import store
+from opticam.report.colors import colorize, overlay
 from opticam.report.figures import png_bytes
 
 __all__ = ["Gallery", "GalleryItem", "build_gallery", "choose_gallery_images"]
@@ -208,10 +213,9 @@ def _draw(gallery: Gallery) -> bytes | None:
             if saliency is None:
                 ax.text(0.5, 0.5, "no map", ha="center", va="center", fontsize=8)
             elif item.image is not None:
-                ax.imshow(item.image, interpolation="nearest")
-                ax.imshow(saliency, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+                ax.imshow(np.asarray(overlay(item.image, saliency)))
             else:
-                ax.imshow(saliency, cmap="jet", vmin=0.0, vmax=1.0)
+                ax.imshow(colorize(saliency))
             if method in item.scores:
                 drop, gain = item.scores[method]
                 ax.set_xlabel(f"drop {100 * drop:.0f}% · gain {100 * gain:.0f}%", fontsize=7)

@@ -1,15 +1,12 @@
 """Dataset-level summary of a run: one row per (model, method), with bootstrap intervals.
 
 Every summary metric is the mean over images of a per-image Parquet column, in the
-paper's units (percent for the fractions, seconds for time)::
+paper's units (percent for the fractions, seconds for time). For each metric ``m`` of
+the one table :data:`opticam.names.METRICS` (names, headers, directions, units)::
 
-    average_drop      = 100 * mean(drop)            (AD, lower is better)
-    average_gain      = 100 * mean(gain)            (AG, higher is better)
-    average_increase  = 100 * mean(increase)        (AI, higher is better)
-    insertion         = 100 * mean(insertion_auc)   (higher is better)
-    deletion          = 100 * mean(deletion_auc)    (lower is better)
-    pointing_game, energy_in_box, f1, loc_error, box_acc = 100 * mean(column)
-    seconds_per_image = mean(seconds)
+    summary[m.name] = m.scale * mean(rows[m.column])
+
+e.g. ``average_drop = 100 * mean(drop)`` (AD) and ``seconds_per_image = mean(seconds)``.
 
 Null (or NaN) values are left out of a metric's mean, so localization means are over
 the images that have boxes and insertion/deletion over the images where they were
@@ -24,14 +21,14 @@ value in a group is ``None``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from opticam.metrics import METRIC_DIRECTIONS, MetricAggregator, to_paper_units
+from opticam.metrics import MetricAggregator, to_paper_units
+from opticam.names import METRICS, METRICS_BY_NAME, Metric
 
 __all__ = [
     "CONFIDENCE",
@@ -39,6 +36,7 @@ __all__ = [
     "SUMMARY_SCHEMA",
     "SOURCE_COLUMNS",
     "MetricInfo",
+    "better",
     "float_column",
     "format_table",
     "format_value",
@@ -53,51 +51,13 @@ __all__ = [
 CONFIDENCE = 0.95
 
 
-@dataclass(frozen=True)
-class MetricInfo:
-    """How one summary metric is named and shown.
+#: How a summary metric is named and shown: :class:`opticam.names.Metric` (``name`` is
+#: the summary key, ``column`` the per-image column, ``short`` the table header).
+MetricInfo = Metric
 
-    Attributes:
-        name: summary key, e.g. ``average_drop`` (also the ``summary.parquet`` column).
-        column: per-image Parquet column it averages, e.g. ``drop``.
-        short: table header, e.g. ``AD``.
-        title: full name for legends and tooltips.
-        direction: ``"lower"`` or ``"higher"`` is better.
-        unit: ``"%"`` or ``"s"``.
-    """
-
-    name: str
-    column: str
-    short: str
-    title: str
-    direction: str
-    unit: str
-
-    @property
-    def arrow(self) -> str:
-        """``↓`` when lower is better, ``↑`` when higher is better."""
-        return "↓" if self.direction == "lower" else "↑"
-
-
-def _info(name: str, column: str, short: str, title: str, unit: str = "%") -> MetricInfo:
-    return MetricInfo(name, column, short, title, METRIC_DIRECTIONS[name], unit)
-
-
-#: Summary metrics in display order: faithfulness, insertion/deletion, localization, time.
-SUMMARY_METRICS: tuple[MetricInfo, ...] = (
-    _info("average_drop", "drop", "AD", "Average Drop"),
-    _info("average_gain", "gain", "AG", "Average Gain"),
-    _info("average_increase", "increase", "AI", "Average Increase"),
-    _info("insertion", "insertion_auc", "Ins", "Insertion AUC"),
-    _info("deletion", "deletion_auc", "Del", "Deletion AUC"),
-    _info("pointing_game", "pointing_game", "SP", "Pointing game"),
-    _info("energy_in_box", "energy_in_box", "EP", "Energy-based pointing game"),
-    _info("f1", "f1", "F1", "F1 of energy inside the boxes"),
-    _info("loc_error", "loc_error", "LE", "Localization error (1 - max IoU)"),
-    _info("box_acc", "box_acc", "BoxAcc", "Box accuracy"),
-    _info("seconds_per_image", "seconds", "s/img", "Seconds per image", unit="s"),
-)
-_BY_NAME = {m.name: m for m in SUMMARY_METRICS}
+#: Summary metrics in display order: faithfulness, insertion/deletion, localization, time
+#: (the one table, :data:`opticam.names.METRICS`).
+SUMMARY_METRICS: tuple[Metric, ...] = METRICS
 
 #: Per-image columns the summary reads (besides model and method).
 SOURCE_COLUMNS: tuple[str, ...] = (*(m.column for m in SUMMARY_METRICS), "constant_map")
@@ -172,8 +132,6 @@ def summarize(
         key=lambda g: (g[0], rank.get(g[1], len(rank)), g[1]),
     )
     per_image = {m.column: float_column(rows, m.column) for m in SUMMARY_METRICS}
-    # The metrics package names time per image "seconds_per_image".
-    per_image["seconds_per_image"] = per_image.pop("seconds")
     constant = float_column(rows, "constant_map")
 
     summary = []
@@ -207,26 +165,39 @@ def summary_table(summary: Sequence[Mapping[str, Any]]) -> pa.Table:
 # --------------------------------------------------------------------------- formatting
 
 
-def summary_columns(summary: Sequence[Mapping[str, Any]]) -> list[MetricInfo]:
+def summary_columns(summary: Sequence[Mapping[str, Any]]) -> list[Metric]:
     """The metrics that have a value in at least one summary row, in display order."""
     return [m for m in SUMMARY_METRICS if any(r.get(m.name) is not None for r in summary)]
 
 
-def metric_header(metric: str | MetricInfo) -> str:
+def _metric(metric: str | Metric) -> Metric:
+    if isinstance(metric, Metric):
+        return metric
+    if metric not in METRICS_BY_NAME:
+        raise KeyError(f"unknown metric {metric!r} (known: {', '.join(METRICS_BY_NAME)})")
+    return METRICS_BY_NAME[metric]
+
+
+def better(metric: str | Metric) -> str:
+    """How to read a metric: ``"lower is better"`` or ``"higher is better"``."""
+    return f"{_metric(metric).direction} is better"
+
+
+def metric_header(metric: str | Metric) -> str:
     """Table header of a metric with its direction, e.g. ``AD ↓``."""
-    info = _BY_NAME[metric] if isinstance(metric, str) else metric
+    info = _metric(metric)
     return f"{info.short} {info.arrow}"
 
 
-def format_value(metric: str | MetricInfo, value: float | None) -> str:
+def format_value(metric: str | Metric, value: float | None) -> str:
     """A metric value for tables: percent with one decimal, seconds with 3 digits."""
-    info = _BY_NAME[metric] if isinstance(metric, str) else metric
+    info = _metric(metric)
     if value is None:
         return "–"
     return f"{value:.3g}" if info.unit == "s" else f"{value:.1f}"
 
 
-def _cell(info: MetricInfo, row: Mapping[str, Any], with_ci: bool) -> str:
+def _cell(info: Metric, row: Mapping[str, Any], with_ci: bool) -> str:
     mean = row.get(info.name)
     text = format_value(info, mean)
     if with_ci and mean is not None:
