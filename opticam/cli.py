@@ -1,54 +1,63 @@
-"""The ``opticam`` command (also ``python -m opticam``).
+"""The ``opticam`` command (also ``python -m opticam``): argument parsing and nothing else.
 
 Commands:
 
 - ``opticam run``: explain a dataset with the Prefect flow ``explain-dataset`` (ephemeral
   Prefect without a server; the server at ``PREFECT_API_URL`` when one is configured).
-  Without ``--data`` it runs the bundled demo end to end: 4 shards x 50 synthetic images
-  generated once into ``$OPTICAM_CACHE/demo-v1`` (default ``~/.cache/opticam``), the demo
-  classifier, Opti-CAM and four baselines, output in ``./opticam-runs``.
+  Without ``--data`` it runs the bundled demo end to end (:mod:`opticam.demo.cache`).
+  ``--config job.yaml`` reads a job file; flags override it.
+- ``opticam config --example``: a commented job file; ``opticam config [flags]``: the job
+  the same flags would run, as YAML, with its run id.
 - ``opticam report RUN_URL``: re-aggregate a finished or partial run.
 - ``opticam explain IMAGE... --out DIR``: overlay PNGs for a few images (no Prefect).
 - ``opticam pack SOURCE URL --per-shard N``: ImageFolder tree / CSV list -> shards.
 - ``opticam demo-data URL``: write synthetic demo shards.
 
+The flags of ``run`` (and the model and Opti-CAM flags of ``explain``) are made from the
+fields of :class:`~opticam.config.RunConfig`, :class:`~opticam.config.ModelSpec`,
+:class:`~opticam.config.MetricsOptions`, :class:`~opticam.config.OptiCAMOptions` and
+:class:`~opticam.config.CAMOptions`: name, type, choices, default and help come from the
+field, so the command line and the config cannot drift apart. A field's flag is its name
+(``batch_size`` -> ``--batch-size``, booleans get ``--no-...``); where two groups share a
+field name, the later group's flag carries its prefix (``--cam-batch-size``).
+
 Bad input (unknown method, no shard matching the pattern, a bad option) ends with one line
-on stderr and exit status 2; a run with failed shards exits with status 1.
+on stderr and exit status 2; a run with failed shards exits with status 1. Anything else is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import sys
-import threading
 import time
+import types
+import typing
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = [
-    "DEMO_METHODS",
-    "demo_cache_dir",
-    "ensure_demo_data",
-    "main",
-    "parse_storage_options",
-]
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-DEMO_METHODS = "opticam,gradcam,gradcampp,scorecam,fakecam"
-DEMO_SHARDS = 4
-DEMO_PER_SHARD = 50
-# The bundled classifier was trained on seeds 1000 and 1001: the demo explains held-out data.
-DEMO_SEED = 0
-DEMO_STEPS = 32
-DEMO_VERSION = "demo-v1"
-_COMPLETE_MARKER = ".complete"
+from opticam.config import (
+    CAMOptions,
+    MetricsOptions,
+    ModelSpec,
+    OptiCAMOptions,
+    RunConfig,
+    method_options_model,
+)
+from opticam.demo.cache import DEMO_METHODS, DEMO_STEPS
+from opticam.errors import UserError
+
+__all__ = ["CLIError", "Flag", "build_parser", "config_from_args", "main", "parse_storage_options"]
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     """A user error reported as one line with exit status 2."""
 
 
@@ -60,10 +69,152 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- flags
 
 
-def _value(text: str) -> Any:
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag made from one config field.
+
+    Attributes:
+        group: ``run`` (RunConfig), ``model``, ``metrics``, ``opticam`` (Opti-CAM's
+            options) or ``cam`` (the options of the pytorch-grad-cam baselines).
+        field: the field's name in its model.
+        option: the flag, e.g. ``--batch-size``.
+        dest: the argparse destination (unique over all groups).
+    """
+
+    group: str
+    field: str
+    option: str
+    dest: str
+
+
+# Groups in order: a later group's field whose flag is taken gets the group's prefix.
+_GROUPS: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("run", RunConfig),
+    ("model", ModelSpec),
+    ("metrics", MetricsOptions),
+    ("opticam", OptiCAMOptions),
+    ("cam", CAMOptions),
+)
+# Fields whose flag is not their name: the model's source is what people call "the model".
+_RENAMED = {("model", "source"): "--model"}
+# Flags of earlier versions still accepted.
+_ALIASES = {("run", "map_format"): ("--maps",)}
+# Fields that are groups themselves, or secret (storage options have their own flags).
+_NOT_FLAGS = {("run", "model"), ("run", "metrics")}
+
+
+def _flags() -> list[Flag]:
+    flags: list[Flag] = []
+    taken = {"--config", "--verbose", "--storage-option", "--s3-endpoint", "--help"}
+    for group, model in _GROUPS:
+        for name, field in model.model_fields.items():
+            if (group, name) in _NOT_FLAGS or field.exclude:
+                continue
+            option = _RENAMED.get((group, name), "--" + name.replace("_", "-"))
+            if option in taken:
+                option = f"--{group}-{name.replace('_', '-')}"
+            taken.add(option)
+            flags.append(Flag(group, name, option, f"{group}__{name}"))
+    return flags
+
+
+#: Every flag made from a config field, in help order.
+FLAGS: tuple[Flag, ...] = tuple(_flags())
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _choices(field: FieldInfo, annotation: Any) -> list[Any] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    extra = field.json_schema_extra
+    enum = extra.get("enum") if isinstance(extra, dict) else None
+    return list(enum) if isinstance(enum, list) else None
+
+
+# What a default means where the field's own default does not say it.
+_DEFAULT_TEXT = {("run", "data"): "the bundled demo", ("run", "methods"): "opticam,gradcam,fakecam"}
+
+
+def _default_text(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+        default = ",".join(getattr(d, "name", str(d)) for d in default)
+    if default is None:
+        return "none"
+    if isinstance(default, tuple):
+        return " ".join(map(str, default))
+    return str(default)
+
+
+def _add_flag(parser: argparse._ActionsContainer, flag: Flag, model: type[BaseModel]) -> None:
+    field = model.model_fields[flag.field]
+    annotation = _unwrap_optional(field.annotation)
+    options = [flag.option, *_ALIASES.get((flag.group, flag.field), ())]
+    default = _DEFAULT_TEXT.get((flag.group, flag.field)) or _default_text(field)
+    described = default == "none" and "default" in (field.description or "")
+    kwargs: dict[str, Any] = {
+        "dest": flag.dest,
+        "default": argparse.SUPPRESS,
+        # A description that says its default itself is not repeated.
+        "help": field.description if described else f"{field.description} (default: {default})",
+        "metavar": flag.field.upper(),
+    }
+    if annotation is bool:
+        parser.add_argument(*options, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    choices = _choices(field, annotation)
+    if choices is not None:
+        kwargs.update(choices=choices, metavar="{" + ",".join(map(str, choices)) + "}")
+    if typing.get_origin(annotation) is tuple:
+        item = typing.get_args(annotation)[0]
+        kwargs.update(nargs=len(typing.get_args(annotation)), type=item, metavar=("R", "G", "B"))
+    elif flag.field == "data":
+        kwargs.update(nargs="+", metavar="URL")
+    elif annotation in (int, float):
+        kwargs["type"] = annotation
+    parser.add_argument(*options, **kwargs)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, groups: Sequence[str]) -> None:
+    titles = {
+        "run": "the job (RunConfig)",
+        "model": "the model (ModelSpec)",
+        "metrics": "metrics (MetricsOptions)",
+        "opticam": "Opti-CAM options (for method opticam)",
+        "cam": "baseline options (for the pytorch-grad-cam methods)",
+    }
+    models = dict(_GROUPS)
+    for group in groups:
+        section = parser.add_argument_group(titles[group])
+        for flag in FLAGS:
+            if flag.group == group:
+                _add_flag(section, flag, models[group])
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec option for data and output (repeatable; dotted keys nest, values "
+        "parsed as JSON when possible), e.g. anon=true, client_kwargs.region_name=eu-west-1",
+    )
+    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (MinIO, ...)")
+
+
+def _json_or_text(text: str) -> Any:
     """``KEY=VALUE`` values: JSON when it parses (numbers, booleans, null, objects)."""
     try:
         return json.loads(text)
@@ -96,210 +247,121 @@ def parse_storage_options(pairs: Sequence[str], s3_endpoint: str | None = None) 
             if not isinstance(child, dict):
                 raise CLIError(f"storage option {key!r} conflicts with an earlier value")
             node = child
-        node[parts[-1]] = raw if parts[-1] == "endpoint_url" else _value(raw)
+        node[parts[-1]] = raw if parts[-1] == "endpoint_url" else _json_or_text(raw)
     return options
-
-
-def demo_cache_dir() -> Path:
-    """``$OPTICAM_CACHE/demo-v1`` (default cache ``~/.cache/opticam``)."""
-    root = os.environ.get("OPTICAM_CACHE") or os.path.join(Path.home(), ".cache", "opticam")
-    return Path(root).expanduser() / DEMO_VERSION
-
-
-def ensure_demo_data(
-    folder: Path | None = None,
-    shards: int = DEMO_SHARDS,
-    per_shard: int = DEMO_PER_SHARD,
-    seed: int = DEMO_SEED,
-) -> str:
-    """Generate the demo shards once (atomically: a temp folder renamed when complete).
-
-    Returns:
-        A glob pattern matching the shards.
-    """
-    from opticam.demo import make_shards
-
-    folder = folder or demo_cache_dir()
-    if not (folder / _COMPLETE_MARKER).exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_shards(str(tmp), shards, per_shard, seed)
-        (tmp / _COMPLETE_MARKER).write_text(
-            json.dumps({"shards": shards, "per_shard": per_shard, "seed": seed})
-        )
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            # Another process finished first; its copy is identical (deterministic data).
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder / "demo-*.tar")
-
-
-def _one_line(exc: BaseException) -> str:
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        parts = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err.get("loc", ()))
-            msg = str(err.get("msg", "")).removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg}" if loc else msg)
-        return "invalid configuration: " + "; ".join(parts)
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, KeyError) and exc.args:
-        text = str(exc.args[0])
-    return " ".join(text.split())
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class _Progress:
-    """Listener for flow progress events: a live bar on a TTY, plain lines otherwise."""
-
-    def __init__(self, stream: Any = None) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.lock = threading.Lock()
-        self.total = 0
-        self.pending = 0
-        self.done = 0
-        self.images = 0
-        self.per_shard: dict[str, int] = {}
-        self.limits: list[int | None] = []
-        self.sizes: list[int] = []
-        self.start = time.monotonic()
-        self.last_draw = 0.0
-
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        with self.lock:
-            getattr(self, f"_on_{event}", lambda d: None)(data)
-
-    def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
-
-    def _on_plan(self, d: dict[str, Any]) -> None:
-        self.total, self.pending = d["total"], d["pending"]
-        self.limits = list(d.get("max_images") or [])
-        self.start = time.monotonic()
-        self._write(
-            f"run {d['run_id']}: {d['total']} shards, {d['skipped']} already done, "
-            f"{d['pending']} to process on {', '.join(d['devices'])}\n"
-            f"output: {d['run_url']}\n"
-        )
-
-    def _on_images(self, d: dict[str, Any]) -> None:
-        self.images += int(d["n"])
-        self.per_shard[d["shard"]] = self.per_shard.get(d["shard"], 0) + int(d["n"])
-        self._draw()
-
-    def _on_shard_done(self, d: dict[str, Any]) -> None:
-        self.done += 1
-        self.per_shard.pop(d["shard"], None)
-        self.sizes.append(int(d["n_samples"]))
-        if self.tty:
-            self._draw(force=True)
-        else:
-            state = "" if d["complete"] else " (incomplete shard)"
-            self._write(
-                f"[{self.done}/{self.pending}] {d['name']}: {d['n_images']} images, "
-                f"{d['n_errors']} errors, {d['seconds']:.1f}s{state}\n"
-            )
-
-    def _on_shard_failed(self, d: dict[str, Any]) -> None:
-        self.done += 1
-        self.per_shard.pop(d["shard"], None)
-        if self.tty:
-            self._write("\n")
-        self._write(f"shard {d['shard']} failed: {d['message']}\n")
-
-    def _on_report(self, d: dict[str, Any]) -> None:
-        if self.tty and self.pending:
-            self._draw(force=True)
-            self._write("\n")
-
-    def _draw(self, force: bool = False) -> None:
-        if not self.tty or not self.pending:
-            return
-        now = time.monotonic()
-        if not force and now - self.last_draw < 0.2:
-            return
-        self.last_draw = now
-        # Shard sizes are unknown until read: estimate from the per-shard limit or the
-        # shards finished so far, so the bar moves within a shard too.
-        known = [v for v in self.limits if v]
-        estimate = sum(self.sizes) / len(self.sizes) if self.sizes else (known[0] if known else 0)
-        partial = sum(min(n / estimate, 0.99) for n in self.per_shard.values()) if estimate else 0.0
-        fraction = min((self.done + partial) / self.pending, 1.0)
-        width = 30
-        filled = int(round(fraction * width))
-        rate = self.images / max(now - self.start, 1e-6)
-        self._write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.pending} shards "
-            f"{self.images} images {rate:.1f} img/s {now - self.start:.0f}s "
-        )
-
-
-# --------------------------------------------------------------------------- commands
 
 
 def _storage(args: argparse.Namespace) -> dict[str, Any]:
     return parse_storage_options(args.storage_option or [], args.s3_endpoint)
 
 
-def _build_config(args: argparse.Namespace) -> Any:
-    from opticam.config import MethodSpec, MetricsOptions, ModelSpec, RunConfig
+# --------------------------------------------------------------------------- args -> config
 
-    demo = args.data is None
-    data: str | list[str] = ensure_demo_data() if demo else list(args.data)
-    if isinstance(data, list) and len(data) == 1:
-        data = data[0]
-    names = args.methods or (DEMO_METHODS if demo else None)
-    methods: list[MethodSpec] | None = None
-    if names is not None:
-        methods = []
-        for name in (n.strip() for n in names.split(",") if n.strip()):
-            options = (
-                {"iterations": args.iterations}
-                if (name.lower() == "opticam" and args.iterations is not None)
-                else {}
+
+def _group_values(args: argparse.Namespace, group: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for flag in FLAGS:
+        if flag.group == group and hasattr(args, flag.dest):
+            value = getattr(args, flag.dest)
+            out[flag.field] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _method_entries(value: Any) -> list[dict[str, Any]]:
+    """Methods as written in a job file or on the command line -> ``{name, options}`` dicts."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    entries = []
+    for item in value or []:
+        if isinstance(item, str):
+            entries.append({"name": item.strip().lower(), "options": {}})
+        elif isinstance(item, dict):
+            entries.append(
+                {
+                    "name": str(item.get("name", "")).strip().lower(),
+                    "options": dict(item.get("options") or {}),
+                }
             )
-            methods.append(MethodSpec(name=name, options=options))
-    elif args.iterations is not None:
-        methods = [
-            MethodSpec(name="opticam", options={"iterations": args.iterations}),
-            MethodSpec(name="gradcam"),
-            MethodSpec(name="fakecam"),
-        ]
-    steps = args.steps if args.steps is not None else (DEMO_STEPS if demo else None)
-    metric_fields: dict[str, Any] = {"insertion_deletion": not args.no_insertion_deletion}
-    if steps is not None:
-        metric_fields["steps"] = steps
-    metrics = MetricsOptions(**metric_fields)
-    model = ModelSpec(
-        source=args.model,
-        checkpoint=args.checkpoint,
-        target_layer=args.target_layer,
-    )
-    fields: dict[str, Any] = {
-        "data": data,
-        "output": args.output,
-        "model": model,
-        "target": args.target,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "metrics": metrics,
-        "maps": args.maps,
-        "max_images": args.max_images,
-        "executor": args.executor,
-        "storage_options": _storage(args),
-    }
-    if methods is not None:
-        fields["methods"] = methods
+        else:
+            raise CLIError(f"a method must be a name or {{name, options}}, got {item!r}")
+    return entries
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The job described by ``--config`` (if any) with the given flags over it.
+
+    Without ``data`` in either, the bundled demo: its data (generated once), its methods
+    and its insertion/deletion steps, unless flags or the file say otherwise.
+
+    Raises:
+        UserError: an unreadable job file, Opti-CAM flags without the opticam method.
+        pydantic.ValidationError: a value the config refuses.
+    """
+    from opticam.jobfile import read_job_file
+
+    fields: dict[str, Any] = read_job_file(args.config) if args.config else {}
+    run_flags = _group_values(args, "run")
+    fields.update({k: v for k, v in run_flags.items() if k != "methods"})
+    if isinstance(fields.get("data"), list) and len(fields["data"]) == 1:
+        fields["data"] = fields["data"][0]
+    demo = "data" not in fields
+    if demo:
+        from opticam.demo.cache import ensure_demo_data
+
+        fields["data"] = ensure_demo_data()
+
+    for group in ("model", "metrics"):
+        given = _group_values(args, group)
+        if given:
+            base = fields.get(group) or {}
+            if not isinstance(base, dict):
+                raise CLIError(f"{group!r} in the job file must be a mapping, got {base!r}")
+            fields[group] = {**base, **given}
+    if demo:
+        fields.setdefault("metrics", {}).setdefault("steps", DEMO_STEPS)
+
+    if "methods" in run_flags:
+        # Methods named again keep the options the job file gave them.
+        previous = {m["name"]: m for m in _method_entries(fields.get("methods"))}
+        methods = [previous.get(m["name"], m) for m in _method_entries(run_flags["methods"])]
+    elif "methods" in fields:
+        methods = _method_entries(fields["methods"])
+    else:
+        default = (
+            DEMO_METHODS
+            if demo
+            else RunConfig.model_fields["methods"].get_default(call_default_factory=True)
+        )
+        methods = _method_entries(
+            default if isinstance(default, str) else [m.name for m in default]
+        )
+    _apply_method_flags(args, methods)
+    fields["methods"] = methods
+    fields["storage_options"] = _storage(args)
     return RunConfig(**fields)
+
+
+def _apply_method_flags(args: argparse.Namespace, methods: list[dict[str, Any]]) -> None:
+    """Put the Opti-CAM and baseline flags into the options of the methods they apply to."""
+    from opticam.names import METHODS
+
+    for group, applies in (
+        ("opticam", lambda name: name == "opticam"),
+        ("cam", lambda name: name != "opticam" and method_options_model(name) is CAMOptions),
+    ):
+        given = _group_values(args, group)
+        if not given:
+            continue
+        targets = [m for m in methods if m["name"] in METHODS and applies(m["name"])]
+        if not targets:
+            flags = ", ".join(f.option for f in FLAGS if f.group == group and f.field in given)
+            names = ", ".join(m["name"] for m in methods)
+            raise CLIError(f"{flags} set options of a method that is not run (methods: {names})")
+        for method in targets:
+            method["options"] = {**method["options"], **given}
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -318,23 +380,30 @@ def _quiet_prefect(verbose: bool) -> None:
         logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``opticam run``: plan, explain, score and report a dataset (see module doc)."""
     start = time.monotonic()
-    config = _build_config(args)
+    config = config_from_args(args)
     from opticam.pipeline import preflight
 
     # Bad input fails here, in one line, before Prefect starts (and logs tracebacks).
     preflight(config)
     _quiet_prefect(args.verbose)
     from flows.explain import explain_dataset, progress_listener
-
-    progress = _Progress()
-    with progress_listener(progress):
-        result = explain_dataset(config)
-    elapsed = time.monotonic() - start
+    from opticam.progress import RunProgress
     from opticam.report import format_table
 
+    progress = RunProgress()
+    try:
+        with progress_listener(progress):
+            result = explain_dataset(config)
+    finally:
+        progress.close()
+    elapsed = time.monotonic() - start
     out = sys.stdout
     out.write("\n" + format_table(result["summary"], with_ci=False) + "\n")
     out.write(
@@ -350,55 +419,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_path(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url
+def cmd_config(args: argparse.Namespace) -> int:
+    """``opticam config``: the example job file, or the job that the flags describe."""
+    if args.example:
+        from opticam.jobfile import example_yaml
+
+        sys.stdout.write(example_yaml())
+        return 0
+    import yaml
+
+    config = config_from_args(args)
+    sys.stdout.write(f"# run id: {config.run_id}\n")
+    sys.stdout.write(yaml.safe_dump(config.public_dict(), sort_keys=False))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``opticam report RUN_URL``: rebuild the report of a run."""
     from opticam import store
-    from opticam.report import build_report
+    from opticam.report import build_report, format_table
 
     run = args.run_url.rstrip("/")
     options = _storage(args) or None
     if store.read_run_json(run, options) is None and not store.list_done_shards(run, options):
         raise CLIError(f"no opticam run at {run!r} (no run.json, no shards)")
     report = build_report(run, storage_options=options)
-    from opticam.report import format_table
-
     sys.stdout.write(format_table(report.summary) + "\n")
     sys.stdout.write(f"report: {_local_path(report.index_url)}\n")
     return 0
-
-
-def _jet(values: Any) -> Any:
-    """Jet-like colormap: values (H, W) in [0, 1] -> (H, W, 3) in [0, 1]."""
-    import numpy as np
-
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    centres = np.array([0.75, 0.5, 0.25])  # red, green, blue peaks
-    return np.clip(1.5 - np.abs(4.0 * (v - centres)), 0.0, 1.0)
-
-
-def overlay(image: Any, saliency_map: Any, alpha: float = 0.5) -> Any:
-    """Blend a jet-coloured map on an image.
-
-    Args:
-        image: (3, H, W) tensor or (H, W, 3) array in [0, 1].
-        saliency_map: (H, W) in [0, 1].
-        alpha: weight of the colour map.
-
-    Returns:
-        A PIL RGB image.
-    """
-    import numpy as np
-    from PIL import Image
-
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 3 and img.shape[0] == 3:
-        img = img.transpose(1, 2, 0)
-    blended = (1 - alpha) * img + alpha * _jet(np.asarray(saliency_map, dtype=np.float32))
-    return Image.fromarray(np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -408,12 +456,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from opticam.data import Preprocess, decode_image
     from opticam.methods import get_explainer
-    from opticam.models import ModelSpec, load_model
+    from opticam.models import load_model
     from opticam.pipeline import resolve_device
+    from opticam.report.colors import overlay
 
     device = resolve_device(args.device)[0]
     storage = _storage(args)
-    spec = ModelSpec(source=args.model, checkpoint=args.checkpoint, target_layer=args.target_layer)
+    spec = ModelSpec(**_group_values(args, "model"))
+    opticam_options = _group_values(args, "opticam")
     pictures, stems = [], []
     for url in args.images:  # read first: a typo should not wait for a model to load
         try:
@@ -424,10 +474,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             raise CLIError(f"cannot read image {url!r}: {err}") from err
         stems.append(Path(url.rstrip("/").rsplit("/", 1)[-1]).stem)
+    methods = [m.strip().lower() for m in args.method.split(",") if m.strip()]
+    if opticam_options and "opticam" not in methods:
+        raise CLIError(f"Opti-CAM options given, but method opticam is not in {methods}")
+    explainers = {}
     loaded = load_model(spec, device, storage_options=storage)
+    for method in methods:
+        options = OptiCAMOptions(**opticam_options) if method == "opticam" else None
+        given = {k: getattr(options, k) for k in opticam_options} if options else {}
+        try:
+            explainers[method] = get_explainer(method, loaded, **given)
+        except ValueError as err:
+            raise CLIError(str(err)) from err
     preprocess = Preprocess(loaded.input_size, loaded.resize_size)
-    tensors = [preprocess(picture, [])[0] for picture in pictures]
-    images = torch.stack(tensors).to(device)
+    images = torch.stack([preprocess(p, [])[0] for p in pictures]).to(device)
     with torch.no_grad():
         probs = torch.softmax(loaded.model(images).float(), dim=1)
     if args.target_class is not None:
@@ -435,14 +495,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise CLIError(
                 f"--target-class {args.target_class} out of range (0..{loaded.num_classes - 1})"
             )
-        targets = torch.full((len(tensors),), args.target_class, dtype=torch.long, device=device)
+        targets = torch.full((len(stems),), args.target_class, dtype=torch.long, device=device)
     else:
         targets = probs.argmax(dim=1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for method in (m.strip() for m in args.method.split(",") if m.strip()):
-        options = {"iterations": args.iterations} if method == "opticam" and args.iterations else {}
-        explainer = get_explainer(method, loaded, **options)
+    for method, explainer in explainers.items():
         maps = explainer(images, targets).maps[:, 0].detach().cpu().numpy()
         for i, stem in enumerate(stems):
             path = out / f"{stem}-{method}.png"
@@ -456,13 +514,17 @@ def cmd_pack(args: argparse.Namespace) -> int:
     """``opticam pack SOURCE URL --per-shard N``: ImageFolder / CSV -> shards."""
     from opticam.data import pack
 
-    urls = pack(
-        args.source,
-        args.url,
-        args.per_shard,
-        storage_options=_storage(args) or None,
-        shuffle_seed=args.shuffle_seed,
-    )
+    try:
+        urls = pack(
+            args.source,
+            args.url,
+            args.per_shard,
+            storage_options=_storage(args) or None,
+            shuffle_seed=args.shuffle_seed,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        # pack checks the source tree or CSV and says what in it is wrong.
+        raise CLIError(str(err)) from err
     for url in urls:
         sys.stdout.write(url + "\n")
     sys.stderr.write(f"{len(urls)} shards written\n")
@@ -494,19 +556,21 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_storage(p: argparse.ArgumentParser) -> None:
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="fsspec option for data and output (repeatable; dotted keys nest, values "
-        "parsed as JSON when possible), e.g. anon=true, client_kwargs.region_name=eu-west-1",
+        "--config",
+        metavar="FILE",
+        help="job file (YAML or JSON, the fields of RunConfig; see 'opticam config "
+        "--example'); flags override it",
     )
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (MinIO, ...)")
+    _add_config_flags(p, ("run", "model", "metrics", "opticam", "cam"))
+    _add_storage(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``opticam`` argument parser."""
+    from opticam.demo.cache import DEMO_PER_SHARD, DEMO_SEED, DEMO_SHARDS
+
     parser = _Parser(prog="opticam", description="Dataset-scale Opti-CAM saliency maps.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -515,30 +579,22 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="explain a dataset (no --data: the bundled demo)",
         description="Explain, score and report a dataset with the explain-dataset flow. "
-        "Without --data, runs the bundled demo end to end.",
+        f"Without --data, runs the bundled demo end to end (methods {DEMO_METHODS}, "
+        f"{DEMO_STEPS} insertion/deletion steps).",
     )
-    run.add_argument("--data", nargs="+", metavar="URL", help="shard URL(s) or pattern(s)")
-    run.add_argument("--output", default="./opticam-runs", help="output folder URL")
-    run.add_argument(
-        "--model", default="demo", help="demo | torchvision:NAME[:WEIGHTS] | factory:mod:fn"
-    )
-    run.add_argument("--checkpoint", help="state_dict URL for the model")
-    run.add_argument("--target-layer", help="dotted module name of the CAM layer")
-    run.add_argument("--methods", help=f"comma-separated methods (demo: {DEMO_METHODS})")
-    run.add_argument("--target", choices=["label", "predicted"], default="label")
-    run.add_argument("--batch-size", type=_positive, default=32)
-    run.add_argument("--iterations", type=_positive, help="Opti-CAM iterations (default 100)")
-    run.add_argument("--max-images", type=_positive, help="images in total, spread over shards")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    run.add_argument("--executor", default="local", choices=["local", "deployments"])
-    run.add_argument(
-        "--steps", type=_positive, help=f"insertion/deletion steps (demo {DEMO_STEPS})"
-    )
-    run.add_argument("--no-insertion-deletion", action="store_true", help="skip insertion/deletion")
-    run.add_argument("--maps", choices=["lowres", "full_png"], default="lowres", help="map storage")
+    _add_job_arguments(run)
     run.add_argument("--verbose", action="store_true", help="show Prefect's logs")
-    _add_storage(run)
     run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser(
+        "config",
+        help="print an example job file, or the job that flags describe",
+        description="With --example, a commented job file with every field. Otherwise the "
+        "job that the same flags would give 'opticam run', as YAML, with its run id.",
+    )
+    config.add_argument("--example", action="store_true", help="print a commented job file")
+    _add_job_arguments(config)
+    config.set_defaults(func=cmd_config)
 
     report = sub.add_parser("report", help="re-aggregate a run and rebuild its report")
     report.add_argument("run_url", metavar="RUN_URL", help="<output>/<run_id>")
@@ -547,14 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="overlay PNGs for a few images (no Prefect)")
     explain.add_argument("images", nargs="+", metavar="IMAGE")
-    explain.add_argument("--model", default="demo")
-    explain.add_argument("--checkpoint")
-    explain.add_argument("--target-layer")
     explain.add_argument("--method", default="opticam", help="method(s), comma-separated")
     explain.add_argument("--target-class", type=int, help="class to explain (default: predicted)")
-    explain.add_argument("--iterations", type=_positive)
-    explain.add_argument("--device", default="auto")
+    explain.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     explain.add_argument("--out", required=True, help="output folder")
+    _add_config_flags(explain, ("model", "opticam"))
     _add_storage(explain)
     explain.set_defaults(func=cmd_explain)
 
@@ -576,18 +629,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Exceptions that mean "the input was wrong": one line, exit status 2.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [CLIError, ValueError, FileNotFoundError, KeyError]
-    with contextlib.suppress(ImportError):
-        from opticam.models import CheckpointError, WeightsUnavailableError
-
-        errors += [CheckpointError, WeightsUnavailableError]
-    return tuple(errors)
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
+        return "invalid configuration: " + "; ".join(parts)
+    return " ".join((str(exc) or type(exc).__name__).split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``opticam``; returns the exit status."""
+    """Entry point of ``opticam``; returns the exit status.
+
+    A :class:`~opticam.errors.UserError` or a config value pydantic refuses is printed as
+    one line with exit status 2; any other exception propagates with its traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -595,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("opticam: interrupted\n")
         return 130
-    except _user_errors() as exc:
+    except (UserError, ValidationError) as exc:
         sys.stderr.write(f"opticam {args.command}: error: {_one_line(exc)}\n")
         return 2
 

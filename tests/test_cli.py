@@ -6,45 +6,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
-import torch
+import tiny
 from PIL import Image
-from torch import nn
 
 from opticam import cli, store
 from opticam.data import ShardReader
+from opticam.demo import cache as demo_cache
 from opticam.demo import generate_sample, make_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class TinyNet(nn.Module):
-    """64x64 input, 8x8 feature maps, fixed random weights."""
-
-    default_target_layer = "features"
-    input_size = 64
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=8, padding=1), nn.ReLU())
-        self.head = nn.Linear(8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean((2, 3)))
-
-
 @pytest.fixture
 def tiny_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    module = types.ModuleType("opticam_cli_tiny")
-    module.build = TinyNet  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "opticam_cli_tiny", module)
-    yield "factory:opticam_cli_tiny:build"
+    yield tiny.register(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +41,16 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, out, err
 
 
-def test_run_end_to_end_in_a_subprocess_with_ephemeral_prefect(
-    shards: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def run_subprocess(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m opticam ARGV`` with its own ephemeral Prefect and ``tests/`` importable."""
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect"),  # its own ephemeral database
         "OPTICAM_CACHE": str(tmp_path / "cache"),
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
     }
     env.pop("PREFECT_API_URL", None)
-    output = tmp_path / "runs"
-    argv = [
-        *("run", "--data", f"{Path(shards[0]).parent}/demo-*.tar", "--output", str(output)),
-        *("--methods", "opticam,gradcam,fakecam", "--iterations", "3", "--steps", "4"),
-        *("--device", "cpu", "--batch-size", "4", "--target", "predicted"),
-    ]
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "opticam", *argv],
         env=env,
         cwd=tmp_path,
@@ -85,6 +58,31 @@ def test_run_end_to_end_in_a_subprocess_with_ephemeral_prefect(
         text=True,
         timeout=300,
     )
+
+
+def test_run_end_to_end_from_a_job_file_with_flags_over_it(
+    shards: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "runs"
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"""
+data: "{Path(shards[0]).parent}/demo-*.tar"
+output: "{output}"
+methods:
+  - name: opticam
+    options: {{iterations: 3}}
+  - gradcam
+  - fakecam
+metrics: {{steps: 4, save_curves: false}}
+device: cpu
+batch_size: 2
+target: label
+"""
+    )
+    # The flags override the file: batch size, target, steps (save_curves stays).
+    argv = ["run", "--config", str(job), "--batch-size", "4", "--target", "predicted"]
+    proc = run_subprocess([*argv, "--steps", "5"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
     assert {"method", "opticam", "gradcam", "fakecam"} <= table  # the summary table
@@ -95,13 +93,49 @@ def test_run_end_to_end_in_a_subprocess_with_ephemeral_prefect(
     assert "Traceback" not in proc.stderr
     assert "2 shards" in proc.stderr  # plain-text progress (not a TTY)
     (run,) = list(output.iterdir())
-    assert store.read_rows(str(run), ["key"]).num_rows == 8 * 3
-    assert not (tmp_path / "cache").exists()  # --data given: no demo data generated
+    rows = store.read_rows(str(run), ["key", "method", "iterations", "insertion_curve"])
+    assert rows.num_rows == 8 * 3
+    assert {i for i in rows.column("iterations").to_pylist() if i is not None} == {3}
+    assert set(rows.column("insertion_curve").to_pylist()) == {None}  # from the file
+    config = store.read_run_json(str(run))["config"]  # type: ignore[index]
+    assert (config["batch_size"], config["target"]) == (4, "predicted")  # from the flags
+    assert config["metrics"]["steps"] == 5 and config["metrics"]["save_curves"] is False
+    assert not (tmp_path / "cache").exists()  # data given: no demo data generated
 
     # `opticam report` re-aggregates the finished run without Prefect.
     code, out, err = run_main(["report", str(run)], capsys)
     assert code == 0, err
     assert f"report: {index}" in out and "opticam" in out
+
+
+def test_a_factory_model_runs_with_its_preprocessing_from_the_cli_alone(
+    shards: list[str], tmp_path: Path
+) -> None:
+    output = tmp_path / "runs"
+    argv = [
+        *("run", "--data", shards[0], "--output", str(output), "--device", "cpu"),
+        *("--model", "factory:tiny:build_plain", "--target-layer", "features"),
+        *("--input-size", "48", "--resize-size", "56", "--num-classes", "10"),
+        *("--mean", "0.5", "0.4", "0.3", "--std", "0.2", "0.25", "0.3"),
+        *("--methods", "opticam,fakecam", "--iterations", "2", "--lr", "0.05"),
+        *("--objective", "diff", "--no-insertion-deletion", "--target", "predicted"),
+    ]
+    proc = run_subprocess(argv, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = list(output.iterdir())
+    rows = store.read_rows(str(run), ["method", "input_height", "input_width", "target_layer"])
+    assert rows.num_rows == 4 * 2
+    assert set(rows.column("input_height").to_pylist()) == {48}
+    assert set(rows.column("input_width").to_pylist()) == {48}
+    assert set(rows.column("target_layer").to_pylist()) == {"features", None}
+    model = store.read_run_json(str(run))["config"]["model"]  # type: ignore[index]
+    assert model["mean"] == [0.5, 0.4, 0.3] and model["std"] == [0.2, 0.25, 0.3]
+    assert (model["input_size"], model["resize_size"]) == (48, 56)
+    methods = store.read_run_json(str(run))["config"]["methods"]  # type: ignore[index]
+    assert methods[0] == {
+        "name": "opticam",
+        "options": {"iterations": 2, "lr": 0.05, "objective": "diff"},
+    }
 
 
 def test_demo_data_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,7 +212,7 @@ def test_explain_command_writes_overlays(
             ["run", "--data", "{shard}", "--methods", "gradcam", "--target-layer", "nope"],
             "unknown target layer 'nope'",
         ),
-        (["run", "--batch-size", "0"], "positive integer"),
+        (["run", "--batch-size", "0"], "batch_size: Input should be greater than or equal to 1"),
         (["frobnicate"], "invalid choice"),
         (["explain", "{tmp}/missing.png", "--out", "{tmp}/o"], "missing.png"),
         (["pack", "{tmp}/nothing", "{tmp}/out", "--per-shard", "2"], "nothing"),
@@ -222,27 +256,27 @@ def test_demo_data_is_generated_once_into_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPTICAM_CACHE", str(tmp_path / "cache"))
-    folder = cli.demo_cache_dir()
-    assert folder == tmp_path / "cache" / cli.DEMO_VERSION
-    pattern = cli.ensure_demo_data(shards=2, per_shard=2)
+    folder = demo_cache.demo_cache_dir()
+    assert folder == tmp_path / "cache" / demo_cache.DEMO_VERSION
+    pattern = demo_cache.ensure_demo_data(shards=2, per_shard=2)
     assert pattern == f"{folder}/demo-*.tar"
     files = sorted(folder.glob("demo-*.tar"))
     assert len(files) == 2 and (folder / ".complete").exists()
     mtimes = [f.stat().st_mtime_ns for f in files]
-    cli.ensure_demo_data(shards=2, per_shard=2)
+    demo_cache.ensure_demo_data(shards=2, per_shard=2)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cli.DEMO_VERSION]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [demo_cache.DEMO_VERSION]
 
 
 def test_demo_run_config_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPTICAM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cli, "ensure_demo_data", lambda: f"{tmp_path}/cache/demo-*.tar")
+    monkeypatch.setattr(demo_cache, "ensure_demo_data", lambda: f"{tmp_path}/cache/demo-*.tar")
     args = cli.build_parser().parse_args(["run"])
-    config = cli._build_config(args)
-    assert [m.name for m in config.methods] == cli.DEMO_METHODS.split(",")
-    assert config.metrics.steps == cli.DEMO_STEPS and config.model.source == "demo"
+    config = cli.config_from_args(args)
+    assert [m.name for m in config.methods] == demo_cache.DEMO_METHODS.split(",")
+    assert config.metrics.steps == demo_cache.DEMO_STEPS and config.model.source == "demo"
     assert config.output == "./opticam-runs" and config.executor == "local"
-    flagged = cli._build_config(
+    flagged = cli.config_from_args(
         cli.build_parser().parse_args(
             ["run", "--iterations", "7", "--s3-endpoint", "http://e", "--max-images", "9"]
         )
@@ -250,15 +284,6 @@ def test_demo_run_config_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert flagged.methods[0].options == {"iterations": 7}
     assert flagged.max_images == 9
     assert flagged.data_options() == {"client_kwargs": {"endpoint_url": "http://e"}}
-
-
-def test_overlay_colours() -> None:
-    image = np.zeros((3, 2, 2), dtype=np.float32)
-    saliency_map = np.array([[0.0, 1.0], [0.5, 0.5]], dtype=np.float32)
-    out = np.asarray(cli.overlay(image, saliency_map, alpha=1.0))
-    assert tuple(out[0, 0]) == (0, 0, 128)  # jet: low values dark blue
-    assert tuple(out[0, 1]) == (128, 0, 0)  # high values dark red
-    assert out[1, 0, 1] == 255  # the middle is green
 
 
 def test_python_dash_m_entry_point_prints_help() -> None:
@@ -272,3 +297,179 @@ def test_python_dash_m_entry_point_prints_help() -> None:
     assert proc.returncode == 0
     for command in ("run", "report", "explain", "pack", "demo-data"):
         assert command in proc.stdout
+
+
+# A value other than the default for every flag made from a config field, as typed on
+# the command line, and what the field then holds.
+SAMPLES: dict[tuple[str, str], tuple[list[str], Any]] = {
+    ("run", "data"): (["a.tar", "b.tar"], ["a.tar", "b.tar"]),
+    ("run", "output"): (["/tmp/elsewhere"], "/tmp/elsewhere"),
+    ("run", "methods"): (["gradcam,opticam"], ["gradcam", "opticam"]),
+    ("run", "target"): (["predicted"], "predicted"),
+    ("run", "batch_size"): (["7"], 7),
+    ("run", "device"): (["cpu"], "cpu"),
+    ("run", "map_format"): (["full_png"], "full_png"),
+    ("run", "max_images"): (["9"], 9),
+    ("model", "source"): (["torchvision:resnet18"], "torchvision:resnet18"),
+    ("model", "checkpoint"): (["s3://b/c.pt"], "s3://b/c.pt"),
+    ("model", "trust_checkpoint"): ([], True),
+    ("model", "target_layer"): (["layer3"], "layer3"),
+    ("model", "input_size"): (["160"], 160),
+    ("model", "resize_size"): (["180"], 180),
+    ("model", "num_classes"): (["7"], 7),
+    ("model", "mean"): (["0.1", "0.2", "0.3"], (0.1, 0.2, 0.3)),
+    ("model", "std"): (["0.4", "0.5", "0.6"], (0.4, 0.5, 0.6)),
+    ("model", "relu_features"): ([], True),
+    ("metrics", "insertion_deletion"): ([], False),
+    ("metrics", "steps"): (["16"], 16),
+    ("metrics", "blur_sigma"): (["2.5"], 2.5),
+    ("metrics", "blur_kernel"): (["7"], 7),
+    ("metrics", "deletion_baseline"): (["0.5"], 0.5),
+    ("metrics", "save_curves"): ([], False),
+    ("metrics", "localization"): ([], False),
+    ("opticam", "relu_features"): ([], True),
+    ("opticam", "normalization"): (["sigmoid"], "sigmoid"),
+    ("opticam", "iterations"): (["12"], 12),
+    ("opticam", "lr"): (["0.02"], 0.02),
+    ("opticam", "objective"): (["diff"], "diff"),
+    ("opticam", "score"): (["probability"], "probability"),
+    ("opticam", "tolerance"): (["0.001"], 0.001),
+    ("opticam", "amp_dtype"): (["bf16"], "bf16"),
+    ("cam", "relu_features"): ([], True),
+    ("cam", "normalization"): (["max"], "max"),
+    ("cam", "batch_size"): (["3"], 3),
+}
+
+
+def _field_value(config: Any, group: str, field: str) -> Any:
+    if group == "run":
+        value = getattr(config, field)
+        return [m.name for m in value] if field == "methods" else value
+    if group in ("model", "metrics"):
+        return getattr(getattr(config, group), field)
+    methods = {m.name: m.options for m in config.methods}
+    return methods["opticam" if group == "opticam" else "gradcam"].get(field)
+
+
+def test_every_config_field_has_a_flag() -> None:
+    from opticam.config import CAMOptions, MetricsOptions, ModelSpec, OptiCAMOptions, RunConfig
+
+    fields = {("run", n) for n, f in RunConfig.model_fields.items() if not f.exclude} - {
+        ("run", "model"),
+        ("run", "metrics"),
+        ("run", "executor"),
+    }
+    for group, model in (
+        ("model", ModelSpec),
+        ("metrics", MetricsOptions),
+        ("opticam", OptiCAMOptions),
+        ("cam", CAMOptions),
+    ):
+        fields |= {(group, n) for n in model.model_fields}
+    assert fields == set(SAMPLES)  # a new field needs a flag (and a sample here)
+    assert {(f.group, f.field) for f in cli.FLAGS} == fields | {("run", "executor")}
+
+
+@pytest.mark.parametrize("flag", [f for f in cli.FLAGS if (f.group, f.field) in SAMPLES])
+def test_each_flag_sets_its_field(flag: cli.Flag) -> None:
+    words, expected = SAMPLES[(flag.group, flag.field)]
+    option = flag.option
+    if not words and expected is False:
+        option = "--no-" + option.removeprefix("--")
+    argv = ["config", "--methods", "opticam,gradcam"] if flag.field != "methods" else ["config"]
+    if flag.field != "data":
+        argv += ["--data", "x.tar"]
+    args = cli.build_parser().parse_args([*argv, option, *words])
+    config = cli.config_from_args(args)
+    assert _field_value(config, flag.group, flag.field) == expected
+    # ...and nothing else moved from its default.
+    plain = argv if flag.field != "data" else [*argv, "--data", "x.tar"]
+    defaults = cli.config_from_args(cli.build_parser().parse_args(plain))
+    for other in SAMPLES:
+        if other not in ((flag.group, flag.field), ("run", "data")):
+            assert _field_value(config, *other) == _field_value(defaults, *other), other
+
+
+def test_config_example_is_a_valid_job_and_runs_the_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from opticam.config import RunConfig
+
+    code, example, err = run_main(["config", "--example"], capsys)
+    assert code == 0, err
+    assert example.count("# ") > 30  # every field is commented
+    parsed = RunConfig.model_validate(yaml.safe_load(example))
+    # The example spells out the defaults: the same job (run id) as giving none of them.
+    assert parsed.run_id == RunConfig(data=parsed.data).run_id
+    job = tmp_path / "job.yaml"
+    job.write_text(example)
+    flags = ["--iterations", "7", "--batch-size", "3", "--steps", "8", "--model", "demo"]
+    code, out, err = run_main(["config", "--config", str(job), *flags], capsys)
+    assert code == 0, err
+    shown = yaml.safe_load(out)
+    # Flags win over the file, group by group; the rest of the file stays.
+    assert shown["methods"][0]["options"]["iterations"] == 7
+    assert shown["methods"][0]["options"]["lr"] == 0.1
+    assert shown["batch_size"] == 3 and shown["output"] == parsed.output
+    assert shown["metrics"]["steps"] == 8 and shown["metrics"]["save_curves"] is True
+    assert shown["data"] == parsed.data
+    assert out.startswith("# run id: ")
+
+
+def test_a_job_file_in_json_and_the_demo_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo_cache, "ensure_demo_data", lambda: f"{tmp_path}/demo-*.tar")
+    job = tmp_path / "job.json"
+    job.write_text('{"methods": [{"name": "gradcam", "options": {"batch_size": 4}}, "fakecam"]}')
+    args = cli.build_parser().parse_args(["run", "--config", str(job), "--methods", "gradcam"])
+    config = cli.config_from_args(args)
+    # Methods named again on the command line keep their options from the file.
+    assert [(m.name, m.options) for m in config.methods] == [("gradcam", {"batch_size": 4})]
+    assert config.data == f"{tmp_path}/demo-*.tar"  # no data anywhere: the demo
+    assert config.metrics.steps == demo_cache.DEMO_STEPS
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "fragment"),
+    [
+        (None, [], "job file '{job}' not found"),
+        ("- a\n- b\n", [], "must hold a mapping of RunConfig fields, got list"),
+        ("data: [unclosed\n", [], "is not valid YAML/JSON"),
+        ("data: x.tar\nstorage_options: {key: AKIA}\n", [], "credentials are not read"),
+        ("data: x.tar\nbatch: 3\n", [], "batch: Extra inputs are not permitted"),
+        ("data: x.tar\nmethods: [gradcam]\n", ["--iterations", "3"], "--iterations set options"),
+        ("data: x.tar\n", ["--cam-batch-size", "0"], "batch_size: Input should be greater"),
+    ],
+)
+def test_bad_job_files_and_flags_are_one_line_errors(
+    content: str | None,
+    extra: list[str],
+    fragment: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    job = tmp_path / "job.yaml"
+    if content is not None:
+        job.write_text(content)
+    code, _, err = run_main(["config", "--config", str(job), *extra], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and fragment.format(job=job) in err, err
+
+
+def test_a_bug_keeps_its_traceback(
+    shards: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import opticam.pipeline
+
+    def buggy(config: Any) -> None:
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr(opticam.pipeline, "preflight", buggy)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["run", "--data", shards[0]])
+    monkeypatch.setattr(opticam.pipeline, "preflight", lambda c: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["run", "--data", shards[0]])
