@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck pytest clean
+.PHONY: install demo test lint typecheck pytest system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+## System packages the tests need: Debian's Chromium for the report's browser test.
+system-deps:
+	.ci/install-chromium
+
+pytest: $(STAMP) system-deps
 	$(BIN)/pytest -q
 
-## Lint, type-check and run the whole test suite.
+## Install what the tests need (venv, packages, Chromium), lint, type-check, run the tests.
 test: lint typecheck pytest
 
 clean:
