@@ -438,6 +438,41 @@ def _has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    """``"a, b, c, ... and 117 more"``: the first ``shown`` names and a count of the rest."""
+    listed = ", ".join(names[:shown])
+    rest = len(names) - shown
+    return f"{listed}, ... and {rest} more" if rest > 0 else listed
+
+
+def _state_mismatch(expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str:
+    """Why ``state`` does not fit a model whose state_dict is ``expected``, in one short line.
+
+    Counts and the first few names of the missing keys, the unexpected keys and the
+    keys with another shape, e.g. ``missing 102 keys (conv1.weight, bn1.weight,
+    bn1.bias, ... and 99 more); unexpected 3 keys (...)``; empty when all fit. Whole
+    key lists (what ``load_state_dict`` prints) run to thousands of characters for an
+    architecture mix-up.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(expected[k].shape)} in the model"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    parts = [
+        f"{label} {len(names)} key{'s' if len(names) != 1 else ''} ({_some(names, shown)})"
+        for label, names, shown in (
+            ("missing", missing, 3),
+            ("unexpected", unexpected, 3),
+            ("other shape for", reshaped, 1),
+        )
+        if names
+    ]
+    return "; ".join(parts)
+
+
 def _load_state(net: nn.Module, spec: ModelSpec, storage_options: Mapping[str, Any] | None) -> None:
     assert spec.checkpoint is not None
     state = load_checkpoint(
@@ -446,9 +481,15 @@ def _load_state(net: nn.Module, spec: ModelSpec, storage_options: Mapping[str, A
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
+        # torch's own message lists every key; it is kept (cut short) only when a
+        # module's load hook raised something the key comparison cannot see.
+        reason = _state_mismatch(net.state_dict(), state)
+        if not reason:
+            text = " ".join(str(err).split())
+            reason = text if len(text) <= 300 else f"{text[:300]} ..."
         raise CheckpointError(
             f"checkpoint {spec.checkpoint!r} does not fit {spec.source!r} "
-            f"(a different architecture, or set num_classes?): {err}"
+            f"(a different architecture, or set num_classes?): {reason}"
         ) from err
 
 

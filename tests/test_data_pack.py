@@ -234,6 +234,7 @@ def test_pack_errors_are_clear(tmp_path: Path) -> None:
     (source / "a.png").write_bytes(image_bytes(1, "PNG"))
     bad_rows = {
         "a.png,one\n": r"line 1 .*label must be an integer",
+        "a.png,-1\n": r"line 1 .*label -1 is negative; labels are class indices 0\.\.N-1",
         "a.png,1\nb.gif,2\n": r"line 2 .*unsupported image file 'b.gif'",
         'a.png,1,"[[3, 3, 1, 1]]"\n': r"line 1 .*bad boxes",
         "a.png\n": r"line 1 .*expected columns",

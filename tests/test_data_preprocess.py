@@ -211,44 +211,39 @@ def integer_box(
     return x0, y0, x1, y1
 
 
+BoxCase = tuple[int, int, int, int, tuple[int, int, int, int]]
+
+
+@st.composite
+def box_cases(
+    draw: st.DrawFn,
+    *,
+    min_side: int,
+    min_crop: int,
+    resize_factors: tuple[float, float],
+    box_fractions: tuple[float, float],
+) -> BoxCase:
+    """``(width, height, crop size, resize size, integer box)`` for :func:`check_drawn_box`."""
+    width, height = draw(st.integers(min_side, 240)), draw(st.integers(min_side, 240))
+    size = draw(st.integers(min_crop, 64))
+    resize_size = max(4, round(size * draw(st.floats(*resize_factors))))
+    fractions = draw(st.tuples(*[st.floats(*box_fractions)] * 4))
+    return width, height, size, resize_size, integer_box(fractions, width, height)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    width=st.integers(8, 240),
-    height=st.integers(8, 240),
-    size=st.integers(8, 64),
-    resize_factor=st.floats(0.6, 2.0),
-    box_fractions=st.tuples(*[st.floats(0.0, 1.0)] * 4),
-)
-def test_drawn_box_follows_preprocessing(
-    width: int,
-    height: int,
-    size: int,
-    resize_factor: float,
-    box_fractions: tuple[float, float, float, float],
-) -> None:
+@given(box_cases(min_side=8, min_crop=8, resize_factors=(0.6, 2.0), box_fractions=(0.0, 1.0)))
+def test_drawn_box_follows_preprocessing(case: BoxCase) -> None:
     """Any box, any geometry (up- and downscaling, margins, padding, clipping)."""
-    box = integer_box(box_fractions, width, height)
-    assume(box[2] - box[0] >= 1 and box[3] - box[1] >= 1)
-    check_drawn_box(width, height, size, max(4, round(size * resize_factor)), box)
+    x0, y0, x1, y1 = case[4]
+    assume(x1 - x0 >= 1 and y1 - y0 >= 1)
+    check_drawn_box(*case)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    width=st.integers(24, 240),
-    height=st.integers(24, 240),
-    size=st.integers(16, 64),
-    resize_factor=st.floats(1.0, 1.3),
-    box_fractions=st.tuples(*[st.floats(0.3, 0.7)] * 4),
-)
-def test_drawn_box_centroid_is_subpixel_exact(
-    width: int,
-    height: int,
-    size: int,
-    resize_factor: float,
-    box_fractions: tuple[float, float, float, float],
-) -> None:
+@given(box_cases(min_side=24, min_crop=16, resize_factors=(1.0, 1.3), box_fractions=(0.3, 0.7)))
+def test_drawn_box_centroid_is_subpixel_exact(case: BoxCase) -> None:
     """Boxes in the middle of the crop, where mass and centroid can be checked."""
-    box = integer_box(box_fractions, width, height)
-    assume(box[2] - box[0] >= 4 and box[3] - box[1] >= 4)
-    checked = check_drawn_box(width, height, size, max(4, round(size * resize_factor)), box)
-    assume(checked)
+    x0, y0, x1, y1 = case[4]
+    assume(x1 - x0 >= 4 and y1 - y0 >= 4)
+    assume(check_drawn_box(*case))

@@ -5,30 +5,44 @@ The tar-building helpers here are also used by tests/test_data_batches.py.
 
 from __future__ import annotations
 
+import errno
 import gzip
+import http.client
 import io
 import json
 import pickle
+import sys
 import tarfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import aiohttp
+import botocore.exceptions
 import fsspec
 import numpy as np
 import pytest
+import s3fs
+import urllib3.exceptions
+from fsspec.exceptions import FSTimeoutError
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from PIL import Image
+from s3fs.utils import FileExpired
+from test_data_images import blank_png, refuse_loading
 
 from opticam.data import (
     UNSAFE_EXTENSIONS,
     Sample,
     ShardReader,
     ShardReadError,
+    ShardStreamError,
     ShardWriter,
     expand_shards,
     parse_boxes,
 )
 from opticam.data import reader as reader_module
-from opticam.data.reader import split_member_name
+from opticam.data.reader import is_storage_error, split_member_name
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -184,7 +198,7 @@ def test_bad_samples_become_error_records(tmp_path: Path) -> None:
         ("noimage.cls", b"1"),
         ("noimage.txt", b"hello"),
         ("badbox.png", encode(colour_image(7))),
-        ("badbox.json", json.dumps({"label": 1, "boxes": [[5, 5, 1, 1]]}).encode()),
+        ("badbox.json", json.dumps({"label": 1, "boxes": [[5, 5, 1]]}).encode()),
         ("clash.png", encode(colour_image(8))),
         ("clash.cls", b"1"),
         ("clash.json", b'{"label": 2}'),
@@ -212,7 +226,7 @@ def test_bad_samples_become_error_records(tmp_path: Path) -> None:
     assert all(e.shard == str(shard) for e in reader.errors)
     messages = {e.key: e.message for e in reader.errors}
     assert "0 bytes" in messages["empty"]
-    assert "x0 <= x1" in messages["badbox"]
+    assert "4 numbers" in messages["badbox"]
     assert "'seven'" in messages["badcls"]
 
     # Without require_label the unlabelled sample is yielded with label None.
@@ -276,15 +290,41 @@ def test_truncated_tar_is_incomplete(
 
 
 def test_unreadable_and_missing_shards(tmp_path: Path) -> None:
-    (tmp_path / "zero.tar").write_bytes(b"")
-    (tmp_path / "junk.tar").write_bytes(b"\x01" * 3000)
-    for name in ("zero.tar", "junk.tar"):
+    full = write_tar(tmp_path / "full.tar", good_members("k", 1))
+    shards = {
+        "zero.tar": b"",
+        "zero.tar.gz": gzip.compress(b""),
+        "junk.tar": b"\x01" * 3000,
+        "text.tar": b"a text file, not a tar\n" * 50,
+        "short.tar": full[:200],  # cut inside its first header: nothing to read
+    }
+    messages = {}
+    for name, data in shards.items():
+        (tmp_path / name).write_bytes(data)
         reader = ShardReader(str(tmp_path / name))
         assert list(reader) == []
-        assert errors_of(reader) == [(None, "tar")] and not reader.complete
+        assert errors_of(reader) == [(None, "not-a-tar")], name
+        assert not reader.readable and not reader.complete and reader.n_samples == 0
+        with pytest.raises(ShardReadError, match="not a tar"):
+            reader.check()
+        messages[name] = reader.errors[0].message
+    assert "empty (0 bytes" in messages["zero.tar"] and "empty" in messages["zero.tar.gz"]
+    assert "no tar header" in messages["junk.tar"] and "no tar header" in messages["short.tar"]
+
+    # A tar cut after its first header is a truncated tar, not "not a tar".
+    (tmp_path / "cut.tar").write_bytes(full[:700])
+    cut = ShardReader(str(tmp_path / "cut.tar"))
+    assert list(cut) == []
+    assert errors_of(cut) == [("k", "tar")] and cut.readable and not cut.complete
+    # An empty archive (just the end marker) is a tar with no samples.
+    (tmp_path / "empty.tar").write_bytes(bytes(1024))
+    empty = ShardReader(str(tmp_path / "empty.tar"))
+    assert list(empty) == [] and empty.readable and empty.complete and empty.errors == []
+
     missing = ShardReader(str(tmp_path / "absent.tar"))
     assert list(missing) == []
     assert errors_of(missing) == [(None, "open")] and not missing.complete
+    assert not missing.readable
     with pytest.raises(ShardReadError, match="absent.tar"):
         missing.check()
 
@@ -375,7 +415,7 @@ def test_oversize_member_skipped_unread(tmp_path: Path, monkeypatch: pytest.Monk
     reader = ShardReader(str(shard), max_member_bytes=1000)
     assert keys_of(list(reader)) == ["a", "c"]
     assert reader.complete
-    assert errors_of(reader) == [("big", "decode")]
+    assert errors_of(reader) == [("big", "too-large")]
     assert f"{len(big)} bytes" in reader.errors[0].message
     assert "max_member_bytes=1000" in reader.errors[0].message
     assert "big.png" not in read
@@ -514,3 +554,311 @@ def test_member_names_and_boxes_parsing() -> None:
     for bad in ([0, 1, 2, 3], [[0, 1, 2]], [[0, 1, "2", 3]], [[0, 0, float("nan"), 1]], "x"):
         with pytest.raises(ValueError, match="box"):
             parse_boxes(bad)
+
+
+# ----------------------------------------------------------------------------- labels and boxes
+
+
+def test_negative_label_is_reported_as_negative(tmp_path: Path) -> None:
+    shard = tmp_path / "negative.tar"
+    write_tar(
+        shard,
+        [
+            *good_members("a", 1),
+            ("neg_cls.png", encode(colour_image(2))),
+            ("neg_cls.cls", b"-3"),
+            ("neg_json.png", encode(colour_image(3))),
+            ("neg_json.json", b'{"label": -1}'),
+            ("none.png", encode(colour_image(4))),
+            *good_members("b", 0),  # 0 is a class index like any other
+        ],
+    )
+    reader = ShardReader(str(shard))
+    assert [(s.key, s.label) for s in reader] == [("a", 1), ("b", 0)]
+    assert errors_of(reader) == [("neg_cls", "label"), ("neg_json", "label"), ("none", "label")]
+    messages = [e.message for e in reader.errors]
+    assert messages[0].startswith("label -3 is negative; labels are class indices 0..N-1")
+    assert messages[1].startswith("label -1 is negative")
+    assert messages[2].startswith("no label")  # a missing label is still said so
+
+    # When labels are not needed, a negative one means "unlabelled", like a missing one.
+    lenient = ShardReader(str(shard), require_label=False)
+    assert [(s.key, s.label) for s in lenient] == [
+        ("a", 1),
+        ("neg_cls", None),
+        ("neg_json", None),
+        ("none", None),
+        ("b", 0),
+    ]
+    assert lenient.errors == []
+
+
+def test_boxes_without_area_or_outside_the_image_are_dropped(tmp_path: Path) -> None:
+    # colour_image is 24 x 16 pixels.
+    boxes = [
+        [1, 2, 10, 12],  # fine
+        [5, 5, 5, 9],  # zero width
+        [5, 9, 8, 3],  # y1 < y0
+        [24, 0, 30, 5],  # right of the image, touching its edge only
+        [-9, -9, -1, 4],  # left of and above it
+        [20, 10, 40, 40],  # partly outside: kept, preprocessing clips it
+    ]
+    shard = tmp_path / "boxes.tar"
+    write_tar(
+        shard,
+        [
+            ("k.png", encode(colour_image(1))),
+            ("k.json", json.dumps({"label": 2, "boxes": boxes}).encode()),
+            *good_members("m", 3),
+        ],
+    )
+    reader = ShardReader(str(shard))
+    samples = list(reader)
+    assert keys_of(samples) == ["k", "m"] and reader.complete
+    assert samples[0].boxes == [(1.0, 2.0, 10.0, 12.0), (20.0, 10.0, 40.0, 40.0)]
+    assert errors_of(reader) == [("k", "boxes")] * 4
+    messages = [e.message for e in reader.errors]
+    assert messages[0] == (
+        "box [5, 5, 5, 9] has no area (x0 < x1 and y0 < y1 needed; image 24x16) "
+        "(box 1; dropped, image kept)"
+    )
+    assert messages[1].startswith("box [5, 9, 8, 3] has no area")
+    assert messages[2].startswith("box [24, 0, 30, 5] lies fully outside the 24x16 image")
+    assert messages[3].startswith("box [-9, -9, -1, 4] lies fully outside the 24x16 image")
+
+
+# ----------------------------------------------------------------------------- image size
+
+
+def test_image_over_max_pixels_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = blank_png(4000, 3000)  # 12 megapixels of 16-bit zeros: 24 MB decoded
+    assert len(big) < 60_000
+    shard = tmp_path / "pixels.tar"
+    write_tar(
+        shard,
+        [*good_members("a", 1), ("big.png", big), ("big.cls", b"2"), *good_members("c", 3)],
+    )
+    refuse_loading(monkeypatch, (4000, 3000))
+    reader = ShardReader(str(shard), max_pixels=10_000_000)
+    assert keys_of(list(reader)) == ["a", "c"] and reader.complete
+    assert errors_of(reader) == [("big", "too-large")]
+    assert "4000x3000 = 12,000,000 pixels" in reader.errors[0].message
+    assert "max_pixels=10,000,000" in reader.errors[0].message
+    with pytest.raises(ValueError, match="max_pixels must be at least 1, got 0"):
+        ShardReader(str(shard), max_pixels=0)
+
+
+# ----------------------------------------------------------------------------- storage failures
+
+
+class FlakyFile(AbstractBufferedFile):
+    """A remote file as fsspec makes them (S3File, HTTPFile, GCSFile), failing midway.
+
+    Reads go through fsspec's read-ahead cache to ``_fetch_range``, which raises as a
+    dropped connection does once a read reaches past ``fail_after`` bytes.
+    """
+
+    def __init__(self, fs: FlakyFileSystem, path: str) -> None:
+        self.data, self.fail_after, self.error = fs.data, fs.fail_after, fs.error
+        super().__init__(fs, path, mode="rb", block_size=512, size=len(fs.data))
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        if end > self.fail_after:
+            raise self.error()
+        return self.data[start:end]
+
+
+class FlakyFileSystem(AbstractFileSystem):
+    """``flaky://`` URLs: one file's bytes, served by :class:`FlakyFile`."""
+
+    protocol = "flaky"
+    cachable = False
+
+    def __init__(
+        self, data: bytes, fail_after: int, error: Callable[[], Exception], **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.data, self.fail_after, self.error = data, fail_after, error
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> FlakyFile:
+        return FlakyFile(self, path)
+
+
+@pytest.fixture
+def flaky_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register ``flaky://`` with fsspec for one test."""
+    registry = sys.modules["fsspec.registry"]._registry  # type: ignore[attr-defined]
+    monkeypatch.setitem(registry, "flaky", FlakyFileSystem)
+
+
+def _cause_cycle() -> RuntimeError:
+    first, second = RuntimeError("first"), RuntimeError("second")
+    first.__cause__, second.__cause__ = second, first
+    return first
+
+
+def _raised_from(cause: BaseException) -> RuntimeError:
+    try:
+        raise RuntimeError("wrapped by a library") from cause
+    except RuntimeError as exc:
+        return exc
+
+
+# What the storage stacks under fsspec raise when a connection breaks during read():
+# OSErrors, and the transport errors of aiohttp, botocore, urllib3 and http.client.
+STORAGE_ERRORS: dict[str, Callable[[], BaseException]] = {
+    "connection-reset": lambda: ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+    "timeout": lambda: TimeoutError("The read operation timed out"),
+    "fsspec-timeout": FSTimeoutError,
+    "aiohttp-payload": lambda: aiohttp.ClientPayloadError("Response payload is not completed"),
+    "aiohttp-disconnected": aiohttp.ServerDisconnectedError,
+    "aiohttp-oserror": lambda: aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset"),
+    "botocore-streaming": lambda: botocore.exceptions.ResponseStreamingError(
+        error=aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset")
+    ),
+    "botocore-read-timeout": lambda: botocore.exceptions.ReadTimeoutError(endpoint_url="x"),
+    "urllib3-protocol": lambda: urllib3.exceptions.ProtocolError("Connection broken"),
+    "http-incomplete": lambda: http.client.IncompleteRead(b"partial", 100),
+    "s3fs-file-changed": lambda: FileExpired("bucket/shard.tar", "etag"),
+    "raised-from-reset": lambda: _raised_from(ConnectionResetError(errno.ECONNRESET, "reset")),
+}
+# What bytes that are not a whole tar raise: the same on every read.
+FORMAT_ERRORS: dict[str, Callable[[], BaseException]] = {
+    "tar-read": lambda: tarfile.ReadError("unexpected end of data"),
+    "tar-header": lambda: tarfile.HeaderError("bad checksum"),
+    "eof": lambda: EOFError("Compressed file ended before the end-of-stream marker"),
+    "zlib": lambda: zlib.error("Error -3 while decompressing data"),
+    "bad-gzip": lambda: gzip.BadGzipFile("Not a gzipped file"),  # an OSError
+    "value": lambda: ValueError("I/O operation on closed file"),
+    "cause-cycle": _cause_cycle,
+}
+
+
+@pytest.mark.parametrize("name", sorted(STORAGE_ERRORS))
+def test_storage_errors_are_classified_as_storage(name: str) -> None:
+    assert is_storage_error(STORAGE_ERRORS[name]())
+
+
+@pytest.mark.parametrize("name", sorted(FORMAT_ERRORS))
+def test_format_errors_are_not_storage_errors(name: str) -> None:
+    assert not is_storage_error(FORMAT_ERRORS[name]())
+
+
+def flaky_shard(tmp_path: Path, n: int = 8) -> tuple[bytes, list[int]]:
+    """A tar of ``n`` samples with noisy 40x40 PNGs; its bytes and each sample's end offset."""
+    noise = np.random.default_rng(1).integers(0, 256, (n, 40, 40, 3), dtype=np.uint8)
+    members = []
+    for index in range(n):
+        members += [(f"k{index}.png", encode(Image.fromarray(noise[index], "RGB")))]
+        members += [(f"k{index}.cls", str(index).encode())]
+    data = write_tar(tmp_path / "whole.tar", members)
+    with tarfile.open(tmp_path / "whole.tar") as archive:
+        ends = [info.offset_data + info.size for info in archive][1::2]
+    return data, ends
+
+
+@pytest.mark.parametrize("name", sorted(STORAGE_ERRORS))
+@pytest.mark.parametrize("where", ["first-read", "mid-stream"])
+def test_storage_failure_while_streaming_raises(
+    tmp_path: Path, flaky_protocol: None, name: str, where: str
+) -> None:
+    data, ends = flaky_shard(tmp_path)
+    fail_after = 0 if where == "first-read" else len(data) // 2
+    url = "flaky://bucket/shard-000003.tar"
+    options = {"data": data, "fail_after": fail_after, "error": STORAGE_ERRORS[name]}
+    reader = ShardReader(url, storage_options=options)
+    keys: list[str] = []
+    with pytest.raises(ShardStreamError) as info:
+        for sample in reader:
+            keys.append(sample.key)
+    error = info.value
+    assert error.url == url and error.n_samples == len(keys) == reader.n_samples
+    assert isinstance(error, OSError)
+    assert url in str(error) and "read the shard again" in str(error)
+    # The storage's own exception, as raised by its read(), is the cause.
+    assert type(error.__cause__) is type(STORAGE_ERRORS[name]())
+    assert not reader.complete
+    assert [e for e in reader.errors if e.stage in ("tar", "not-a-tar")] == []
+    if where == "mid-stream":
+        # Samples whose bytes all came before the failure were yielded, in order.
+        assert 0 < len(keys) < len(ends) and keys == [f"k{i}" for i in range(len(keys))]
+        assert ends[len(keys) - 1] <= fail_after and reader.readable
+    else:
+        assert keys == [] and not reader.readable
+
+    # The same bytes cut at the same place are recorded, not raised: a truncated tar,
+    # or (cut before its first header) not a tar.
+    (tmp_path / "cut.tar").write_bytes(data[: max(fail_after, 1)])
+    cut = ShardReader(str(tmp_path / "cut.tar"))
+    list(cut)
+    assert not cut.complete
+    assert cut.errors[-1].stage == ("tar" if where == "mid-stream" else "not-a-tar")
+
+
+def test_shard_stream_error_survives_pickling() -> None:
+    error = ShardStreamError("s3://b/shard-000001.tar", 17, "ClientPayloadError: cut")
+    copy = pickle.loads(pickle.dumps(error))
+    assert isinstance(copy, ShardStreamError)
+    assert (copy.url, copy.n_samples, copy.reason, str(copy)) == (
+        error.url,
+        error.n_samples,
+        error.reason,
+        str(error),
+    )
+    assert "after 17 samples" in str(copy) and "ClientPayloadError: cut" in str(copy)
+
+
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        # aiohttp's own payload error passes aiobotocore unchanged; s3fs retries it first.
+        lambda: aiohttp.ClientPayloadError("Response payload is not completed"),
+        # A reset socket, raw, and as aiobotocore's body read wraps a ClientOSError.
+        lambda: ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+        lambda: botocore.exceptions.ResponseStreamingError(
+            error=aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset by peer")
+        ),
+    ],
+    ids=["client-payload", "connection-reset", "response-streaming"],
+)
+def test_s3_connection_cut_mid_stream_raises(
+    s3_bucket: str,
+    s3_storage_options: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    make_error: Callable[[], Exception],
+) -> None:
+    from aiobotocore.response import AioStreamingBody
+
+    data, _ = flaky_shard(tmp_path)
+    url = f"{s3_bucket}/shard-000000.tar"
+    fs = fsspec.filesystem("s3", **s3_storage_options)
+    fs.pipe_file(url, data)
+
+    body_reads = []
+    real_read = AioStreamingBody.read
+
+    async def read_then_cut(self: AioStreamingBody, amt: int | None = None) -> bytes:
+        # The first ranged GET of the shard arrives whole; every later one is cut.
+        body_reads.append(amt)
+        if len(body_reads) > 1:
+            raise make_error()
+        return bytes(await real_read(self, amt))
+
+    monkeypatch.setattr(AioStreamingBody, "read", read_then_cut)
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 2)  # s3fs's retries, kept short
+    # Small blocks, so that the shard takes two ranged GETs: the first one (32 KB and
+    # a tar block) holds the first samples whole.
+    options = {**s3_storage_options, "default_block_size": 32768}
+    assert len(data) > 32768 + 512
+    reader = ShardReader(url, storage_options=options)
+    keys: list[str] = []
+    with pytest.raises(ShardStreamError) as info:
+        for sample in reader:
+            keys.append(sample.key)
+    assert info.value.url == url and info.value.n_samples == len(keys) > 0
+    assert type(info.value.__cause__) is type(make_error())  # what s3fs raised, unchanged
+    assert len(body_reads) > 1 and not reader.complete
+    assert [e for e in reader.errors if e.stage in ("tar", "not-a-tar")] == []

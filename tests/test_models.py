@@ -148,6 +148,36 @@ def test_weights_only_refuses_pickled_objects(tmp_path: Path) -> None:
         load_checkpoint(str(tmp_path / "list.pt"))
 
 
+def test_checkpoint_of_another_architecture_gives_a_short_error(tmp_path: Path) -> None:
+    torch.save(tvm.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "mnv3.pt")
+    spec = ModelSpec(source="torchvision:resnet18", checkpoint=str(tmp_path / "mnv3.pt"))
+    with pytest.raises(CheckpointError) as info:
+        load_model(spec)
+    message = str(info.value)
+    # torch's own message lists all 122 + 244 keys: 11,003 characters.
+    assert len(message) < 400 and "\n" not in message
+    expected = tvm.resnet18(weights=None).state_dict()
+    got = torch.load(tmp_path / "mnv3.pt")
+    n_missing = len(set(expected) - set(got))
+    n_unexpected = len(set(got) - set(expected))
+    assert f"missing {n_missing} keys (conv1.weight, bn1.weight, bn1.bias, ... and " in message
+    assert f"{n_missing - 3} more)" in message
+    assert f"unexpected {n_unexpected} keys (features.0.0.weight, " in message
+    assert "does not fit 'torchvision:resnet18'" in message
+
+    # Same architecture, other number of classes: the shapes are named, briefly.
+    torch.save(tvm.resnet18(weights=None, num_classes=7).state_dict(), tmp_path / "r7.pt")
+    spec = ModelSpec(source="torchvision:resnet18", checkpoint=str(tmp_path / "r7.pt"))
+    with pytest.raises(CheckpointError) as info:
+        load_model(spec)
+    message = str(info.value)
+    assert len(message) < 400 and "num_classes" in message and "missing" not in message
+    assert (
+        "other shape for 2 keys (fc.weight (7, 512) in the checkpoint, (1000, 512) in the model"
+        in message
+    )
+
+
 def test_dataparallel_prefix_stripped(tmp_path: Path) -> None:
     state = {f"module.{k}": v for k, v in nn.Linear(2, 3).state_dict().items()}
     torch.save(state, tmp_path / "dp.pt")

@@ -3,7 +3,9 @@
 - :func:`expand_shards` (:mod:`~opticam.data.urls`): shard patterns (braces, globs,
   lists) -> existing shard URLs.
 - :class:`ShardReader` (:mod:`~opticam.data.reader`): safe streaming of one shard into
-  :class:`Sample` records, with every problem recorded as an :class:`ErrorRecord`.
+  :class:`Sample` records, with every problem of its contents recorded as an
+  :class:`ErrorRecord`; the storage failing mid-stream raises :class:`ShardStreamError`
+  (read the shard again).
 - :class:`Preprocess`: torchvision classification preset (resize, centre crop) for
   images and boxes alike.
 - :func:`iter_batches` (:mod:`~opticam.data.batches`): background-thread preprocessing
@@ -13,10 +15,16 @@
 """
 
 from opticam.data.batches import iter_batches
-from opticam.data.images import IMAGE_EXTENSIONS, decode_image, to_rgb
+from opticam.data.images import IMAGE_EXTENSIONS, ImageTooLargeError, decode_image, to_rgb
 from opticam.data.pack import make_key, pack
 from opticam.data.preprocess import Geometry, Preprocess
-from opticam.data.reader import UNSAFE_EXTENSIONS, ShardReader, ShardReadError, parse_boxes
+from opticam.data.reader import (
+    UNSAFE_EXTENSIONS,
+    ShardReader,
+    ShardReadError,
+    ShardStreamError,
+    parse_boxes,
+)
 from opticam.data.types import Batch, Box, ErrorRecord, Sample
 from opticam.data.urls import (
     NoShardsError,
@@ -34,12 +42,14 @@ __all__ = [
     "Box",
     "ErrorRecord",
     "Geometry",
+    "ImageTooLargeError",
     "NoShardsError",
     "Preprocess",
     "ShardPatternError",
     "Sample",
     "ShardReadError",
     "ShardReader",
+    "ShardStreamError",
     "ShardWriter",
     "decode_image",
     "expand_braces",

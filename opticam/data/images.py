@@ -23,27 +23,84 @@ wrong):
 
 EXIF orientation is not applied (torchvision's loader does not either, and
 box annotations refer to the stored pixel grid).
+
+Size limit: an image with more than ``max_pixels`` pixels (default
+:data:`DEFAULT_MAX_PIXELS`) is refused from its header, before any pixel is
+decoded (:class:`ImageTooLargeError`). The member-size cap of the reader does not
+bound this: a 16-bit 9000 x 9000 PNG of zeros is 180 KB on disk and well over a
+gigabyte decoded. This limit replaces Pillow's own decompression-bomb check
+(``PIL.Image.MAX_IMAGE_PIXELS``): its warning is silenced here, and its error (at
+twice that value) becomes :class:`ImageTooLargeError` too.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "decode_image", "to_rgb"]
+from opticam.config import DEFAULT_MAX_PIXELS as CONFIG_MAX_PIXELS
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageTooLargeError",
+    "decode_image",
+    "to_rgb",
+]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 """Member extensions read as images, in order of preference when a key has several."""
 
+DEFAULT_MAX_PIXELS = CONFIG_MAX_PIXELS  # the one default, RunConfig.max_pixels's
+"""Most pixels (width x height) an image may have: 120 million.
+
+Above the largest photos cameras take (100-megapixel medium format, e.g.
+11648 x 8736 = 101.8 million) and hundreds of times the images of classification
+datasets (ImageNet's average about 0.2 million). At the limit, the decoded RGB
+image takes 360 MB, and converting a 16-bit grayscale one about 6 bytes per pixel
+more for a moment."""
+
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than the limit; refused before its pixels were decoded."""
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse a ``width x height`` image with more than ``max_pixels`` pixels.
+
+    Args:
+        width: image width from its header.
+        height: image height from its header.
+        max_pixels: the most pixels accepted.
+
+    Raises:
+        ImageTooLargeError: naming the size and the limit.
+    """
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height:,} pixels, more than "
+            f"max_pixels={max_pixels:,}; refused before decoding"
+        )
+
+
 def _scale_16_to_8(values: np.ndarray) -> np.ndarray:
-    """``round(v * 255 / 65535)`` in integer arithmetic, for ``v`` in ``[0, 65535]``."""
-    wide = np.clip(values.astype(np.int64), 0, 65535)
-    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    """``round(v * 255 / 65535)`` in integer arithmetic, for ``v`` in ``[0, 65535]``.
+
+    In place on one uint32 copy (``65535 * 255 + 32767 < 2**32``): 4 bytes per pixel
+    on top of the image, where int64 expressions made several 8-byte temporaries.
+    """
+    if values.dtype.kind != "u" or values.dtype.itemsize > 2:
+        values = np.clip(values, 0, 65535)
+    wide = values.astype(np.uint32)
+    wide *= 255
+    wide += 32767
+    wide //= 65535
+    return wide.astype(np.uint8)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -69,30 +126,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes (JPEG, PNG, WebP, or anything Pillow sniffs) to RGB 8-bit.
+
+    The size is read from the header first (Pillow opens lazily) and checked against
+    ``max_pixels`` before any pixel is decoded.
 
     Args:
         data: the encoded image.
+        max_pixels: the most pixels (width x height) accepted.
 
     Returns:
         The fully decoded ``RGB`` image.
 
     Raises:
+        ImageTooLargeError: more than ``max_pixels`` pixels, or more than Pillow's
+            own hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``); nothing decoded.
         ValueError: empty input, or bytes Pillow cannot identify or fully decode
             (truncated or corrupt files are errors, not partially grey images).
     """
     if not data:
         raise ValueError("empty image member (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            image = to_rgb(opened)
-            if image is opened:
-                # Detach from the closing file object.
-                image = opened.copy()
+        # Pillow warns from Image.open (and for some formats from load) above
+        # Image.MAX_IMAGE_PIXELS; max_pixels is the one limit here, so the warning is
+        # silenced, not turned into an exception by `-W error`. catch_warnings is not
+        # thread-safe before Python 3.14: a filter that another thread adds at the same
+        # moment can be lost, or this one kept; both only change which warnings print.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as opened:
+                _check_pixels(*opened.size, max_pixels)
+                opened.load()
+                image = to_rgb(opened)
+                if image is opened:
+                    # Detach from the closing file object.
+                    image = opened.copy()
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"image refused as a decompression bomb: {exc}") from exc
+        # Raised by Image.open, before _check_pixels could run: exc names the size.
+        raise ImageTooLargeError(
+            f"image refused before decoding by Pillow's limit, 2 * PIL.Image.MAX_IMAGE_PIXELS "
+            f"(max_pixels={max_pixels:,}): {exc}"
+        ) from exc
+    except ImageTooLargeError:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ValueError(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
     return image

@@ -237,12 +237,25 @@ def collect_csv(csv_url: str, storage_options: Mapping[str, Any] | None = None) 
                 raise ValueError(
                     f"{where}: label must be an integer or empty, got {label_text!r}"
                 ) from None
+            if label < 0:
+                raise ValueError(
+                    f"{where}: label {label} is negative; labels are class indices 0..N-1 "
+                    "(leave it empty for an unlabelled image)"
+                )
         boxes: list[Box] = []
         if record.get("boxes"):
             try:
                 boxes = parse_boxes(json.loads(record["boxes"]))
             except ValueError as exc:
                 raise ValueError(f"{where}: bad boxes: {exc}") from None
+            # The reader drops such boxes with an error record; at packing time a
+            # reversed box is more likely a wrong column order, so refuse it here.
+            for index, (x0, y0, x1, y1) in enumerate(boxes):
+                if x1 < x0 or y1 < y0:
+                    raise ValueError(
+                        f"{where}: bad boxes: box {index} must have x0 <= x1 and y0 <= y1, "
+                        f"got {[x0, y0, x1, y1]}"
+                    )
         items.append(
             PackItem(
                 url=_resolve(csv_url, path),

@@ -2,7 +2,16 @@
 
 :class:`ShardReader` streams one shard from any fsspec URL. Bad samples become
 error records and reading goes on; a truncated or unreadable shard is never
-reported as ``complete``.
+reported as ``complete``. Three ways a read can fail are kept apart:
+
+- the bytes are a tar cut short or corrupt: the samples before the damage are
+  yielded, an error record (stage ``"tar"``) says where it broke, ``complete`` is
+  False. Reading again gives the same.
+- the bytes are not a tar at all, or there are none: nothing is yielded, an error
+  record (stage ``"not-a-tar"``), ``readable`` is False.
+- the storage failed while streaming (a connection reset, a timeout):
+  :class:`ShardStreamError` is raised out of the iteration, because reading again
+  may well succeed (:func:`is_storage_error` tells these apart).
 
 What comes from webdataset (``webdataset.tariterators``): the grouping of tar
 members into samples (:func:`~webdataset.tariterators.group_by_keys`: consecutive
@@ -25,10 +34,13 @@ What does not, on purpose:
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import subprocess
+import sys
 import tarfile
+import zlib
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Self
@@ -36,7 +48,12 @@ from typing import IO, Any, Self
 import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from opticam.data.images import IMAGE_EXTENSIONS, decode_image
+from opticam.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageTooLargeError,
+    decode_image,
+)
 from opticam.data.types import Box, ErrorRecord, Sample
 from opticam.data.urls import refuse_pipe, storage_options_for
 from opticam.names import (
@@ -44,8 +61,10 @@ from opticam.names import (
     STAGE_DECODE,
     STAGE_KEY,
     STAGE_LABEL,
+    STAGE_NOT_TAR,
     STAGE_OPEN,
     STAGE_TAR,
+    STAGE_TOO_LARGE,
     STAGE_UNSAFE,
 )
 
@@ -54,6 +73,9 @@ __all__ = [
     "UNSAFE_EXTENSIONS",
     "ShardReadError",
     "ShardReader",
+    "ShardStreamError",
+    "box_problem",
+    "is_storage_error",
     "parse_boxes",
     "split_member_name",
 ]
@@ -67,6 +89,102 @@ DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
 
 class ShardReadError(RuntimeError):
     """Raised by :meth:`ShardReader.check` when a shard was not read completely."""
+
+
+class ShardStreamError(OSError):
+    """The storage failed while a shard was streamed: read the whole shard again.
+
+    Raised out of the iteration of a :class:`ShardReader` (never recorded as an error
+    record) when reading the shard's bytes failed in a way that may not happen again
+    (:func:`is_storage_error`): a connection reset, a timeout, an S3 error after
+    s3fs's own retries. The samples already yielded came from an intact start of the
+    shard, but what follows is unknown, so the caller retries the shard from its
+    start rather than keeping a shortened result. The storage's exception is
+    ``__cause__``.
+
+    Attributes:
+        url: the shard URL.
+        n_samples: samples the iteration had yielded before the failure.
+        reason: the storage's exception as ``"Type: message"``.
+    """
+
+    def __init__(self, url: str, n_samples: int, reason: str) -> None:
+        super().__init__(
+            f"shard {url!r}: the storage failed after {n_samples} samples were read "
+            f"({reason}); read the shard again from its start"
+        )
+        self.url = url
+        self.n_samples = n_samples
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # OSError pickles its constructor arguments; these are ours (Prefect and
+        # process pools pickle exceptions).
+        return type(self), (self.url, self.n_samples, self.reason)
+
+
+# --------------------------------------------------------------------------- error kinds
+
+# What the bytes of a broken tar raise, the same on every read. gzip.BadGzipFile is
+# an OSError (with fsspec's compression= option); tarfile's own stream decompression
+# raises tarfile.ReadError instead. (bz2 via fsspec's compression= raises a bare
+# OSError for bad data, which is taken for a storage failure: it fails again on retry.)
+_FORMAT_ERRORS: tuple[type[BaseException], ...] = (
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+)
+
+# Transport errors of the HTTP stacks under fsspec's remote filesystems that are not
+# OSError subclasses: the base classes, by module. Looked up in sys.modules only: an
+# exception of a module that was never imported cannot have been raised.
+_TRANSPORT_ERRORS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("aiohttp", ("ClientError",)),  # ClientPayloadError, ServerDisconnectedError, ...
+    ("botocore.exceptions", ("BotoCoreError", "ClientError")),  # ResponseStreamingError
+    ("urllib3.exceptions", ("HTTPError",)),  # ProtocolError, ReadTimeoutError, ...
+    ("http.client", ("HTTPException",)),  # IncompleteRead
+)
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while reading a shard's bytes, is the storage failing.
+
+    The storage failing (worth reading the shard again) is: any :class:`OSError`,
+    which covers ``ConnectionError``, ``TimeoutError`` (and fsspec's
+    ``FSTimeoutError``, an ``asyncio.TimeoutError``), aiohttp's ``ClientOSError``,
+    s3fs's translations of S3 errors and its ``FileExpired`` (the object changed
+    while read); and the transport errors of aiohttp, botocore, urllib3 and
+    ``http.client`` that are not OSErrors (aiohttp's ``ClientPayloadError`` and
+    botocore's ``ResponseStreamingError`` are what s3fs raises for a connection cut
+    during ``read()``). An exception raised ``from`` one of these counts as one.
+
+    Not the storage (the bytes are bad, and will be again): tarfile's errors,
+    ``EOFError``, ``zlib.error`` and ``gzip.BadGzipFile`` (an OSError), and anything
+    else.
+
+    Args:
+        exc: the exception raised by reading.
+
+    Returns:
+        True when reading the shard again may succeed.
+    """
+    transport = tuple(
+        getattr(module, name)
+        for module_name, names in _TRANSPORT_ERRORS
+        if (module := sys.modules.get(module_name)) is not None
+        for name in names
+    )
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:  # a cycle of causes ends too
+        seen.add(id(cause))
+        if isinstance(cause, _FORMAT_ERRORS):
+            return False
+        if isinstance(cause, (OSError, *transport)):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 # --------------------------------------------------------------------------- members and fields
@@ -107,11 +225,13 @@ def _grouping_key(name: str) -> tuple[str | None, str | None]:
 
 
 def parse_boxes(value: Any) -> list[Box]:
-    """Validate boxes given as ``[[x0, y0, x1, y1], ...]`` in pixel-edge coordinates.
+    """Read boxes given as ``[[x0, y0, x1, y1], ...]`` in pixel-edge coordinates.
+
+    Only the form is checked here; whether a box has an area and lies on its image
+    is :func:`box_problem`'s question, which needs the image's size.
 
     Args:
-        value: ``None`` (no boxes) or a list of 4-number lists with finite values,
-            ``x0 <= x1`` and ``y0 <= y1``.
+        value: ``None`` (no boxes) or a list of 4-number lists with finite values.
 
     Returns:
         The boxes as float tuples.
@@ -134,13 +254,36 @@ def parse_boxes(value: Any) -> list[Box]:
         x0, y0, x1, y1 = (float(v) for v in box)
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
             raise ValueError(f"box {index} has a non-finite coordinate: {box!r}")
-        if x1 < x0 or y1 < y0:
-            raise ValueError(f"box {index} must have x0 <= x1 and y0 <= y1, got {box!r}")
         boxes.append((x0, y0, x1, y1))
     return boxes
 
 
+def box_problem(box: Box, width: int, height: int) -> str | None:
+    """Why a box cannot locate anything in a ``width x height`` image, or None if it can.
+
+    A box needs an area (``x0 < x1`` and ``y0 < y1``) and some of it on the image
+    ``[0, width] x [0, height]``. A box partly outside is fine: preprocessing clips
+    it to the image (and to the crop).
+
+    Args:
+        box: ``(x0, y0, x1, y1)`` in original-image pixel-edge coordinates.
+        width: image width ``W``.
+        height: image height ``H``.
+
+    Returns:
+        A message naming the box and the image size, or None.
+    """
+    x0, y0, x1, y1 = box
+    shown = "[" + ", ".join(f"{v:g}" for v in box) + "]"
+    if x1 <= x0 or y1 <= y0:
+        return f"box {shown} has no area (x0 < x1 and y0 < y1 needed; image {width}x{height})"
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return f"box {shown} lies fully outside the {width}x{height} image"
+    return None
+
+
 def _parse_cls(data: bytes) -> int:
+    """The integer a ``.cls`` member holds (surrounding whitespace allowed)."""
     text = data.decode("ascii", errors="replace").strip()
     try:
         return int(text)
@@ -188,12 +331,27 @@ class _Skipped:
 class _TarState:
     """How the member loop ended: ``error`` if the stream broke, ``end`` at the marker.
 
-    ``last`` is the ``(key, extension)`` of the member yielded last.
+    ``stage`` is the error's stage (``"tar"``, or ``"not-a-tar"`` when no tar header
+    could be read at all); ``last`` is the ``(key, extension)`` of the member yielded
+    last.
     """
 
     error: str | None = None
+    stage: str = STAGE_TAR
     end: bool = False
     last: tuple[str, str] = ("", "")
+
+
+def _not_a_tar(exc: Exception) -> str:
+    """The message for a shard whose start tarfile refused (``exc``, a ReadError)."""
+    # tarfile raises ReadError("empty file") from its EmptyHeaderError when the
+    # stream (after any decompression) has no bytes at all.
+    if isinstance(exc.__context__, _EMPTY_HEADER_ERROR):
+        return "the shard is empty (0 bytes, or a compressed stream holding none): not a tar"
+    return (
+        f"not a tar archive (plain, gzip, bz2 or xz): no tar header at its start "
+        f"({type(exc).__name__}: {exc})"
+    )
 
 
 class ShardReader:
@@ -204,25 +362,38 @@ class ShardReader:
     :attr:`errors` and reading continues with the next sample.
 
     - Images: the first of ``.jpg``, ``.jpeg``, ``.png``, ``.webp`` present, decoded
-      to RGB 8-bit (see :mod:`opticam.data.images`).
+      to RGB 8-bit (see :mod:`opticam.data.images`), at most ``max_pixels`` pixels.
     - Label: ``.cls`` (integer text) or ``.json["label"]``; both present and
-      different is an error.
+      different is an error. A negative label is not a class index: with
+      ``require_label`` it is an error (stage ``"label"``, the sample is not
+      yielded); without, it reads as "no label" (``label=None``), what ``-1`` means
+      in unlabelled sets.
     - Boxes: ``.json["boxes"]`` as ``[[x0, y0, x1, y1], ...]`` in original pixels.
+      A box without area (``x1 <= x0`` or ``y1 <= y0``) or lying fully outside the
+      image is dropped with an error record (stage ``"boxes"``) and the sample is
+      yielded with its other boxes: the image is still explainable, only that box
+      cannot be scored. Boxes partly outside are kept (preprocessing clips them).
+      Boxes that are not lists of 4 finite numbers make the sample an error.
     - ``.pyd``, ``.pkl``, ``.pickle``, ``.pth``, ``.pt``, ``.npy`` members are never
       read, let alone unpickled: the first one of a shard is reported once
       (stage ``"unsafe-member"``) and the sample is otherwise kept.
     - Other members are ignored.
 
     Error stages (:data:`opticam.names.STAGES`): ``"open"`` (URL cannot be opened),
-    ``"tar"`` (truncated or unreadable tar; the sample being read at that point is
-    dropped), ``"decode"`` (corrupt, empty or missing image, bad json, oversized
-    member), ``"label"``, ``"boxes"``, ``"key"`` (key repeated in the shard, or a
-    member repeated in a sample), ``"unsafe-member"``.
+    ``"not-a-tar"`` (empty file, or no tar header at its start; nothing read),
+    ``"tar"`` (truncated or corrupt tar; the sample being read at that point is
+    dropped), ``"decode"`` (corrupt, empty or missing image, bad json),
+    ``"too-large"`` (a member over ``max_member_bytes``, skipped unread, or an image
+    over ``max_pixels``, refused from its header), ``"label"``, ``"boxes"``, ``"key"``
+    (key repeated in the shard, or a member repeated in a sample),
+    ``"unsafe-member"``.
 
-    A failure to open the URL is recorded, not raised, like every other problem:
-    the caller decides (retry, fail the shard, or write the error row). Call
-    :meth:`check` to turn an incomplete read into an exception. Closing the
-    iterator early (``break``, ``close()``) closes the stream.
+    A failure to open the URL is recorded, not raised, like every other problem
+    with the shard's contents: the caller decides (retry, fail the shard, or write
+    the error row). The one exception is the storage failing in the middle of the
+    stream (:class:`ShardStreamError`, raised): then nothing is known about the rest
+    of the shard. Call :meth:`check` to turn an incomplete read into an exception.
+    Closing the iterator early (``break``, ``close()``) closes the stream.
 
     Args:
         url: shard URL (local path, ``file://``, ``s3://``, any fsspec URL;
@@ -234,7 +405,10 @@ class ShardReader:
             (stage ``"label"``) and is not yielded; when ``False`` it is yielded
             with ``label=None``. A malformed label is always an error.
         max_member_bytes: members larger than this are skipped unread (stage
-            ``"decode"``).
+            ``"too-large"``).
+        max_pixels: images with more pixels (width x height) are refused from
+            their header, before decoding (stage ``"too-large"``); see
+            :data:`opticam.data.images.DEFAULT_MAX_PIXELS`.
 
     Attributes:
         errors: problems found during the last (or current) iteration.
@@ -242,10 +416,19 @@ class ShardReader:
             end-of-archive marker without a stream error; ``False`` before, while
             iterating, after an early stop, or when the tar was truncated or
             unreadable.
+        readable: ``True`` once an iteration has read the start of a tar archive
+            (a first member header, or the end-of-archive marker of an empty
+            archive). ``False`` before, and after an iteration that could not open
+            the URL (stage ``"open"``) or found no tar in it (stage ``"not-a-tar"``:
+            a 0-byte file, or other bytes); then ``n_samples == 0``, ``complete``
+            is ``False``, and the shard has nothing to give: fail it rather than
+            record it as read. A tar cut short later on stays ``readable``.
         n_samples: samples yielded by the last (or current) iteration.
 
     Raises:
-        ValueError: a ``pipe:`` URL without ``allow_pipe``.
+        ValueError: a ``pipe:`` URL without ``allow_pipe``, or a size limit below 1.
+        ShardStreamError: (from the iteration) the storage failed while the shard
+            was streamed; read it again from its start.
     """
 
     def __init__(
@@ -256,16 +439,22 @@ class ShardReader:
         allow_pipe: bool = False,
         require_label: bool = True,
         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if url.startswith("pipe:") and not allow_pipe:
             refuse_pipe(url)
+        for name, limit in (("max_member_bytes", max_member_bytes), ("max_pixels", max_pixels)):
+            if limit < 1:
+                raise ValueError(f"{name} must be at least 1, got {limit!r}")
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.allow_pipe = allow_pipe
         self.require_label = require_label
         self.max_member_bytes = max_member_bytes
+        self.max_pixels = max_pixels
         self.errors: list[ErrorRecord] = []
         self.complete = False
+        self.readable = False
         self.n_samples = 0
 
     def __repr__(self) -> str:
@@ -274,6 +463,12 @@ class ShardReader:
     def _error(self, key: str | None, stage: str, message: str) -> None:
         self.errors.append(ErrorRecord(shard=self.url, key=key, stage=stage, message=message))
 
+    def _raise_if_storage(self, exc: Exception) -> None:
+        """Raise :class:`ShardStreamError` from ``exc`` when it is the storage failing."""
+        if is_storage_error(exc):
+            reason = f"{type(exc).__name__}: {exc}"
+            raise ShardStreamError(self.url, self.n_samples, reason) from exc
+
     def check(self) -> None:
         """Raise :class:`ShardReadError` unless the last iteration read the whole shard.
 
@@ -281,13 +476,16 @@ class ShardReader:
             ShardReadError: naming the shard and the last open or tar error.
         """
         if not self.complete:
-            shard_level = [e for e in self.errors if e.stage in (STAGE_OPEN, STAGE_TAR)]
+            shard_level = [
+                e for e in self.errors if e.stage in (STAGE_OPEN, STAGE_NOT_TAR, STAGE_TAR)
+            ]
             reason = shard_level[-1].message if shard_level else "iteration did not finish"
             raise ShardReadError(f"shard {self.url!r} was not read completely: {reason}")
 
     def __iter__(self) -> Generator[Sample, None, None]:
         self.errors = []
         self.complete = False
+        self.readable = False
         self.n_samples = 0
         process: subprocess.Popen[bytes] | None = None
         try:
@@ -336,14 +534,18 @@ class ShardReader:
           member is yielded here as :class:`_Skipped` without reading it.
 
         Pickle-like and unnamed members are skipped unread (tarfile seeks past them
-        in stream mode, reading in small blocks). Stream errors end the iteration and
-        are left in ``state.error``.
+        in stream mode, reading in small blocks). Errors of the bytes end the
+        iteration and are left in ``state.error``; errors of the storage raise
+        :class:`ShardStreamError`.
         """
         try:
             archive = _EndTrackingTarFile.open(fileobj=stream, mode="r|*")
         except Exception as exc:
-            state.error = f"not a readable tar stream: {type(exc).__name__}: {exc}"
+            self._raise_if_storage(exc)
+            state.stage = STAGE_NOT_TAR
+            state.error = _not_a_tar(exc)
             return
+        self.readable = True
         unsafe_seen = False
         try:
             for info in archive:
@@ -377,6 +579,7 @@ class ShardReader:
                 state.last = (key, extension)
                 yield {"fname": info.name, "data": data, "__url__": self.url}
         except Exception as exc:
+            self._raise_if_storage(exc)
             state.error = f"tar stream broken: {type(exc).__name__}: {exc}"
             return
         end = archive.end_reason
@@ -413,7 +616,7 @@ class ShardReader:
                 if state.error is not None:
                     # The stream broke: group_by_keys hands over the sample being read,
                     # which may be missing members. Drop it.
-                    self._error(key, STAGE_TAR, state.error)
+                    self._error(key, state.stage, state.error)
                     return False
                 if key in seen_keys:
                     self._error(
@@ -428,7 +631,7 @@ class ShardReader:
         finally:
             members.close()
         if state.error is not None:
-            self._error(None, STAGE_TAR, state.error)
+            self._error(None, state.stage, state.error)
             return False
         return state.end
 
@@ -436,7 +639,7 @@ class ShardReader:
         """Decode one sample's members (extension -> bytes or :class:`_Skipped`), or record why not."""
         skipped = next((data for data in members.values() if isinstance(data, _Skipped)), None)
         if skipped is not None:
-            self._error(key, STAGE_DECODE, skipped.message)
+            self._error(key, STAGE_TOO_LARGE, skipped.message)
             return None
         meta: dict[str, Any] = {}
         if "json" in members:
@@ -474,6 +677,16 @@ class ShardReader:
                 )
                 return None
             label = json_label
+        if label is not None and label < 0:
+            if self.require_label:
+                self._error(
+                    key,
+                    STAGE_LABEL,
+                    f"label {label} is negative; labels are class indices 0..N-1 "
+                    "(N: the model's number of classes)",
+                )
+                return None
+            label = None
         if label is None and self.require_label:
             self._error(key, STAGE_LABEL, "no label: neither a .cls member nor a 'label' in .json")
             return None
@@ -493,8 +706,18 @@ class ShardReader:
             )
             return None
         try:
-            image = decode_image(members[extension])
+            image = decode_image(members[extension], max_pixels=self.max_pixels)
+        except ImageTooLargeError as exc:
+            self._error(key, STAGE_TOO_LARGE, f"member '{key}.{extension}': {exc}")
+            return None
         except ValueError as exc:
             self._error(key, STAGE_DECODE, f"member '{key}.{extension}': {exc}")
             return None
-        return Sample(key=key, shard=self.url, image=image, label=label, boxes=boxes)
+        kept: list[Box] = []
+        for index, box in enumerate(boxes):
+            problem = box_problem(box, *image.size)
+            if problem is None:
+                kept.append(box)
+            else:
+                self._error(key, STAGE_BOXES, f"{problem} (box {index}; dropped, image kept)")
+        return Sample(key=key, shard=self.url, image=image, label=label, boxes=kept)
