@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from html.parser import HTMLParser
 from typing import Any
 
@@ -61,12 +62,20 @@ def make_synthetic_run(
     seed: int = 0,
     model: str = "demo",
     resize_size: int | None = INPUT,
+    keys: Sequence[str] | None = None,
+    methods: Sequence[str] = METHODS,
+    models: Sequence[str] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Write data shards and a run with ``finished`` (default: all) shards done.
 
     Per image and method the row has random fractions; every third image has no
     insertion/deletion (null); images with an even index have a box (localization values),
-    the others null. opticam maps are stored low-res (4x4), gradcam maps as full PNGs.
+    the others null. The first method's maps are stored low-res (4x4), the others' as full
+    PNGs.
+
+    ``keys`` (one per image, default ``img0000``, ...), ``methods`` and ``models`` (default:
+    ``model`` alone) name what the rows hold; run.json always describes ``model`` and
+    :data:`METHODS`, the only names a :class:`RunConfig` accepts.
 
     Returns:
         ``(run_url, rows)``: the run folder and every row written (as dicts).
@@ -80,7 +89,7 @@ def make_synthetic_run(
             width, height = 40 + (i % 3) * 4, 36
             boxes = [[4.0, 6.0, 20.0, 30.0]] if i % 2 == 0 else []
             label = int(i % 5)
-            key = f"img{i:04d}"
+            key = f"img{i:04d}" if keys is None else keys[i]
             writer.write(
                 {
                     "__key__": key,
@@ -106,55 +115,56 @@ def make_synthetic_run(
     done = shards if finished is None else finished
     for s, shard in enumerate(data_urls[:done]):
         rows = []
-        for i, key, label, boxes in samples[s * per_shard : (s + 1) * per_shard]:
-            for method in METHODS:
-                p_clean = float(rng.uniform(0.05, 0.95))
-                p_masked = float(rng.uniform(0.0, 1.0))
-                if method == "opticam":
-                    lowres = rng.random((4, 4)).astype(np.float32)
-                    saliency = store.encode_lowres(lowres, "range")
-                    shape, kind = [4, 4], "lowres"
-                else:
-                    full = rng.random((INPUT, INPUT))
-                    saliency = store.encode_full_png(full)
-                    shape, kind = [INPUT, INPUT], "full_png"
-                with_curves = i % 3 != 0
-                located = bool(boxes)
-                row = {
-                    "run_id": config.run_id,
-                    "shard": shard,
-                    "key": key,
-                    "method": method,
-                    "model": model,
-                    "target_layer": "features.3" if method != "fakecam" else None,
-                    "label": label,
-                    "predicted": int((label + i) % 5),
-                    "target": label,
-                    "p_clean": p_clean,
-                    "p_masked": p_masked,
-                    "drop": max(0.0, p_clean - p_masked) / p_clean,
-                    "gain": max(0.0, p_masked - p_clean) / (1.0 - p_clean),
-                    "increase": float(p_clean < p_masked),
-                    "insertion_auc": float(rng.random()) if with_curves else None,
-                    "deletion_auc": float(rng.random()) if with_curves else None,
-                    "insertion_curve": rng.random(STEPS + 1).tolist() if with_curves else None,
-                    "deletion_curve": rng.random(STEPS + 1).tolist() if with_curves else None,
-                    "pointing_game": float(rng.integers(0, 2)) if located else None,
-                    "energy_in_box": float(rng.random()) if located else None,
-                    "f1": float(rng.random()) if located else None,
-                    "loc_error": float(rng.random()) if located else None,
-                    "box_acc": float(rng.integers(0, 2)) if located else None,
-                    "iterations": 100 if method == "opticam" else None,
-                    "constant_map": bool(i == 1 and method == "gradcam"),
-                    "seconds": float(rng.uniform(0.01, 0.2)),
-                    "saliency": saliency,
-                    "saliency_shape": shape,
-                    "map_format": kind,
-                    "input_height": INPUT,
-                    "input_width": INPUT,
-                    "normalization": "range",
-                }
-                rows.append(row)
+        for (i, key, label, boxes), row_model, method in itertools.product(
+            samples[s * per_shard : (s + 1) * per_shard], models or (model,), methods
+        ):
+            p_clean = float(rng.uniform(0.05, 0.95))
+            p_masked = float(rng.uniform(0.0, 1.0))
+            if method == methods[0]:
+                lowres = rng.random((4, 4)).astype(np.float32)
+                saliency = store.encode_lowres(lowres, "range")
+                shape, kind = [4, 4], "lowres"
+            else:
+                full = rng.random((INPUT, INPUT))
+                saliency = store.encode_full_png(full)
+                shape, kind = [INPUT, INPUT], "full_png"
+            with_curves = i % 3 != 0
+            located = bool(boxes)
+            row = {
+                "run_id": config.run_id,
+                "shard": shard,
+                "key": key,
+                "method": method,
+                "model": row_model,
+                "target_layer": "features.3" if method != "fakecam" else None,
+                "label": label,
+                "predicted": int((label + i) % 5),
+                "target": label,
+                "p_clean": p_clean,
+                "p_masked": p_masked,
+                "drop": max(0.0, p_clean - p_masked) / p_clean,
+                "gain": max(0.0, p_masked - p_clean) / (1.0 - p_clean),
+                "increase": float(p_clean < p_masked),
+                "insertion_auc": float(rng.random()) if with_curves else None,
+                "deletion_auc": float(rng.random()) if with_curves else None,
+                "insertion_curve": rng.random(STEPS + 1).tolist() if with_curves else None,
+                "deletion_curve": rng.random(STEPS + 1).tolist() if with_curves else None,
+                "pointing_game": float(rng.integers(0, 2)) if located else None,
+                "energy_in_box": float(rng.random()) if located else None,
+                "f1": float(rng.random()) if located else None,
+                "loc_error": float(rng.random()) if located else None,
+                "box_acc": float(rng.integers(0, 2)) if located else None,
+                "iterations": 100 if method == "opticam" else None,
+                "constant_map": bool(i == 1 and method == "gradcam"),
+                "seconds": float(rng.uniform(0.01, 0.2)),
+                "saliency": saliency,
+                "saliency_shape": shape,
+                "map_format": kind,
+                "input_height": INPUT,
+                "input_width": INPUT,
+                "normalization": "range",
+            }
+            rows.append(row)
         status = store.ShardStatus(shard=shard, name=store.shard_name(shard), n_rows=len(rows))
         errors = []
         if s == 0:
@@ -354,7 +364,7 @@ def test_summary_parquet_and_markdown(full_run, full_report) -> None:
     markdown = _read(f"{run}/report/summary.md").decode("utf-8")
     assert markdown.startswith(f"# Opti-CAM summary — {full_report.summary[0]['run_id']}\n")
     assert markdown.endswith(full_report.summary_markdown)
-    assert "Model: `demo`" in markdown
+    assert "Model: demo\n" in markdown
     assert json.loads(table.schema.metadata[b"opticam.bootstrap"]) == {
         "confidence": 0.95,
         "n_boot": 200,
@@ -370,7 +380,7 @@ def test_summary_parquet_and_markdown(full_run, full_report) -> None:
     cells = [c.strip() for c in table_lines[2].strip("|").split("|")]
     assert cells[0] == "opticam" and cells[1] == "18"
     ad = (opticam["average_drop"], opticam["average_drop_ci_low"], opticam["average_drop_ci_high"])
-    assert cells[2] == f"{ad[0]:.1f} [{ad[1]:.1f}, {ad[2]:.1f}]"
+    assert cells[2] == f"{ad[0]:.1f} \\[{ad[1]:.1f}, {ad[2]:.1f}\\]"  # [ escaped: never a link
     assert "do-not-show-me" not in markdown
 
 
@@ -677,8 +687,8 @@ def test_markdown_and_terminal_tables() -> None:
     assert summary_markdown(rows) == (
         "| method | images | AD ↓ | s/img ↓ |\n"
         "| --- | ---: | ---: | ---: |\n"
-        "| opticam | 10 | 1.2 [0.2, 3.2] | 0.5 [0.5, 0.5] |\n"
-        "| fakecam | 10 | – | 0.00123 [0.00123, 0.00123] |\n"
+        "| opticam | 10 | 1.2 \\[0.2, 3.2\\] | 0.5 \\[0.5, 0.5\\] |\n"
+        "| fakecam | 10 | – | 0.00123 \\[0.00123, 0.00123\\] |\n"
     )
     assert summary_markdown(rows, with_ci=False).splitlines()[2] == "| opticam | 10 | 1.2 | 0.5 |"
     text = format_table(rows, with_ci=False)

@@ -7,6 +7,8 @@
   with 95% bootstrap intervals.
 - :func:`summary_markdown`, :func:`format_table`: the summary as a Markdown table or an
   aligned terminal table (what ``opticam report`` prints).
+- :func:`markdown_text`: any text (a key, a URL, a name) escaped so that Markdown shows
+  it as written; for everything from a run that goes into Markdown (Prefect artifacts).
 
 Submodules: :mod:`~opticam.report.summary` (numbers), :mod:`~opticam.report.figures`
 (matplotlib, Agg), :mod:`~opticam.report.colors` (the colour map of saliency maps, also
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
         SUMMARY_SCHEMA,
         MetricInfo,
         format_table,
+        markdown_text,
         summarize,
         summary_markdown,
         summary_table,
@@ -42,6 +45,7 @@ __all__ = [
     "ReportResult",
     "build_report",
     "format_table",
+    "markdown_text",
     "summarize",
     "summary_markdown",
     "summary_table",
@@ -56,6 +60,7 @@ _LAZY = {
             "SUMMARY_SCHEMA",
             "MetricInfo",
             "format_table",
+            "markdown_text",
             "summarize",
             "summary_markdown",
             "summary_table",

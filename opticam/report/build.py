@@ -5,14 +5,19 @@ shard's rows file exists once it is complete), so it works on a partial run and 
 empty but valid report before the first shard finishes. Everything is written through
 fsspec (:func:`opticam.store.atomic_write_bytes`), so the run may live on S3, and
 ``index.html`` is written last: when it exists the rest of the report is there too.
+
+A figure that cannot be drawn (:func:`opticam.report.figures.draw_figure`) is left out
+with a note in its place on the page and in ``summary.md``; failing to read the run or to
+write the report still raises.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import fsspec
@@ -27,6 +32,7 @@ from opticam.report.figures import (
     bar_chart,
     curves_chart,
     distributions_chart,
+    draw_figure,
     series_colors,
     series_label,
 )
@@ -38,6 +44,7 @@ from opticam.report.summary import (
     SUMMARY_METRICS,
     better,
     float_column,
+    markdown_text,
     summarize,
     summary_markdown,
     summary_table,
@@ -167,9 +174,11 @@ def _figures(
     colors = series_colors(len(summary))
     figures: list[Figure] = []
 
-    def add(name: str, title: str, caption: str, png: bytes | None) -> None:
-        if png is not None:  # a chart with nothing to draw is left out of the page
-            figures.append(Figure(name, title, caption, png))
+    def add(name: str, title: str, caption: str, draw: Callable[[], bytes | None]) -> None:
+        # Called with the data already read: only drawing may fail without raising.
+        png, failure = draw_figure(name.removesuffix(".png"), draw)
+        if png is not None or failure is not None:  # nothing to draw: left out of the page
+            figures.append(Figure(name, title, caption, png, failure))
 
     # One bar chart per group of opticam.names.METRICS, named after the group.
     for metric_group, title, caption in _BAR_CHARTS:
@@ -178,7 +187,7 @@ def _figures(
             f"{metric_group}.png",
             title,
             caption,
-            bar_chart(summary, metrics, labels, colors, title),
+            partial(bar_chart, summary, metrics, labels, colors, title),
         )
 
     curves = []
@@ -198,7 +207,7 @@ def _figures(
         "Mean insertion and deletion curves",
         "Class probability averaged over images at each step; the areas under these "
         "curves are the insertion and deletion scores.",
-        curves_chart(curves, labels, colors),
+        partial(curves_chart, curves, labels, colors),
     )
 
     models = np.asarray(rows.column("model").to_pylist(), dtype=object)
@@ -216,7 +225,7 @@ def _figures(
         "Per-image distributions",
         "Share of each method's images per 5-point bin. A mean hides whether a method "
         "is a little good everywhere or very good on some images only.",
-        distributions_chart(panels, labels, colors),
+        partial(distributions_chart, panels, labels, colors),
     )
     return figures
 
@@ -266,10 +275,15 @@ def _counts(
 def _markdown(
     summary: Sequence[Mapping[str, Any]], notes: Sequence[str], n_boot: int, seed: int
 ) -> str:
-    """Notes, how to read the table, and the table: the body of ``summary.md``."""
+    """Notes, how to read the table, and the table: the body of ``summary.md``.
+
+    Text from the run (model name, notes that quote keys or errors) goes through
+    :func:`~opticam.report.summary.markdown_text`, the table cells too.
+    """
     models = sorted({str(r["model"]) for r in summary})
-    lines = [f"Model: `{models[0]}`", ""] if len(models) == 1 else []
-    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines = [f"Model: {markdown_text(models[0])}", ""] if len(models) == 1 else []
+    for note in notes:  # a blank line between notes, or Markdown joins them into one
+        lines += [f"> {markdown_text(note)}", ""]
     lines += [
         f"Mean per image [{round(100 * CONFIDENCE)}% percentile bootstrap interval, "
         f"{n_boot} resamples, seed {seed}]. Percent, except s/img (seconds). "
@@ -339,11 +353,17 @@ def build_report(
         n_boot: bootstrap resamples per interval (>= 1).
         seed: bootstrap seed; the same run, ``n_boot`` and ``seed`` give the same summary.
 
+    A figure whose drawing raises is replaced by a note on the page and in
+    ``summary.md`` (``figure 'gallery' could not be drawn: <type>: <message>``) and logged
+    at WARNING, with its traceback, on the ``opticam.report`` logger; the rest of the
+    report is still written.
+
     Returns:
         The :class:`ReportResult`.
 
     Raises:
         ValueError: ``gallery_size`` < 0 or ``n_boot`` < 1.
+        OSError: and anything else raised while reading the run or writing the report.
     """
     if isinstance(gallery_size, bool) or not isinstance(gallery_size, int) or gallery_size < 0:
         raise ValueError(f"gallery_size must be an integer >= 0, got {gallery_size!r}")
@@ -395,11 +415,16 @@ def build_report(
         n_boot=n_boot,
         seed=seed,
     )
-    markdown = _markdown(summary, notes, n_boot, seed)
-    markdown_file = f"# Opti-CAM summary — {run_id or 'run'}\n\n{markdown}"
+    failures = [f.failure for f in figures if f.failure is not None]
+    if gallery.failure is not None:
+        failures.append(gallery.failure)
+    markdown = _markdown(summary, [*notes, *failures], n_boot, seed)
+    markdown_file = f"# Opti-CAM summary — {markdown_text(run_id or 'run')}\n\n{markdown}"
 
     folder = store.report_url(run_url)
-    outputs: list[tuple[str, bytes]] = [(f"figures/{f.name}", f.png) for f in figures]
+    outputs: list[tuple[str, bytes]] = [
+        (f"figures/{f.name}", f.png) for f in figures if f.png is not None
+    ]
     if gallery.png is not None:
         outputs.append(("figures/gallery.png", gallery.png))
     outputs += [

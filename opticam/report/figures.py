@@ -8,30 +8,95 @@ and the matplotlib release.
 
 One *series* is one (model, method) summary row; its colour is fixed by its position
 in the summary, so a method has the same colour in every figure of a report.
+
+Every string the report puts into a figure (titles, axis labels, tick labels, legend
+entries, annotations) is drawn with :data:`LITERAL`: as the characters it holds, never
+parsed as mathtext (``$...$``) nor handed to LaTeX, whatever a matplotlibrc says
+(``text.usetex``). Sample keys, method and model names come from the data, and one key
+such as ``a$\\frac{$b`` would otherwise stop matplotlib from drawing the figure. Numbers
+on the axes are left to matplotlib's formatters.
+
+:func:`draw_figure` draws one figure so that its failure costs that figure only: the
+report shows a note in its place and the traceback goes to the ``opticam.report`` logger.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
-from typing import Any
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, NamedTuple, TypedDict
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from opticam.names import Metric
 from opticam.report.summary import better, metric_header
 
 __all__ = [
+    "LITERAL",
+    "Drawing",
+    "TextProperties",
     "bar_chart",
     "curves_chart",
     "distributions_chart",
+    "draw_figure",
     "png_bytes",
     "series_colors",
+    "series_legend",
     "series_label",
 ]
 
+logger = logging.getLogger("opticam.report")
+
 _DPI = 100
+
+
+class TextProperties(TypedDict):
+    """The matplotlib :class:`~matplotlib.text.Text` properties in :data:`LITERAL`."""
+
+    parse_math: bool
+    usetex: bool
+
+
+#: Text properties that make matplotlib draw a string as it is: no mathtext, no LaTeX.
+#: Pass them to every call that draws a string (``ax.set_title(title, **LITERAL)``).
+LITERAL: Final[TextProperties] = {"parse_math": False, "usetex": False}
+
+
+class Drawing(NamedTuple):
+    """What :func:`draw_figure` gives back: the PNG, or why there is none.
+
+    Attributes:
+        png: the figure's PNG bytes; None when it failed or had nothing to draw.
+        failure: ``"figure '<name>' could not be drawn: <ExceptionType>: <message>"``
+            when drawing raised, else None.
+    """
+
+    png: bytes | None
+    failure: str | None
+
+
+def draw_figure(name: str, draw: Callable[[], bytes | None]) -> Drawing:
+    """Call ``draw`` and turn an exception into a note, so one figure never sinks a report.
+
+    Only drawing is guarded: call ``draw`` with data already read, so that a run that
+    cannot be read still raises. The failure is logged at WARNING with its traceback on
+    the ``opticam.report`` logger.
+
+    Args:
+        name: the figure's name in the note and the log (e.g. ``"gallery"``).
+        draw: draws the figure; returns PNG bytes, or None when there is nothing to draw.
+
+    Returns:
+        ``Drawing(png, None)``, or ``Drawing(None, failure)`` when ``draw`` raised.
+    """
+    try:
+        return Drawing(draw(), None)
+    except Exception as error:  # any failure costs this figure, never the report
+        logger.warning("figure %r could not be drawn; the report shows a note", name, exc_info=True)
+        return Drawing(None, f"figure {name!r} could not be drawn: {type(error).__name__}: {error}")
 
 
 def png_bytes(figure: Figure) -> bytes:
@@ -44,6 +109,16 @@ def png_bytes(figure: Figure) -> bytes:
 def series_label(row: Mapping[str, Any], several_models: bool) -> str:
     """Legend label of a summary row: ``method``, or ``model · method`` across models."""
     return f"{row['model']} · {row['method']}" if several_models else str(row["method"])
+
+
+def series_legend(ax: Axes) -> None:
+    """The legend of the series, right of ``ax``; its labels (model, method names) literal."""
+    legend = ax.legend(
+        loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small"
+    )
+    # Legend entries are made from the artists' labels, so the properties are set here.
+    for text in legend.get_texts():
+        text.update(dict(LITERAL))
 
 
 def series_colors(count: int) -> list[tuple[float, float, float, float]]:
@@ -97,15 +172,15 @@ def bar_chart(
             label=labels[i],
             error_kw={"elinewidth": 1},
         )
-    ax.set_xticks(positions, [metric_header(m) for m in metrics])
+    ax.set_xticks(positions, [metric_header(m) for m in metrics], **LITERAL)
     units = {m.unit for m in metrics}
-    ax.set_ylabel("percent" if units == {"%"} else ", ".join(sorted(units)))
+    ax.set_ylabel("percent" if units == {"%"} else ", ".join(sorted(units)), **LITERAL)
     if units == {"%"}:
         ax.set_ylim(0, 100)
-    ax.set_title(title)
+    ax.set_title(title, **LITERAL)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
+    series_legend(ax)
     return png_bytes(figure)
 
 
@@ -136,13 +211,13 @@ def curves_chart(
             if curve is None:
                 continue
             ax.plot(np.linspace(0.0, 1.0, curve.size), curve, color=color, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("fraction of pixels " + ("inserted" if side == 0 else "deleted"))
+        ax.set_title(title, **LITERAL)
+        ax.set_xlabel("fraction of pixels " + ("inserted" if side == 0 else "deleted"), **LITERAL)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean class probability")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
+    axes[0].set_ylabel("mean class probability", **LITERAL)
+    series_legend(axes[1])
     return png_bytes(figure)
 
 
@@ -187,14 +262,12 @@ def distributions_chart(
                 color=color,
                 label=label,
             )
-        ax.set_title(title)
-        ax.set_xlabel("percent")
-        ax.set_ylabel("fraction of images")
+        ax.set_title(title, **LITERAL)
+        ax.set_xlabel("percent", **LITERAL)
+        ax.set_ylabel("fraction of images", **LITERAL)
         ax.set_xlim(0, 100)
         ax.grid(alpha=0.3)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    axes[columns - 1].legend(
-        loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small"
-    )
+    series_legend(axes[columns - 1])
     return png_bytes(figure)

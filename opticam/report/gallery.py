@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from opticam import store
+from opticam.names import STAGE_NOT_TAR, STAGE_OPEN, STAGE_TAR
 from opticam.report.colors import colorize, overlay
-from opticam.report.figures import png_bytes
+from opticam.report.figures import LITERAL, draw_figure, png_bytes
 
 __all__ = ["Gallery", "GalleryItem", "build_gallery", "choose_gallery_images"]
 
@@ -87,7 +89,9 @@ class Gallery:
         methods: methods in column order.
         items: the images shown.
         notes: what the reader should know (e.g. why input images are missing).
-        png: the gallery figure, or None when there is nothing to show.
+        png: the gallery figure, or None when there is nothing to show or drawing failed.
+        failure: why the figure could not be drawn (see
+            :func:`opticam.report.figures.draw_figure`), or None.
     """
 
     model: str | None
@@ -95,6 +99,7 @@ class Gallery:
     items: list[GalleryItem]
     notes: list[str]
     png: bytes | None
+    failure: str | None = None
 
 
 def _key_digest(key: str) -> str:
@@ -173,7 +178,11 @@ def _read_inputs(
             if close is not None:
                 close()
         if pending:
-            opened = [e.message for e in reader.errors if e.stage in ("open", "tar")]
+            opened = [
+                e.message
+                for e in reader.errors
+                if e.stage in (STAGE_OPEN, STAGE_NOT_TAR, STAGE_TAR)
+            ]
             why = opened[0] if opened else "keys not found in the shard"
             notes.append(
                 f"input image(s) {', '.join(sorted(pending))} of shard {shard} not shown: {why}"
@@ -202,25 +211,37 @@ def _draw(gallery: Gallery) -> bytes | None:
                         )
                     )
             else:
-                ax.text(0.5, 0.5, "input\nnot available", ha="center", va="center", fontsize=8)
+                ax.text(
+                    0.5,
+                    0.5,
+                    "input\nnot available",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    **LITERAL,
+                )
             label = "?" if item.label is None else str(item.label)
             short_key = item.key if len(item.key) <= 22 else "…" + item.key[-21:]
-            ax.set_xlabel(f"{short_key}\nlabel {label} · pred {item.predicted}", fontsize=7)
+            ax.set_xlabel(
+                f"{short_key}\nlabel {label} · pred {item.predicted}", fontsize=7, **LITERAL
+            )
             if r == 0:
-                ax.set_title("input", fontsize=9)
+                ax.set_title("input", fontsize=9, **LITERAL)
         for ax, method in zip(cells, gallery.methods, strict=True):
             saliency = item.maps.get(method)
             if saliency is None:
-                ax.text(0.5, 0.5, "no map", ha="center", va="center", fontsize=8)
+                ax.text(0.5, 0.5, "no map", ha="center", va="center", fontsize=8, **LITERAL)
             elif item.image is not None:
                 ax.imshow(np.asarray(overlay(item.image, saliency)))
             else:
                 ax.imshow(colorize(saliency))
             if method in item.scores:
                 drop, gain = item.scores[method]
-                ax.set_xlabel(f"drop {100 * drop:.0f}% · gain {100 * gain:.0f}%", fontsize=7)
+                ax.set_xlabel(
+                    f"drop {100 * drop:.0f}% · gain {100 * gain:.0f}%", fontsize=7, **LITERAL
+                )
             if r == 0:
-                ax.set_title(method, fontsize=9)
+                ax.set_title(method, fontsize=9, **LITERAL)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -252,7 +273,8 @@ def build_gallery(
         resize_known: False when ``resize_size`` is a guess (the gallery then says so).
 
     Returns:
-        The :class:`Gallery`; its ``png`` is None when there is nothing to show.
+        The :class:`Gallery`; its ``png`` is None when there is nothing to show, or when
+        drawing raised (``failure`` then says why: a bad figure never stops the report).
     """
     models = sorted(set(rows.column("model").to_pylist())) if rows.num_rows else []
     if not models or size <= 0:
@@ -298,5 +320,5 @@ def build_gallery(
         )
     notes += _read_inputs(items, data_storage_options, input_size, resize_size)
     gallery = Gallery(model, list(methods), items, notes, None)
-    gallery.png = _draw(gallery)
+    gallery.png, gallery.failure = draw_figure("gallery", partial(_draw, gallery))
     return gallery

@@ -66,13 +66,25 @@ class Figure:
         name: file name under ``report/figures/`` (e.g. ``faithfulness.png``).
         title: heading shown above it.
         caption: what it shows and how to read it.
-        png: the PNG bytes (embedded in the page).
+        png: the PNG bytes (embedded in the page), or None when drawing failed.
+        failure: why it could not be drawn (shown in its place), when ``png`` is None.
+
+    Raises:
+        ValueError: neither or both of ``png`` and ``failure`` are given.
     """
 
     name: str
     title: str
     caption: str
-    png: bytes
+    png: bytes | None
+    failure: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.png is None) == (self.failure is None):
+            raise ValueError(
+                f"figure {self.name!r} needs either PNG bytes or a failure note, "
+                f"got png={'None' if self.png is None else 'bytes'}, failure={self.failure!r}"
+            )
 
 
 @dataclass
@@ -199,6 +211,8 @@ def _gallery_context(gallery: Gallery | None) -> dict[str, Any] | None:
     return {
         "notes": list(gallery.notes),
         "src": None if gallery.png is None else data_uri(gallery.png),
+        "failure": gallery.failure,
+        "empty": not gallery.items,
         "image_keys": ", ".join(item.key for item in gallery.items),
         "model": gallery.model,
         "colormap": COLORMAP,
@@ -253,7 +267,8 @@ def render_index(content: PageContent) -> str:
                 "id": fig.name.rsplit(".", 1)[0],
                 "title": fig.title,
                 "caption": fig.caption,
-                "src": data_uri(fig.png),
+                "src": None if fig.png is None else data_uri(fig.png),
+                "failure": fig.failure,
             }
             for fig in content.figures
         ],

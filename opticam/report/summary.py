@@ -20,6 +20,7 @@ value in a group is ``None``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "float_column",
     "format_table",
     "format_value",
+    "markdown_text",
     "metric_header",
     "summarize",
     "summary_columns",
@@ -164,6 +166,46 @@ def summary_table(summary: Sequence[Mapping[str, Any]]) -> pa.Table:
 
 # --------------------------------------------------------------------------- formatting
 
+# What opens an inline construct in CommonMark or GitHub-flavoured Markdown: backslash
+# escapes, code spans, emphasis, strikethrough, links and images, autolinks and raw HTML,
+# entity references, table cells, and GitHub's $math$. Each is backslash-escaped, which
+# CommonMark defines for every ASCII punctuation character.
+_MARKDOWN_INLINE = re.compile(r"[\\`*_~\[\]<&|$]")
+# A line break would end a table row, or start a new block.
+_LINE_BREAK = re.compile(r"\s*[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]\s*")
+# What opens a block when it begins a line: heading, quote, list item, setext underline,
+# thematic break (``*`` and ``_`` are already escaped), and an ordered list's ``1.``.
+_BLOCK_MARKER = re.compile(r"^[#>+=-]")
+_ORDERED_MARKER = re.compile(r"^(\d{1,9})([.)])(?=\s|$)")
+
+
+def markdown_text(text: str) -> str:
+    r"""``text`` escaped for Markdown, so that it renders as the characters it holds.
+
+    Every table cell, and every piece of text from the data (keys, shard URLs, model and
+    method names, error messages) that goes into Markdown passes through here: ``|`` would
+    split a table cell; ``*``, ``_``, backticks, ``[...](...)``, ``<b>``, ``&lt;``,
+    ``~~`` and ``$...$`` would become emphasis, code, a link, HTML, an entity,
+    strikethrough or math. Those characters are backslash-escaped (CommonMark and GitHub
+    render ``\*`` as ``*``); a ``#``, ``>``, ``+``, ``-``, ``=`` or ``1.`` that would open
+    a block at the start of a line is escaped too, so the result is safe wherever inline
+    text goes: a table cell, a paragraph, a heading, after ``> ``.
+
+    Line breaks cannot be kept (one would end the table row): each, with the spaces around
+    it, becomes one space, and the ends are stripped, which is how Markdown and HTML show
+    them anyway.
+
+    Args:
+        text: any string.
+
+    Returns:
+        The Markdown source, one line.
+    """
+    flat = _LINE_BREAK.sub(" ", text).strip()
+    escaped = _MARKDOWN_INLINE.sub(lambda match: "\\" + match.group(), flat)
+    escaped = _ORDERED_MARKER.sub(r"\1\\\2", escaped)
+    return _BLOCK_MARKER.sub(r"\\\g<0>", escaped)
+
 
 def summary_columns(summary: Sequence[Mapping[str, Any]]) -> list[Metric]:
     """The metrics that have a value in at least one summary row, in display order."""
@@ -229,7 +271,8 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], *, with_ci: bool = Tr
     Columns: ``model`` (only when there are several), ``method``, ``images`` and every
     metric with a value, headed ``AD ↓``, ``AG ↑``, ...; cells read ``mean [ci_low,
     ci_high]`` (``with_ci=False`` drops the interval). An empty summary gives a table
-    with a single "no results" line.
+    with a single "no results" line. Every cell goes through :func:`markdown_text`, so
+    a model or method name shows as written and never splits or styles the table.
     """
     header, body = _text_rows(summary, with_ci)
     if not body:
@@ -238,9 +281,10 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]], *, with_ci: bool = Tr
     align = ["---:" if i in right else "---" for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(cells) + " |"
 
-    return "\n".join([line(header), line(align), *(line(c) for c in body)]) + "\n"
+    cells = [[markdown_text(c) for c in row] for row in [header, *body]]
+    return "\n".join([line(cells[0]), line(align), *(line(c) for c in cells[1:])]) + "\n"
 
 
 def format_table(summary: Sequence[Mapping[str, Any]], *, with_ci: bool = True) -> str:
