@@ -40,14 +40,17 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 
 from opticam.names import KNOWN_METHODS, METHODS, NORMALIZATIONS, OBJECTIVES, SCORES
+from opticam.redact import redact_url
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "DEFAULT_OUTPUT",
     "CAMOptions",
     "MethodSpec",
@@ -60,6 +63,9 @@ __all__ = [
 ]
 
 DEFAULT_OUTPUT = "./opticam-runs"
+#: Most pixels a decoded image may have (above a 100-megapixel photo); larger images are
+#: refused from their header, before decoding (a 180 KB PNG can decode to gigabytes).
+DEFAULT_MAX_PIXELS = 120_000_000
 
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -70,17 +76,19 @@ _SOURCE_RE = re.compile(
 
 
 def normalize_url(url: str) -> str:
-    """A URL in the one spelling used for hashing: local paths absolute, ``file://`` dropped.
+    """A URL in the one spelling used for hashing: local paths absolute, ``file://`` dropped,
+    credentials redacted.
 
     ``./shards/a.tar``, ``shards/a.tar`` (from the same folder) and
     ``file:///abs/shards/a.tar`` all become ``/abs/shards/a.tar``; other URLs
-    (``s3://...``) are returned unchanged except for surrounding whitespace.
+    (``s3://...``) are returned without surrounding whitespace and without credentials
+    (:func:`opticam.redact.redact_url`), so a run id never depends on a password.
     """
     url = url.strip()
     if url.startswith("file://"):
         url = url[len("file://") :]
     if "://" in url or url.startswith("pipe:"):
-        return url
+        return redact_url(url)
     return os.path.abspath(os.path.expanduser(url))
 
 
@@ -405,6 +413,12 @@ class RunConfig(BaseModel):
     max_images: int | None = Field(
         default=None, ge=1, description="stop after this many images in all, spread over shards"
     )
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="most pixels (width x height) a decoded image may have; larger images "
+        "become error rows without being decoded",
+    )
     executor: Literal["local", "deployments"] = Field(
         default="local",
         description="local: this machine's devices (deployments: reserved, not available yet)",
@@ -420,6 +434,16 @@ class RunConfig(BaseModel):
     output_storage_options: SkipJsonSchema[dict[str, Any]] = Field(
         default_factory=dict, exclude=True, repr=False
     )
+
+    @field_serializer("data")
+    def _public_data(self, value: str | list[str]) -> str | list[str]:
+        # Every dump (run.json, Prefect's stored parameters) leaves credentials out; the
+        # object itself keeps the real URLs, which only the reader uses.
+        return redact_url(value) if isinstance(value, str) else [redact_url(v) for v in value]
+
+    @field_serializer("output")
+    def _public_output(self, value: str) -> str:
+        return redact_url(value)
 
     @field_validator("data")
     @classmethod
@@ -508,6 +532,8 @@ class RunConfig(BaseModel):
             "metrics": self.metrics.model_dump(mode="json"),
             "map_format": self.map_format,
             "max_images": self.max_images,
+            # Only when changed: jobs from before the setting keep their run id.
+            **({"max_pixels": self.max_pixels} if self.max_pixels != DEFAULT_MAX_PIXELS else {}),
         }
 
     @property

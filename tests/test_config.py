@@ -239,3 +239,10 @@ def test_options_are_stored_with_their_checked_types() -> None:
 def test_the_version_1_field_name_maps_is_still_accepted() -> None:
     assert make(maps="full_png").map_format == "full_png"
     assert make(maps="full_png").run_id == make(map_format="full_png").run_id
+
+
+def test_max_pixels_changes_the_run_id_only_when_changed() -> None:
+    from opticam.config import DEFAULT_MAX_PIXELS
+
+    assert make(max_pixels=DEFAULT_MAX_PIXELS).run_id == make().run_id
+    assert make(max_pixels=1000).run_id != make().run_id

@@ -31,6 +31,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from opticam.redact import redact_url
+
 __all__ = [
     "atomic_write_bytes",
     "invalidate",
@@ -64,8 +66,11 @@ def run_url(output: str, run_id: str) -> str:
 def shard_name(shard_url: str) -> str:
     """Filename-safe, unique name for a shard URL: ``<stem>-<sha256(url)[:8]>``.
 
-    ``s3://bucket/train/shard-000003.tar`` -> ``shard-000003-1a2b3c4d``.
+    ``s3://bucket/train/shard-000003.tar`` -> ``shard-000003-1a2b3c4d``. The URL is hashed
+    without its credentials (:func:`opticam.redact.redact_url`): a name never depends on
+    a password.
     """
+    shard_url = redact_url(shard_url)
     base = shard_url.rstrip("/").rsplit("/", 1)[-1]
     for suffix in _TAR_SUFFIXES:
         if base.lower().endswith(suffix):

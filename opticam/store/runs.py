@@ -15,6 +15,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from opticam.errors import UserError
+from opticam.redact import redact_url
 from opticam.store.layout import atomic_write_bytes, filesystem, invalidate, run_json_url
 from opticam.store.tables import SCHEMA_VERSION
 
@@ -129,7 +130,9 @@ def write_run_json(
         "run_id": config.run_id,
         "job": job,
         "config": config.public_dict(),
-        "shards": [dict(s) for s in shards],
+        "shards": [
+            {**s, "url": redact_url(str(s["url"]))} if "url" in s else dict(s) for s in shards
+        ],
         "versions": package_versions(),
         "created": (existing or {}).get("created", now),
         "updated": now,

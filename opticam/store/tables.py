@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from opticam.redact import redact_text, redact_url
 from opticam.store.layout import (
     atomic_write_bytes,
     errors_url,
@@ -137,7 +138,9 @@ class ShardStatus:
         resize_size: the model's resize size (shorter side before the centre crop), so that
             readers can rebuild the exact model inputs from the data shards.
         finished: ISO 8601 UTC time the files were written.
-        skipped: True when the shard was already done and nothing was computed.
+        skipped: True when nothing was computed: the shard was already done, or another
+            worker holds its lease (then ``held_by`` names that worker).
+        held_by: the lease owner that kept this call from computing the shard.
         schema_version: :data:`SCHEMA_VERSION` of the files.
     """
 
@@ -157,6 +160,7 @@ class ShardStatus:
     resize_size: int | None = None
     finished: str = ""
     skipped: bool = False
+    held_by: str = ""
     schema_version: str = field(default=SCHEMA_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,7 +185,8 @@ def _table_bytes(table: pa.Table) -> bytes:
 
 def _with_status(table: pa.Table, status: ShardStatus) -> pa.Table:
     meta = dict(table.schema.metadata or {})
-    meta[STATUS_KEY.encode()] = json.dumps(asdict(status), sort_keys=True).encode()
+    public = {**asdict(status), "shard": redact_url(status.shard)}
+    meta[STATUS_KEY.encode()] = json.dumps(public, sort_keys=True).encode()
     return table.replace_schema_metadata(meta)
 
 
@@ -239,13 +244,14 @@ def write_errors(
     rows = []
     for err in errors:
         get = err.get if isinstance(err, Mapping) else lambda k, e=err: getattr(e, k)
+        # Messages may quote a URL with its credentials (an exception's text).
         rows.append(
             {
                 "run_id": run_id,
-                "shard": str(get("shard") or status.shard),
+                "shard": redact_url(str(get("shard") or status.shard)),
                 "key": None if get("key") is None else str(get("key")),
                 "stage": str(get("stage")),
-                "message": str(get("message")),
+                "message": redact_text(str(get("message"))),
             }
         )
     table = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
