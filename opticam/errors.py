@@ -8,7 +8,7 @@ code that caught those before still does.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "UserError"]
+__all__ = ["ConfigError", "OutputError", "UserError"]
 
 
 class UserError(Exception):
@@ -17,3 +17,10 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A job that cannot run as described: a bad model, method option, layer or device."""
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written: a file in the way, no permission, no bucket.
+
+    Also an S3 endpoint that does not answer, or no credentials to write with.
+    """

@@ -7,6 +7,9 @@
 - :mod:`opticam.store.runs`: ``run.json``.
 - :mod:`opticam.store.maps`: the map codec (:func:`encode_map`, :func:`decode_map`,
   :func:`load_maps`).
+- :mod:`opticam.store.leases`: per-shard leases, so concurrent runs split the shards.
+- :mod:`opticam.store.probe`: :func:`check_output`, proving the output can be written
+  before any compute.
 
 Every name is also importable from :mod:`opticam.store` itself.
 """
@@ -28,6 +31,7 @@ from opticam.store.maps import (
     encode_map,
     load_maps,
 )
+from opticam.store.probe import check_output
 from opticam.store.runs import (
     RunCollisionError,
     check_run_json,
@@ -60,6 +64,7 @@ __all__ = [
     "RunCollisionError",
     "ShardStatus",
     "atomic_write_bytes",
+    "check_output",
     "check_run_json",
     "decode_map",
     "encode_full_png",
