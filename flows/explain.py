@@ -43,6 +43,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from opticam import store
 from opticam.config import RunConfig
+from opticam.data import ShardStreamError
 from opticam.names import STAGE_SHARD
 from opticam.pipeline import (
     done_status,
@@ -53,6 +54,7 @@ from opticam.pipeline import (
     resolve_device,
     run_url_of,
 )
+from opticam.redact import redact_text, redact_url
 
 __all__ = [
     "ARTIFACT_LINK",
@@ -107,8 +109,13 @@ def is_transient_error(exc: BaseException) -> bool:
 
     Retried: ``ConnectionError``, ``TimeoutError``, other ``OSError`` (s3fs and fsspec
     raise those for failed requests) and botocore / aiohttp / urllib3 errors. Not retried:
-    missing files and permission errors, and everything else (bad data, bad options, bugs).
+    missing files and permission errors, a shard whose stream kept failing
+    (:class:`opticam.data.ShardStreamError`: :func:`opticam.pipeline.process_shard` has
+    already read it again several times), and everything else (bad data, bad options,
+    bugs).
     """
+    if isinstance(exc, ShardStreamError):
+        return False
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
     if isinstance(
@@ -146,18 +153,27 @@ _STORAGE_TASK: dict[str, Any] = {
 }
 
 
-@task(name="explain-shard", task_run_name="shard {shard_url}", **_STORAGE_TASK)
+def _shard_task_name() -> str:
+    from prefect.runtime import task_run
+
+    url = str(task_run.parameters.get("shard_url", "shard"))
+    # The file name is what a person looks for in the UI; credentials never reach it.
+    return f"shard {redact_url(url).rstrip('/').rsplit('/', 1)[-1]}"
+
+
+@task(name="explain-shard", task_run_name=_shard_task_name, **_STORAGE_TASK)
 def shard_task(
     config: RunConfig, shard_url: str, device: str, max_images: int | None = None
 ) -> dict[str, Any]:
     """Process one shard on ``device`` (:func:`opticam.pipeline.process_shard`)."""
-    _emit("shard_start", shard=shard_url, device=device, max_images=max_images)
+    public = redact_url(shard_url)
+    _emit("shard_start", shard=public, device=device, max_images=max_images)
     result = process_shard(
         config,
         shard_url,
         device,
         max_images=max_images,
-        on_progress=lambda n: _emit("images", shard=shard_url, n=n),
+        on_progress=lambda n: _emit("images", shard=public, n=n),
     )
     return result.to_dict()
 
@@ -181,21 +197,25 @@ def report_task(config: RunConfig) -> dict[str, Any]:
 
 
 def _record_failure(config: RunConfig, shard_url: str, exc: BaseException) -> None:
-    """Leave an errors file (stage ``"shard"``) for a shard whose task failed for good."""
+    """Add a ``"shard"`` error row to the errors file of a shard that failed for good,
+    keeping the rows the failed attempt wrote there (e.g. why the shard is not a tar)."""
+    import pyarrow.parquet as pq
+
+    public = redact_url(shard_url)
+    run = run_url_of(config)
+    options = config.output_options()
+    earlier: list[dict[str, Any]] = []
+    fs, path = store.layout.filesystem(store.errors_url(run, shard_url), options)
+    with contextlib.suppress(Exception), fs.open(path, "rb") as f:
+        earlier = [r for r in pq.read_table(f).to_pylist() if r["stage"] != STAGE_SHARD]
+    record = {"shard": public, "key": None, "stage": STAGE_SHARD}
+    record["message"] = f"{type(exc).__name__}: {exc}"
     status = store.ShardStatus(
-        shard=shard_url, name=store.shard_name(shard_url), complete=False, n_errors=1
+        shard=public, name=store.shard_name(shard_url), complete=False, n_errors=len(earlier) + 1
     )
-    record = {
-        "shard": shard_url,
-        "key": None,
-        "stage": STAGE_SHARD,
-        "message": f"{type(exc).__name__}: {exc}",
-    }
     # Best effort: the storage that failed the task may fail this write too.
     with contextlib.suppress(Exception):
-        store.write_errors(
-            run_url_of(config), config.run_id, [record], status, config.output_options()
-        )
+        store.write_errors(run, config.run_id, [*earlier, record], status, options)
 
 
 def _flow_run_name() -> str:
@@ -233,6 +253,7 @@ def explain_dataset(config: RunConfig) -> dict[str, Any]:
     Returns:
         ``run_id``, ``run_url``, ``shards_total``, ``shards_processed``,
         ``shards_skipped``, ``shards_failed``, ``failed`` (shard URL -> message),
+        ``shards_held``, ``held`` (shard URL -> the other worker holding its lease),
         ``images``, ``rows``, ``errors``, ``incomplete`` (shard URLs), ``report_url``,
         ``summary`` (the report's summary rows).
 
@@ -248,7 +269,7 @@ def explain_dataset(config: RunConfig) -> dict[str, Any]:
     skipped = len(plan) - len(pending)
     logger.info(
         "run %s: %d shards planned, %d already done, %d to process on %s",
-        run,
+        redact_url(run),
         len(plan),
         skipped,
         len(pending),
@@ -256,7 +277,7 @@ def explain_dataset(config: RunConfig) -> dict[str, Any]:
     )
     _emit(
         "plan",
-        run_url=run,
+        run_url=redact_url(run),
         run_id=config.run_id,
         total=len(plan),
         pending=len(pending),
@@ -276,6 +297,7 @@ def explain_dataset(config: RunConfig) -> dict[str, Any]:
 
     results: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
+    held: dict[str, str] = {}
     queue = deque(pending)
     free = list(devices)
     running: dict[PrefectFuture[Any], tuple[str, dict[str, Any]]] = {}
@@ -292,14 +314,21 @@ def explain_dataset(config: RunConfig) -> dict[str, Any]:
         try:
             result = finished.result()
         except Exception as exc:
-            logger.error("shard %s failed: %s: %s", item["url"], type(exc).__name__, exc)
-            failed[item["url"]] = f"{type(exc).__name__}: {exc}"
+            public = redact_url(item["url"])
+            failed[public] = redact_text(f"{type(exc).__name__}: {exc}")
+            logger.error("shard %s failed: %s", public, failed[public])
             _record_failure(config, item["url"], exc)
-            _emit("shard_failed", shard=item["url"], message=failed[item["url"]])
+            _emit("shard_failed", shard=public, message=failed[public])
         else:
-            results.append(result)
-            _emit("shard_done", **result)
-        update_progress_artifact(progress_id, percent(len(results) + len(failed)))
+            if result["skipped"]:
+                # Another run or worker holds this shard's lease: it computes it.
+                held[result["shard"]] = result["held_by"]
+                logger.info("shard %s: held by %s, skipped", result["shard"], result["held_by"])
+                _emit("shard_held", **result)
+            else:
+                results.append(result)
+                _emit("shard_done", **result)
+        update_progress_artifact(progress_id, percent(len(results) + len(failed) + len(held)))
 
     report = report_task(config)
     _publish(config, report)
@@ -316,6 +345,8 @@ def explain_dataset(config: RunConfig) -> dict[str, Any]:
         "shards_skipped": skipped,
         "shards_failed": len(failed),
         "failed": failed,
+        "shards_held": len(held),
+        "held": held,
         "images": sum(r["n_images"] for r in results),
         "rows": sum(r["n_rows"] for r in results),
         "errors": sum(r["n_errors"] for r in results),
@@ -326,9 +357,14 @@ def explain_dataset(config: RunConfig) -> dict[str, Any]:
 
 
 def _publish(config: RunConfig, report: dict[str, Any]) -> None:
+    from opticam.report import markdown_text
+
     title = f"Opti-CAM run `{config.run_id}`"
     create_markdown_artifact(
-        markdown=f"# {title}\n\n{report['summary_markdown']}\n\nReport: {report['index_url']}\n",
+        markdown=(
+            f"# {title}\n\n{report['summary_markdown']}\n\n"
+            f"Report: {markdown_text(redact_url(report['index_url']))}\n"
+        ),
         key=ARTIFACT_SUMMARY,
         description=f"Summary of run {config.run_id}",
     )

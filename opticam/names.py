@@ -39,10 +39,13 @@ __all__ = [
     "STAGE_INCOMPLETE",
     "STAGE_KEY",
     "STAGE_LABEL",
+    "STAGE_NONFINITE",
+    "STAGE_NOT_TAR",
     "STAGE_OPEN",
     "STAGE_PREPROCESS",
     "STAGE_SHARD",
     "STAGE_TAR",
+    "STAGE_TOO_LARGE",
     "STAGE_UNSAFE",
     "MethodInfo",
     "Metric",
@@ -179,19 +182,29 @@ STAGE_PREPROCESS = "preprocess"
 STAGE_EXPLAIN = "explain"
 STAGE_INCOMPLETE = "incomplete"
 STAGE_SHARD = "shard"
+STAGE_NONFINITE = "non-finite"
+STAGE_NOT_TAR = "not-a-tar"
+STAGE_TOO_LARGE = "too-large"
 
 #: Stage -> what failed. Sample-level stages have a key; shard-level ones a null key.
 STAGES: dict[str, str] = {
     STAGE_OPEN: "the shard URL could not be opened at all",
     STAGE_TAR: "the tar stream is truncated or unreadable",
     STAGE_DECODE: "an image or JSON member could not be decoded, or a sample has no image",
-    STAGE_LABEL: "the label is missing (target 'label'), malformed, or out of range",
-    STAGE_BOXES: "the boxes are malformed",
+    STAGE_LABEL: "the label is missing (target 'label'), negative, malformed, or out of range",
+    STAGE_BOXES: "the boxes are malformed (sample skipped), or one box is empty or lies "
+    "outside the image (that box dropped)",
     STAGE_KEY: "a key occurs twice in one shard",
     STAGE_UNSAFE: "a pickle-like member, skipped and never loaded",
     STAGE_PREPROCESS: "resize or crop failed",
     STAGE_EXPLAIN: "a method raised on a batch (the other methods went on)",
     STAGE_INCOMPLETE: "the shard was not read to its end; its rows hold what was read",
     STAGE_SHARD: "the shard failed for good after its retries",
+    STAGE_NONFINITE: "the model's logits, or a method's map or scores, were NaN or inf for "
+    "this image: no row, so no mean includes it",
+    STAGE_NOT_TAR: "the shard is empty (0 bytes) or does not start with a tar header: "
+    "nothing could be read from it",
+    STAGE_TOO_LARGE: "a member has more bytes, or an image more pixels, than the reader "
+    "accepts; skipped without decoding",
 }
 ERROR_STAGES: tuple[str, ...] = tuple(STAGES)

@@ -1,7 +1,7 @@
 """What a person watching ``opticam run`` sees: a live bar on a terminal, lines otherwise.
 
 :class:`RunProgress` listens to the flow's progress events (``plan``, ``shard_start``,
-``images``, ``shard_done``, ``shard_failed``, ``report``; see
+``images``, ``shard_done``, ``shard_held``, ``shard_failed``, ``report``; see
 :func:`flows.explain.progress_listener`). On a terminal it draws a rich progress bar that
 moves within a shard too (images read so far against the expected shard size); on
 anything else (a log file, CI) it writes one plain line per finished shard.
@@ -116,6 +116,12 @@ class RunProgress:
             )
         elif state:
             self._write(f"{d['name']}:{state}\n")
+        self._refresh()
+
+    def _on_shard_held(self, d: dict[str, Any]) -> None:
+        self.done += 1
+        self._in_flight.pop(d["shard"], None)
+        self._write(f"{d['name']}: another run holds it ({d['held_by']}), skipped\n")
         self._refresh()
 
     def _on_shard_failed(self, d: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiny
 import torch
+from torch import nn
 
 from opticam import pipeline, store
 from opticam.config import RunConfig
@@ -330,3 +332,99 @@ def test_pending_shards_skips_done_ones(shards: list[str], tmp_path: Path) -> No
     pipeline.process_shard(config, shards[1], "cpu")
     assert [p["url"] for p in pipeline.pending_shards(config, plan)] == [shards[0]]
     assert pipeline.done_status(config, shards[1]).skipped
+
+
+class _NaNForBrightImages(nn.Module):
+    """The suite's factory model, but its logits are NaN for images brighter than a bar."""
+
+    bar = 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny.build()
+        self.default_target_layer = "net.features"
+        self.input_size = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        bright = x.mean(dim=(1, 2, 3)) > self.bar
+        return torch.where(bright[:, None], torch.full_like(out, float("nan")), out)
+
+
+def test_non_finite_logits_become_error_rows_and_no_mean_sees_them(
+    shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opticam.data import Preprocess, ShardReader
+    from opticam.report import summarize
+
+    samples = list(ShardReader(shards[0]))
+    prep = Preprocess((64, 64), 64)
+    means = {s.key: float(prep(s.image, [])[0].mean()) for s in samples}
+    _NaNForBrightImages.bar = sorted(means.values())[2]  # the 2 brightest of 5 go NaN
+    nan_keys = {k for k, v in means.items() if v > _NaNForBrightImages.bar}
+    assert len(nan_keys) == 2
+    monkeypatch.setattr(
+        sys.modules[tiny.FACTORY_MODULE], "build_nan", _NaNForBrightImages, raising=False
+    )
+    config = make_config(
+        shards[0],
+        tmp_path,
+        model={"source": "factory:tiny:build_nan"},
+        methods=["gradcam", "fakecam"],
+    )
+    result = pipeline.process_shard(config, shards[0], "cpu")
+    errors = pq.read_table(result.errors_url).to_pylist()
+    logits = {e["key"] for e in errors if e["stage"] == "non-finite" and "logits" in e["message"]}
+    assert logits == nan_keys
+    rows = store.read_rows(pipeline.run_url_of(config))
+    assert not set(rows.column("key").to_pylist()) & nan_keys
+    assert result.n_images >= 1
+    for name in ("p_clean", "p_masked", "drop", "gain", "insertion_auc"):
+        values = rows.column(name).to_numpy(zero_copy_only=False)
+        assert np.isfinite(values.astype(float)).all(), name
+    # A method whose insertion images the model also scores NaN loses those rows only.
+    scored = {(e["key"], e["message"].split(":")[0]) for e in errors if e["key"] not in nan_keys}
+    assert rows.num_rows == 3 * 2 - len(scored)
+    for row in summarize(rows, n_boot=10):
+        assert all(v is None or np.isfinite(v) for v in row.values() if isinstance(v, float))
+
+
+def test_non_finite_maps_become_error_rows_for_their_images_only(
+    shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opticam import methods
+
+    real = methods.get_explainer
+
+    def nan_for_first(name: str, loaded: Any, **options: Any) -> Any:
+        explainer = real(name, loaded, **options)
+        if name != "gradcam":
+            return explainer
+
+        def call(images: torch.Tensor, targets: torch.Tensor) -> Any:
+            result = explainer(images, targets)
+            result.maps[0] = float("nan")
+            return result
+
+        call.normalization = explainer.normalization  # type: ignore[attr-defined]
+        return call
+
+    monkeypatch.setattr(methods, "get_explainer", nan_for_first)
+    config = make_config(shards[0], tmp_path, methods=["gradcam", "fakecam"], batch_size=5)
+    result = pipeline.process_shard(config, shards[0], "cpu")
+    errors = pq.read_table(result.errors_url).to_pylist()
+    assert [(e["stage"], e["message"].split(":")[0]) for e in errors] == [("non-finite", "gradcam")]
+    rows = store.read_rows(pipeline.run_url_of(config), ["key", "method"])
+    methods_per_key = {}
+    for r in rows.to_pylist():
+        methods_per_key.setdefault(r["key"], set()).add(r["method"])
+    assert methods_per_key[errors[0]["key"]] == {"fakecam"}
+    assert sum(len(v) for v in methods_per_key.values()) == 5 * 2 - 1
+
+
+def test_the_config_pixel_cap_reaches_the_reader(shards: list[str], tmp_path: Path) -> None:
+    config = make_config(shards[0], tmp_path, methods=["fakecam"], max_pixels=128 * 127)
+    result = pipeline.process_shard(config, shards[0], "cpu")
+    errors = pq.read_table(result.errors_url).to_pylist()
+    assert result.n_images == 0 and {e["stage"] for e in errors} == {"too-large"}
+    assert "16384 pixels" in errors[0]["message"] or "128x128" in errors[0]["message"]

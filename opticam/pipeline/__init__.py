@@ -25,6 +25,9 @@ from opticam.pipeline.plan import (
 )
 from opticam.pipeline.scoring import method_rows
 from opticam.pipeline.shard import (
+    READ_ATTEMPTS,
+    READ_RETRY_DELAYS,
+    ShardNotATarError,
     ShardUnavailableError,
     done_status,
     process_shard,
@@ -39,7 +42,10 @@ ShardResult = ShardStatus
 done_result = done_status
 
 __all__ = [
+    "READ_ATTEMPTS",
+    "READ_RETRY_DELAYS",
     "BatchTargets",
+    "ShardNotATarError",
     "ShardResult",
     "ShardStatus",
     "ShardUnavailableError",

@@ -123,7 +123,9 @@ def pending_shards(config: RunConfig, plan: Sequence[dict[str, Any]]) -> list[di
 def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], list[str]]:
     """Every check that can fail on bad input, before any work or orchestration starts.
 
-    Expands the data spec (:func:`plan_shards`), resolves the devices, loads the model and
+    Cheap checks first: expands the data spec (:func:`plan_shards`), resolves the devices,
+    proves the output can be written (:func:`opticam.store.check_output`: one probe object
+    written and deleted, the output folder created if missing), then loads the model and
     builds the explainers (:func:`check_methods`), and checks that the run folder holds
     no other job. Cheap to repeat: the model stays cached.
 
@@ -132,10 +134,12 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], list[str]]:
 
     Raises:
         opticam.errors.UserError: what was wrong, in one message (no shard matches,
-            unknown device, bad model or option, a run folder holding another job).
+            unknown device, an output that cannot be written, bad model or option, a run
+            folder holding another job).
     """
     plan = plan_shards(config)
     devices = resolve_device(config.device)
+    store.check_output(config.output, config.output_options())
     check_methods(config, devices[0])
     store.check_run_json(run_url_of(config), config, config.output_options())
     return plan, devices

@@ -17,7 +17,8 @@ import torch
 
 from opticam import store
 from opticam.config import MetricsOptions, RunConfig
-from opticam.names import LOCALIZATION_COLUMNS, METHODS
+from opticam.data import ErrorRecord
+from opticam.names import LOCALIZATION_COLUMNS, METHODS, STAGE_NONFINITE
 from opticam.pipeline.targets import BatchTargets
 
 __all__ = ["method_rows"]
@@ -56,9 +57,14 @@ def method_rows(
     explainer: Any,
     batch: BatchTargets,
     shard_url: str,
+    errors: list[ErrorRecord],
 ) -> list[dict[str, Any]]:
     """Explain and score one batch with one method: one :data:`opticam.store.SCHEMA` row
     per image.
+
+    An image whose map, masked score or insertion/deletion AUC is not finite (NaN or inf)
+    gets an error record (stage ``"non-finite"``) in ``errors`` instead of a row, so no
+    mean is ever computed from it.
 
     Args:
         config: the job (metric options, map format, run id).
@@ -67,11 +73,16 @@ def method_rows(
         explainer: its explainer, bound to ``loaded``.
         batch: the batch's images and targets (:func:`~opticam.pipeline.choose_targets`).
         shard_url: the input shard's URL (the rows' ``shard`` column).
+        errors: error records of images without a row are appended here.
     """
     from opticam.metrics import faithfulness_terms, localization
 
     explanation = explainer(batch.images, batch.targets)
     maps = explanation.maps.detach()
+    finite_maps = torch.isfinite(maps).flatten(1).all(dim=1)
+    if not bool(finite_maps.all()):
+        # Score a stand-in for the broken maps (the metrics refuse NaN) and drop their rows.
+        maps = torch.where(finite_maps[:, None, None, None], maps, torch.zeros_like(maps))
     terms = _host(
         faithfulness_terms(loaded.model, batch.images, maps, batch.targets, p_clean=batch.p_clean)
     )
@@ -92,9 +103,17 @@ def method_rows(
     layer = loaded.target_layer_name if METHODS[method].uses_layer else None
     height, width = int(batch.images.shape[-2]), int(batch.images.shape[-1])
     keep_curves = bool(curves) and config.metrics.save_curves
+    finite = finite_maps.cpu().numpy() & np.isfinite(terms["p_masked"])
+    for name in ("insertion_auc", "deletion_auc"):
+        if name in curves:
+            finite &= np.isfinite(curves[name])
 
     rows = []
     for i, key in enumerate(batch.keys):
+        if not finite[i]:
+            message = f"{method}: non-finite map or score (NaN or inf); no row for this image"
+            errors.append(ErrorRecord(shard_url, key, STAGE_NONFINITE, message))
+            continue
         blob, shape, fmt = store.encode_map(
             None if low_np is None else low_np[i], maps_np[i], normalization, config.map_format
         )

@@ -14,11 +14,14 @@
 
 Bad data never stops a shard: unreadable samples are error rows (from the data layer), a
 method that raises on a batch costs error rows with stage ``"explain"`` for that batch's
-images and the other methods go on. A truncated shard is written with what could be read
-and flagged (``complete=False`` in its status, plus an ``"incomplete"`` error row). A
-shard that cannot be opened at all raises :class:`ShardUnavailableError` (an ``OSError``,
-so an orchestrator may retry it) after writing its errors file, and gets no rows file, so
-a rerun tries it again.
+images and the other methods go on. A tar that is truncated in storage (the same bytes every
+time) is written with what could be read and flagged (``complete=False`` in its status,
+plus an ``"incomplete"`` error row). Everything else that stops a shard leaves no rows
+file, so the shard is not done and a rerun computes it: the storage failing while the
+shard streams (read again from the start, :data:`READ_ATTEMPTS` times in all, then
+raised), a shard that cannot be opened (:class:`ShardUnavailableError`, an ``OSError``
+an orchestrator may retry), and a shard that holds no tar at all
+(:class:`ShardNotATarError`). A shard whose lease another worker holds is skipped.
 """
 
 from __future__ import annotations
@@ -26,19 +29,27 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from opticam import store
 from opticam.config import RunConfig
-from opticam.data import ErrorRecord
-from opticam.names import STAGE_EXPLAIN, STAGE_INCOMPLETE, STAGE_OPEN
+from opticam.data import ErrorRecord, ShardStreamError
+from opticam.names import STAGE_EXPLAIN, STAGE_INCOMPLETE, STAGE_NOT_TAR, STAGE_OPEN
 from opticam.pipeline.devices import resolve_device
 from opticam.pipeline.plan import explainers, get_loaded_model, run_url_of
 from opticam.pipeline.scoring import method_rows
 from opticam.pipeline.targets import BatchTargets, choose_targets
+from opticam.redact import redact_text, redact_url
+from opticam.store import leases
+
+# One lease owner per process: its threads (one per device) share the shards it holds.
+_OWNER = leases.new_owner()
 
 __all__ = [
+    "READ_ATTEMPTS",
+    "READ_RETRY_DELAYS",
+    "ShardNotATarError",
     "ShardUnavailableError",
     "done_status",
     "process_shard",
@@ -52,6 +63,16 @@ ProgressFn = Callable[[int], None]
 
 class ShardUnavailableError(OSError):
     """A shard could not be opened at all (possibly transient: network, permissions)."""
+
+
+class ShardNotATarError(RuntimeError):
+    """A shard is empty or not a tar archive: the same bytes every time, so no retry."""
+
+
+#: Reads of one shard before a storage failure while streaming fails the shard.
+READ_ATTEMPTS = 3
+#: Seconds to wait before the second, third... read of a shard.
+READ_RETRY_DELAYS: tuple[float, ...] = (2.0, 10.0)
 
 
 def _limited(reader: Any, limit: int | None, state: dict[str, bool]) -> Iterator[Any]:
@@ -81,10 +102,10 @@ def _explain_batch(
     rows: list[dict[str, Any]] = []
     for method, explainer in bound.items():
         try:
-            rows.extend(method_rows(config, loaded, method, explainer, batch, shard_url))
+            rows.extend(method_rows(config, loaded, method, explainer, batch, shard_url, errors))
         except Exception as exc:  # one method's failure must not stop the others
-            logger.warning("method %s failed on a batch of %s: %s", method, shard_url, exc)
-            message = f"{method}: {type(exc).__name__}: {exc}"
+            message = redact_text(f"{method}: {type(exc).__name__}: {exc}")
+            logger.warning("method %s failed on a batch of %s: %s", method, shard_url, message)
             errors.extend(ErrorRecord(shard_url, key, STAGE_EXPLAIN, message) for key in batch.keys)
     return rows
 
@@ -94,16 +115,17 @@ def write_outputs(
     status: store.ShardStatus,
     rows: list[dict[str, Any]],
     errors: list[Any],
-    opened: bool,
+    readable: bool,
 ) -> store.ShardStatus:
-    """Write the errors file, then (if the shard could be opened) the rows file.
+    """Write the errors file, then (if the shard held a tar) the rows file.
 
     Args:
         config: the job.
         status: the shard's status so far; its counts, time and URLs are completed here.
         rows: :data:`opticam.store.SCHEMA` rows.
         errors: error records of the shard.
-        opened: False when the shard could not be opened and nothing was read.
+        readable: False when the shard could not be opened or held no tar at all
+            (:attr:`opticam.data.ShardReader.readable`): the shard then fails.
 
     Returns:
         The final status (the same object).
@@ -111,11 +133,12 @@ def write_outputs(
     Raises:
         ShardUnavailableError: the shard could not be opened (the errors file is written
             first, the rows file never).
+        ShardNotATarError: the shard is empty or not a tar (errors file only).
         OSError: writing failed (worth retrying).
     """
     run = run_url_of(config)
     out_options = config.output_options()
-    if opened and not status.complete:
+    if readable and not status.complete:
         errors.append(
             ErrorRecord(
                 status.shard,
@@ -129,14 +152,18 @@ def write_outputs(
     status.finished = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     status.rows_url = store.rows_url(run, status.shard)
     status.errors_url = store.write_errors(run, config.run_id, errors, status, out_options)
-    if not opened and status.n_samples == 0:
-        reason = next((e.message for e in errors if e.stage == STAGE_OPEN), "unknown reason")
-        raise ShardUnavailableError(f"shard {status.shard!r} could not be opened: {reason}")
+    if not readable:
+        opened = [e.message for e in errors if e.stage == STAGE_OPEN]
+        if opened:
+            reason = redact_text(opened[0])
+            raise ShardUnavailableError(f"shard {status.shard!r} could not be opened: {reason}")
+        reason = next((e.message for e in errors if e.stage == STAGE_NOT_TAR), "no tar header")
+        raise ShardNotATarError(f"shard {status.shard!r} holds no tar: {redact_text(reason)}")
     store.write_shard(run, store.rows_to_table(rows), status, out_options)
     return status
 
 
-def process_shard(
+def _compute_shard(
     config: RunConfig,
     shard_url: str,
     device: str | None = None,
@@ -144,7 +171,7 @@ def process_shard(
     max_images: int | None = None,
     on_progress: ProgressFn | None = None,
 ) -> store.ShardStatus:
-    """Explain and score one shard and write its rows and errors files (see module doc).
+    """One read of the shard, explained, scored and written (see :func:`process_shard`).
 
     Args:
         config: the job.
@@ -165,11 +192,16 @@ def process_shard(
     from opticam.data import Preprocess, ShardReader, iter_batches
 
     start = time.perf_counter()
+    # The real URL is only for reading; rows, errors, names and logs get the public one.
+    public_url = redact_url(shard_url)
     device = device or resolve_device(config.device)[0]
     loaded = get_loaded_model(config, device)
     bound = explainers(config, loaded)
     reader = ShardReader(
-        shard_url, storage_options=config.data_options(), require_label=config.target == "label"
+        shard_url,
+        storage_options=config.data_options(),
+        require_label=config.target == "label",
+        max_pixels=config.max_pixels,
     )
     state = {"limit_reached": False}
     errors: list[Any] = []
@@ -185,10 +217,10 @@ def process_shard(
     try:
         for batch in batches:
             chosen = choose_targets(
-                batch, shard_url, loaded.model, loaded.num_classes, config.target, device, errors
+                batch, public_url, loaded.model, loaded.num_classes, config.target, device, errors
             )
             if chosen is not None:
-                new_rows = _explain_batch(config, loaded, bound, chosen, shard_url, errors)
+                new_rows = _explain_batch(config, loaded, bound, chosen, public_url, errors)
                 rows.extend(new_rows)
                 images_with_rows.update(r["key"] for r in new_rows)
             if on_progress is not None:
@@ -200,7 +232,7 @@ def process_shard(
             close()
 
     status = store.ShardStatus(
-        shard=shard_url,
+        shard=public_url,
         name=store.shard_name(shard_url),
         complete=reader.complete or state["limit_reached"],
         n_samples=reader.n_samples,
@@ -210,16 +242,92 @@ def process_shard(
         device=device,
         resize_size=loaded.resize_size,
     )
-    opened = not any(e.stage == STAGE_OPEN for e in reader.errors)
     status.seconds = time.perf_counter() - start
-    return write_outputs(config, status, rows, list(reader.errors) + errors, opened)
+    return write_outputs(config, status, rows, list(reader.errors) + errors, reader.readable)
+
+
+def process_shard(
+    config: RunConfig,
+    shard_url: str,
+    device: str | None = None,
+    *,
+    max_images: int | None = None,
+    on_progress: ProgressFn | None = None,
+    owner: str | None = None,
+    lease_ttl: float = leases.DEFAULT_TTL,
+    read_attempts: int = READ_ATTEMPTS,
+    retry_delays: Sequence[float] = READ_RETRY_DELAYS,
+) -> store.ShardStatus:
+    """Explain and score one shard and write its rows and errors files (see module doc).
+
+    First the shard's lease is taken (:mod:`opticam.store.leases`): when another worker
+    holds it, or the shard turns out to be done already, nothing is computed and the
+    status says ``skipped`` (with ``held_by`` naming the other worker). A storage failure
+    while the shard streams (:class:`opticam.data.ShardStreamError`) reads the shard
+    again from its start, up to ``read_attempts`` times in all, waiting
+    ``retry_delays`` between reads; if it persists the error is raised and no rows file
+    is written, so the shard is not done and a rerun computes it.
+
+    Args:
+        config: the job.
+        shard_url: URL of one input shard (as returned by
+            :func:`~opticam.pipeline.plan_shards`).
+        device: ``"cpu"``, ``"cuda:N"``...; None means the first of ``config.device``.
+        max_images: read at most this many samples from this shard (the planner's share
+            of ``config.max_images``), or None.
+        on_progress: called with the number of images of each finished batch.
+        owner: this worker's lease name; None means one per process.
+        lease_ttl: seconds the lease lives without renewal (renewed every third).
+        read_attempts: reads of the shard before a streaming failure fails it.
+        retry_delays: seconds before the 2nd, 3rd... read (the last value repeats).
+
+    Returns:
+        The shard's :class:`~opticam.store.ShardStatus`.
+
+    Raises:
+        ShardUnavailableError: the shard could not be opened (errors file written first).
+        ShardNotATarError: the shard is empty or holds no tar (errors file written first).
+        opticam.data.ShardStreamError: the storage kept failing while the shard streamed.
+        OSError: writing the output failed (worth retrying).
+    """
+    run = run_url_of(config)
+    options = config.output_options()
+    with leases.hold(
+        run, shard_url, owner or _OWNER, ttl=lease_ttl, storage_options=options
+    ) as lease:
+        if lease is None:
+            holder = leases.current_lease(run, shard_url, options)
+            status = done_status(config, shard_url)
+            status.held_by = holder.owner if holder is not None else "another worker"
+            return status
+        if store.shard_name(shard_url) in store.list_done_shards(run, options):
+            return done_status(config, shard_url)  # another run finished it meanwhile
+        for attempt in range(1, read_attempts + 1):
+            try:
+                return _compute_shard(
+                    config, shard_url, device, max_images=max_images, on_progress=on_progress
+                )
+            except ShardStreamError as err:
+                if attempt >= read_attempts:
+                    raise
+                delay = retry_delays[min(attempt - 1, len(retry_delays) - 1)] if retry_delays else 0
+                logger.warning(
+                    "shard %s: %s; reading it again in %.0f s (attempt %d of %d)",
+                    redact_url(shard_url),
+                    redact_text(err.reason),
+                    delay,
+                    attempt + 1,
+                    read_attempts,
+                )
+                time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def done_status(config: RunConfig, shard_url: str) -> store.ShardStatus:
     """The :class:`~opticam.store.ShardStatus` of a shard already done (``skipped=True``)."""
     run = run_url_of(config)
     return store.ShardStatus(
-        shard=shard_url,
+        shard=redact_url(shard_url),
         name=store.shard_name(shard_url),
         rows_url=store.rows_url(run, shard_url),
         errors_url=store.errors_url(run, shard_url),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from opticam.data import Batch, ErrorRecord
-from opticam.names import STAGE_LABEL
+from opticam.names import STAGE_LABEL, STAGE_NONFINITE
 
 __all__ = ["BatchTargets", "choose_targets", "label_problem"]
 
@@ -93,7 +93,28 @@ def choose_targets(
     # Pinned batches (CUDA) copy asynchronously while the host goes on.
     images = cpu_images.to(device, non_blocking=True)
     with torch.no_grad():
-        probs = torch.softmax(model(images).float(), dim=1)
+        logits = model(images).float()
+    finite = torch.isfinite(logits).all(dim=1).tolist()
+    if not all(finite):
+        # NaN or inf logits make every score of that image meaningless: an error row,
+        # never a row whose metrics are computed from them.
+        for i, ok in zip(keep, finite, strict=True):
+            if not ok:
+                errors.append(
+                    ErrorRecord(
+                        shard_url,
+                        batch.keys[i],
+                        STAGE_NONFINITE,
+                        "the model returned non-finite logits (NaN or inf) for this image",
+                    )
+                )
+        rows = [j for j, ok in enumerate(finite) if ok]
+        if not rows:
+            return None
+        index = torch.tensor(rows, dtype=torch.long, device=images.device)
+        images, logits = images.index_select(0, index), logits.index_select(0, index)
+        keep = [keep[j] for j in rows]
+    probs = torch.softmax(logits, dim=1)
     predicted = probs.argmax(dim=1)
     if target == "label":
         targets = torch.tensor([labels[i] for i in keep], device=device)
