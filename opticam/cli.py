@@ -21,9 +21,11 @@ field, so the command line and the config cannot drift apart. A field's flag is 
 (``batch_size`` -> ``--batch-size``, booleans get ``--no-...``); where two groups share a
 field name, the later group's flag carries its prefix (``--cam-batch-size``).
 
-Bad input (unknown method, no shard matching the pattern, a bad option) ends with one line
-on stderr and exit status 2; a run with failed shards exits with status 1. Anything else is
-a bug and keeps its traceback.
+Exit status: 0 when every shard was read in full; 1 when a shard failed (a rerun retries
+it) or is truncated in storage (its rows hold what could be read); 2 for bad input (unknown
+method, no shard matching the pattern, a bad option, an output that cannot be written), in
+one line on stderr; 130 / 143 when interrupted by SIGINT / SIGTERM. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -394,29 +396,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight(config)
     _quiet_prefect(args.verbose)
     from flows.explain import explain_dataset, progress_listener
+    from opticam.lifeline import supervised
     from opticam.progress import RunProgress
     from opticam.report import format_table
 
     progress = RunProgress()
-    try:
-        with progress_listener(progress):
-            result = explain_dataset(config)
-    finally:
-        progress.close()
-    elapsed = time.monotonic() - start
-    out = sys.stdout
-    out.write("\n" + format_table(result["summary"], with_ci=False) + "\n")
-    out.write(
-        f"run {result['run_id']}: {result['shards_processed']} shards processed, "
-        f"{result['shards_skipped']} skipped, {result['shards_failed']} failed; "
-        f"{result['images']} images, {result['errors']} error rows; {elapsed:.1f}s\n"
-    )
-    out.write(f"report: {_local_path(result['report_url'])}\n")
-    if result["shards_failed"]:
-        for url, message in result["failed"].items():
-            sys.stderr.write(f"failed shard {url}: {message}\n")
-        return 1
-    return 0
+    # SIGTERM or SIGINT stops Prefect's temporary server and anything else the run
+    # started; a watchdog process does it when this process is killed outright.
+    with supervised("opticam run", on_abandon=progress.close):
+        try:
+            with progress_listener(progress):
+                result = explain_dataset(config)
+        finally:
+            progress.close()
+        elapsed = time.monotonic() - start
+        out = sys.stdout
+        out.write("\n" + format_table(result["summary"], with_ci=False) + "\n")
+        held = f", {result['shards_held']} held by another run" if result["shards_held"] else ""
+        incomplete = f", {len(result['incomplete'])} incomplete" if result["incomplete"] else ""
+        out.write(
+            f"run {result['run_id']}: {result['shards_processed']} shards processed, "
+            f"{result['shards_skipped']} skipped{held}, {result['shards_failed']} failed"
+            f"{incomplete}; {result['images']} images, {result['errors']} error rows; "
+            f"{elapsed:.1f}s\n"
+        )
+        out.write(f"report: {_local_path(result['report_url'])}\n")
+    for url in result["incomplete"]:
+        sys.stderr.write(
+            f"incomplete shard {url}: the tar is truncated in storage; its rows hold the "
+            "samples before the cut\n"
+        )
+    for url, message in result["failed"].items():
+        sys.stderr.write(f"failed shard {url}: {message}\n")
+    # Exit 1 whenever images were lost: a failed shard (rerun to retry it) or a truncated one.
+    return 1 if result["shards_failed"] or result["incomplete"] else 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -644,15 +657,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``opticam``; returns the exit status.
 
     A :class:`~opticam.errors.UserError` or a config value pydantic refuses is printed as
-    one line with exit status 2; any other exception propagates with its traceback.
+    one line with exit status 2. SIGINT and SIGTERM end with one line and status 130 or
+    143 (``opticam run`` does not wait for the shard in progress: see
+    :func:`opticam.lifeline.supervised`). Any other exception propagates with its
+    traceback.
     """
+    import signal
+
+    from opticam.lifeline import Terminated, interrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        sys.stderr.write("opticam: interrupted\n")
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        sys.stderr.write(interrupted(f"opticam {args.command}", signum) + "\n")
+        return 128 + signum  # the shell's convention
     except (UserError, ValidationError) as exc:
         sys.stderr.write(f"opticam {args.command}: error: {_one_line(exc)}\n")
         return 2

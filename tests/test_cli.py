@@ -310,6 +310,7 @@ SAMPLES: dict[tuple[str, str], tuple[list[str], Any]] = {
     ("run", "device"): (["cpu"], "cpu"),
     ("run", "map_format"): (["full_png"], "full_png"),
     ("run", "max_images"): (["9"], 9),
+    ("run", "max_pixels"): (["4000000"], 4_000_000),
     ("model", "source"): (["torchvision:resnet18"], "torchvision:resnet18"),
     ("model", "checkpoint"): (["s3://b/c.pt"], "s3://b/c.pt"),
     ("model", "trust_checkpoint"): ([], True),
@@ -473,3 +474,46 @@ def test_a_bug_keeps_its_traceback(
     monkeypatch.setattr(opticam.pipeline, "preflight", lambda c: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(["run", "--data", shards[0]])
+
+
+@pytest.mark.parametrize(
+    ("incomplete", "failed", "status", "line"),
+    [
+        ([], {}, 0, None),
+        (["/d/cut.tar"], {}, 1, "incomplete shard /d/cut.tar: the tar is truncated in storage"),
+        ([], {"/d/x.tar": "ShardNotATarError: no tar"}, 1, "failed shard /d/x.tar: ShardNotATar"),
+    ],
+)
+def test_exit_status_says_whether_images_were_lost(
+    incomplete: list[str],
+    failed: dict[str, str],
+    status: int,
+    line: str | None,
+    shards: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import contextlib
+    import types
+
+    def fake_run(config: Any) -> dict[str, Any]:
+        return {
+            "run_id": config.run_id, "shards_processed": 2, "shards_skipped": 0,
+            "shards_failed": len(failed), "failed": failed, "shards_held": 1,
+            "held": {"/d/h.tar": "host:1:x"}, "incomplete": incomplete, "images": 8,
+            "errors": 0, "summary": [], "report_url": str(tmp_path / "index.html"),
+        }  # fmt: skip
+
+    # A stand-in for flows.explain: importing Prefect here, under capsys, would bind its
+    # log handlers to this test's captured stream and break later tests' logging.
+    fake = types.ModuleType("flows.explain")
+    fake.explain_dataset = fake_run  # type: ignore[attr-defined]
+    fake.progress_listener = lambda fn: contextlib.nullcontext()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flows.explain", fake)
+    argv = ["run", "--data", shards[0], "--output", str(tmp_path), "--methods", "fakecam"]
+    code, out, err = run_main(argv, capsys)
+    assert code == status, err
+    assert "1 held by another run" in out
+    if line is not None:
+        assert line in err
