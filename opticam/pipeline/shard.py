@@ -171,24 +171,8 @@ def _compute_shard(
     max_images: int | None = None,
     on_progress: ProgressFn | None = None,
 ) -> store.ShardStatus:
-    """One read of the shard, explained, scored and written (see :func:`process_shard`).
-
-    Args:
-        config: the job.
-        shard_url: URL of one input shard (as returned by
-            :func:`~opticam.pipeline.plan_shards`).
-        device: ``"cpu"``, ``"cuda:N"``...; None means the first of ``config.device``.
-        max_images: read at most this many samples from this shard (the planner's share
-            of ``config.max_images``), or None.
-        on_progress: called with the number of images of each finished batch.
-
-    Returns:
-        The shard's :class:`~opticam.store.ShardStatus`.
-
-    Raises:
-        ShardUnavailableError: the shard could not be opened (errors file written first).
-        OSError: writing the output failed (worth retrying).
-    """
+    """One read of the shard, explained, scored and written; the arguments, return value
+    and exceptions are :func:`process_shard`'s (less the lease and the retries)."""
     from opticam.data import Preprocess, ShardReader, iter_batches
 
     start = time.perf_counter()
