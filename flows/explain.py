@@ -18,7 +18,8 @@ they never reach the parameters Prefect stores.
 
 Listeners (:func:`progress_listener`) let an in-process caller such as the CLI follow
 progress: they receive ``(event, data)`` with events ``"plan"``, ``"shard_start"``,
-``"images"``, ``"shard_done"``, ``"shard_failed"`` and ``"report"``.
+``"images"``, ``"shard_done"``, ``"shard_skipped"`` (held by another run, or done by one
+since the plan), ``"shard_failed"`` and ``"report"``.
 """
 
 from __future__ import annotations
@@ -320,11 +321,15 @@ def explain_dataset(config: RunConfig) -> dict[str, Any]:
             _record_failure(config, item["url"], exc)
             _emit("shard_failed", shard=public, message=failed[public])
         else:
-            if result["skipped"]:
+            if result["held_by"]:
                 # Another run or worker holds this shard's lease: it computes it.
                 held[result["shard"]] = result["held_by"]
                 logger.info("shard %s: held by %s, skipped", result["shard"], result["held_by"])
-                _emit("shard_held", **result)
+                _emit("shard_skipped", **result)
+            elif result["skipped"]:
+                # Another run finished it between the plan and now.
+                skipped += 1
+                _emit("shard_skipped", **result)
             else:
                 results.append(result)
                 _emit("shard_done", **result)
@@ -399,8 +404,7 @@ def explain_shard(
     Returns:
         :meth:`opticam.store.ShardStatus.to_dict` (``skipped=True`` if already done).
     """
-    name = store.shard_name(shard_url)
-    if name in store.list_done_shards(run_url_of(config), config.output_options()):
+    if store.is_done(run_url_of(config), shard_url, config.output_options()):
         return done_status(config, shard_url).to_dict()
     chosen = device or resolve_device(config.device)[0]
     result: dict[str, Any] = shard_task(config, shard_url, chosen, max_images)

@@ -1,7 +1,7 @@
 """What a person watching ``opticam run`` sees: a live bar on a terminal, lines otherwise.
 
 :class:`RunProgress` listens to the flow's progress events (``plan``, ``shard_start``,
-``images``, ``shard_done``, ``shard_held``, ``shard_failed``, ``report``; see
+``images``, ``shard_done``, ``shard_skipped``, ``shard_failed``, ``report``; see
 :func:`flows.explain.progress_listener`). On a terminal it draws a rich progress bar that
 moves within a shard too (images read so far against the expected shard size); on
 anything else (a log file, CI) it writes one plain line per finished shard.
@@ -118,10 +118,11 @@ class RunProgress:
             self._write(f"{d['name']}:{state}\n")
         self._refresh()
 
-    def _on_shard_held(self, d: dict[str, Any]) -> None:
+    def _on_shard_skipped(self, d: dict[str, Any]) -> None:
         self.done += 1
         self._in_flight.pop(d["shard"], None)
-        self._write(f"{d['name']}: another run holds it ({d['held_by']}), skipped\n")
+        why = f"another run holds it ({d['held_by']})" if d["held_by"] else "another run did it"
+        self._write(f"{d['name']}: {why}, skipped\n")
         self._refresh()
 
     def _on_shard_failed(self, d: dict[str, Any]) -> None:

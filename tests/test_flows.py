@@ -303,6 +303,27 @@ def test_failed_shard_is_recorded_and_retried_by_the_next_run(
     assert (again["shards_processed"], again["shards_skipped"], again["shards_failed"]) == (1, 1, 0)
 
 
+def test_shards_held_elsewhere_or_done_meanwhile_are_told_apart(
+    flows: Any, shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(shards, str(tmp_path), methods=["fakecam"])
+
+    def other_runs(cfg: RunConfig, url: str, *args: Any, **kwargs: Any) -> Any:
+        status = pipeline.done_status(cfg, url)
+        if url == shards[0]:
+            status.held_by = "other-host:42:abcd"  # its lease is live elsewhere
+        return status  # shards[1]: another run finished it after the plan
+
+    monkeypatch.setattr(flows, "process_shard", other_runs)
+    result, _ = run_flow(flows, config)
+    assert result["held"] == {shards[0]: "other-host:42:abcd"}
+    assert (result["shards_held"], result["shards_skipped"], result["shards_processed"]) == (
+        1,
+        1,
+        0,
+    )
+
+
 def test_transient_errors_are_retried(
     flows: Any, shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

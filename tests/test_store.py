@@ -422,3 +422,12 @@ def test_a_version_1_run_folder_is_never_resumed(tmp_path: Path) -> None:
     with pytest.raises(store.RunCollisionError, match="schema version 1, this is version 2"):
         store.check_run_json(str(run), config)
     assert json.loads((run / "run.json").read_text())["schema_version"] == "1"  # untouched
+
+
+def test_is_done_checks_one_rows_file(tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    shard = "s3://b/data/a.tar"
+    assert not store.is_done(run, shard)
+    table = store.rows_to_table([lowres_row(shard, "k", "gradcam", np.ones((2, 2)), 8)])
+    store.write_shard(run, table, status_for(shard))
+    assert store.is_done(run, shard) and not store.is_done(run, "s3://b/data/other.tar")

@@ -284,7 +284,7 @@ def process_shard(
             status = done_status(config, shard_url)
             status.held_by = holder.owner if holder is not None else "another worker"
             return status
-        if store.shard_name(shard_url) in store.list_done_shards(run, options):
+        if store.is_done(run, shard_url, options):
             return done_status(config, shard_url)  # another run finished it meanwhile
         for attempt in range(1, read_attempts + 1):
             try:

@@ -33,6 +33,8 @@ from opticam.redact import redact_text, redact_url
 from opticam.store.layout import (
     atomic_write_bytes,
     errors_url,
+    filesystem,
+    invalidate,
     join,
     list_parquet,
     rows_url,
@@ -44,6 +46,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "STATUS_KEY",
     "ShardStatus",
+    "is_done",
     "list_done_shards",
     "read_errors",
     "read_rows",
@@ -261,6 +264,13 @@ def write_errors(
 
 
 # --------------------------------------------------------------------------- reads
+
+
+def is_done(run: str, shard_url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether the rows file of one shard exists: one request, not a listing of the run."""
+    fs, path = filesystem(rows_url(run, shard_url), storage_options)
+    invalidate(fs, path.rsplit("/", 1)[0])
+    return bool(fs.exists(path))
 
 
 def list_done_shards(run: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
