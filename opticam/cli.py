@@ -144,7 +144,7 @@ def _choices(field: FieldInfo, annotation: Any) -> list[Any] | None:
 
 
 # What a default means where the field's own default does not say it.
-_DEFAULT_TEXT = {("run", "data"): "the bundled demo", ("run", "methods"): "opticam,gradcam,fakecam"}
+_DEFAULT_TEXT = {("run", "data"): "the bundled demo"}
 
 
 def _default_text(field: FieldInfo) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from opticam.config import MethodSpec, OptiCAMOptions, RunConfig
+from opticam.config import OptiCAMOptions, RunConfig
 from opticam.errors import UserError
 
 __all__ = ["SECRET_FIELDS", "example_yaml", "read_job_file"]
@@ -119,12 +119,3 @@ def example_yaml() -> str:
     metrics += _fields(RunConfig.model_fields["metrics"].annotation, "  ")  # type: ignore[arg-type]
     lines += body[:insert_at] + methods + body[insert_at:] + metrics
     return "\n".join(lines) + "\n"
-
-
-def _check_example() -> RunConfig:
-    """The example, parsed and validated (used by the tests)."""
-    import yaml
-
-    config = RunConfig.model_validate(yaml.safe_load(example_yaml()))
-    assert all(isinstance(m, MethodSpec) for m in config.methods)
-    return config

@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import fsspec
 from fsspec.asyn import sync
 from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
@@ -34,7 +33,7 @@ from fsspec.utils import get_protocol
 
 from opticam.errors import OutputError
 from opticam.redact import redact_url
-from opticam.store.layout import atomic_write_bytes, join
+from opticam.store.layout import atomic_write_bytes, filesystem, join
 
 __all__ = [
     "CALL_TIMEOUT_S",
@@ -114,7 +113,7 @@ def check_output(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     if protocol in _S3_PROTOCOLS:
         _check_s3(url, probe_options(url, storage_options))
         return
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         _check_local(url, path, storage_options)
     else:
@@ -196,7 +195,7 @@ def _check_s3(url: str, options: dict[str, Any]) -> None:
 
     # A fresh instance: fsspec caches one per set of options, and a cached one keeps the
     # credentials it found first, so the probe would test a past environment.
-    fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    fs, path = filesystem(url, {**options, "skip_instance_cache": True})
     # s3fs retries some connection errors itself, five times, on top of botocore's
     # attempts; the class attribute is read per instance, and this instance is ours.
     fs.retries = 1
