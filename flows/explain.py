@@ -5,8 +5,10 @@ The flows only orchestrate; every step is a call into :mod:`opticam`:
 1. plan: expand the shard pattern (fails before any work when it matches nothing), check
    the model and method options, write ``run.json``;
 2. skip the shards whose rows file exists (same job -> same run id -> resume);
-3. run the others on the local devices, at most one shard per device at a time (the CPU
-   counts as one device), each as a task with retries for transient storage errors;
+3. run the others: with executor ``local`` on this machine's devices, at most one shard
+   per device at a time (the CPU counts as one device), each as a task with retries for
+   transient storage errors; with executor ``deployments`` as one ``explain-shard`` flow
+   run per shard on a work pool (:mod:`flows.cluster`);
 4. build the report and publish it as artifacts: ``opticam-summary`` (markdown),
    ``opticam-summary-table`` (table) and ``opticam-report`` (link), plus the
    ``opticam-progress`` progress artifact updated as shards finish.
@@ -16,36 +18,33 @@ shards in flight than devices; tasks get URLs and configs, never tensors, with c
 result persistence off; storage options (credentials) live in excluded config fields, so
 they never reach the parameters Prefect stores.
 
-Listeners (:func:`progress_listener`) let an in-process caller such as the CLI follow
-progress: they receive ``(event, data)`` with events ``"plan"``, ``"shard_start"``,
-``"images"``, ``"shard_done"``, ``"shard_skipped"`` (held by another run, or done by one
-since the plan), ``"shard_failed"`` and ``"report"``.
+The parent ends Failed when a shard failed (its result is still the run's summary) and
+Completed otherwise. Listeners (:func:`progress_listener`, :mod:`flows.events`) let an
+in-process caller such as the CLI follow progress.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
+import os
 from collections import deque
-from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
-    create_progress_artifact,
     create_table_artifact,
-    update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.events import ARTIFACT_PROGRESS, Tally, emit, progress_listener
 from opticam import store
 from opticam.config import RunConfig
 from opticam.data import ShardStreamError
-from opticam.names import STAGE_SHARD
 from opticam.pipeline import (
     done_status,
     local_devices,
@@ -55,7 +54,7 @@ from opticam.pipeline import (
     resolve_device,
     run_url_of,
 )
-from opticam.redact import redact_text, redact_url
+from opticam.redact import redact_url
 
 __all__ = [
     "ARTIFACT_LINK",
@@ -71,36 +70,9 @@ __all__ = [
 ARTIFACT_SUMMARY = "opticam-summary"
 ARTIFACT_TABLE = "opticam-summary-table"
 ARTIFACT_LINK = "opticam-report"
-ARTIFACT_PROGRESS = "opticam-progress"
 
 # Retry delays for transient storage errors (seconds); three retries in all.
 RETRY_DELAYS: list[float] = [2.0, 10.0, 30.0]
-
-Listener = Callable[[str, dict[str, Any]], None]
-_listeners: list[Listener] = []
-_listeners_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def progress_listener(fn: Listener) -> Iterator[None]:
-    """Call ``fn(event, data)`` on progress events of flows run in this process."""
-    with _listeners_lock:
-        _listeners.append(fn)
-    try:
-        yield
-    finally:
-        with _listeners_lock:
-            _listeners.remove(fn)
-
-
-def _emit(event: str, **data: Any) -> None:
-    with _listeners_lock:
-        targets = list(_listeners)
-    for fn in targets:
-        # A display problem must never fail a shard.
-        with contextlib.suppress(Exception):
-            fn(event, data)
-
 
 # --------------------------------------------------------------------------- retries
 
@@ -168,13 +140,15 @@ def shard_task(
 ) -> dict[str, Any]:
     """Process one shard on ``device`` (:func:`opticam.pipeline.process_shard`)."""
     public = redact_url(shard_url)
-    _emit("shard_start", shard=public, device=device, max_images=max_images)
+    emit("shard_start", shard=public, device=device, max_images=max_images)
     result = process_shard(
         config,
         shard_url,
         device,
         max_images=max_images,
-        on_progress=lambda n: _emit("images", shard=public, n=n),
+        on_progress=lambda n: emit("images", shard=public, n=n),
+        # Set by a Prefect worker for the flow-run processes it starts.
+        worker=os.environ.get("PREFECT__WORKER_NAME", ""),
     )
     return result.to_dict()
 
@@ -197,28 +171,6 @@ def report_task(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def _record_failure(config: RunConfig, shard_url: str, exc: BaseException) -> None:
-    """Add a ``"shard"`` error row to the errors file of a shard that failed for good,
-    keeping the rows the failed attempt wrote there (e.g. why the shard is not a tar)."""
-    import pyarrow.parquet as pq
-
-    public = redact_url(shard_url)
-    run = run_url_of(config)
-    options = config.output_options()
-    earlier: list[dict[str, Any]] = []
-    fs, path = store.layout.filesystem(store.errors_url(run, shard_url), options)
-    with contextlib.suppress(Exception), fs.open(path, "rb") as f:
-        earlier = [r for r in pq.read_table(f).to_pylist() if r["stage"] != STAGE_SHARD]
-    record = {"shard": public, "key": None, "stage": STAGE_SHARD}
-    record["message"] = f"{type(exc).__name__}: {exc}"
-    status = store.ShardStatus(
-        shard=public, name=store.shard_name(shard_url), complete=False, n_errors=len(earlier) + 1
-    )
-    # Best effort: the storage that failed the task may fail this write too.
-    with contextlib.suppress(Exception):
-        store.write_errors(run, config.run_id, [*earlier, record], status, options)
-
-
 def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -239,71 +191,15 @@ def _bounded_runner() -> TaskRunner[Any]:
     return runner
 
 
-@flow(
-    name="explain-dataset",
-    flow_run_name=_flow_run_name,
-    task_runner=_bounded_runner(),
-    persist_result=False,
-)
-def explain_dataset(config: RunConfig) -> dict[str, Any]:
-    """Explain and score a whole dataset, resume-safe, then publish the report.
-
-    Args:
-        config: the job (its run id names the run folder ``<output>/<run_id>``).
-
-    Returns:
-        ``run_id``, ``run_url``, ``shards_total``, ``shards_processed``,
-        ``shards_skipped``, ``shards_failed``, ``failed`` (shard URL -> message),
-        ``shards_held``, ``held`` (shard URL -> the other worker holding its lease),
-        ``images``, ``rows``, ``errors``, ``incomplete`` (shard URLs), ``report_url``,
-        ``summary`` (the report's summary rows).
-
-    Raises:
-        opticam.data.NoShardsError: the data spec matches no shard.
-        ValueError: bad model or method options; a run id collision.
-    """
-    logger = get_run_logger()
-    run = run_url_of(config)
-    plan, devices = preflight(config)
-    store.write_run_json(run, config, plan, config.output_options())
-    pending = pending_shards(config, plan)
-    skipped = len(plan) - len(pending)
-    logger.info(
-        "run %s: %d shards planned, %d already done, %d to process on %s",
-        redact_url(run),
-        len(plan),
-        skipped,
-        len(pending),
-        ", ".join(devices),
-    )
-    _emit(
-        "plan",
-        run_url=redact_url(run),
-        run_id=config.run_id,
-        total=len(plan),
-        pending=len(pending),
-        skipped=skipped,
-        devices=devices,
-        max_images=[p["max_images"] for p in pending],
-    )
-
-    def percent(finished: int) -> float:
-        return 100.0 * (skipped + finished) / max(len(plan), 1)
-
-    progress_id: Any = create_progress_artifact(
-        progress=percent(0),
-        key=ARTIFACT_PROGRESS,
-        description=f"Shards of run {config.run_id} done (of {len(plan)})",
-    )
-
-    results: list[dict[str, Any]] = []
-    failed: dict[str, str] = {}
-    held: dict[str, str] = {}
+def _run_local(
+    config: RunConfig, pending: list[dict[str, Any]], devices: list[str], tally: Tally
+) -> None:
+    """Executor ``local``: the shards as tasks, one shard per device at a time."""
     queue = deque(pending)
     free = list(devices)
     running: dict[PrefectFuture[Any], tuple[str, dict[str, Any]]] = {}
     while queue or running:
-        # One shard per device at a time: the device is handed back when its shard ends.
+        # The device is handed back when its shard ends.
         while free and queue:
             item = queue.popleft()
             device = free.pop(0)
@@ -315,50 +211,107 @@ def explain_dataset(config: RunConfig) -> dict[str, Any]:
         try:
             result = finished.result()
         except Exception as exc:
-            public = redact_url(item["url"])
-            failed[public] = redact_text(f"{type(exc).__name__}: {exc}")
-            logger.error("shard %s failed: %s", public, failed[public])
-            _record_failure(config, item["url"], exc)
-            _emit("shard_failed", shard=public, message=failed[public])
+            tally.failure(item["url"], f"{type(exc).__name__}: {exc}")
         else:
-            if result["held_by"]:
-                # Another run or worker holds this shard's lease: it computes it.
-                held[result["shard"]] = result["held_by"]
-                logger.info("shard %s: held by %s, skipped", result["shard"], result["held_by"])
-                _emit("shard_skipped", **result)
-            elif result["skipped"]:
-                # Another run finished it between the plan and now.
-                skipped += 1
-                _emit("shard_skipped", **result)
-            else:
-                results.append(result)
-                _emit("shard_done", **result)
-        update_progress_artifact(progress_id, percent(len(results) + len(failed) + len(held)))
+            tally.finished(result)
+
+
+@flow(
+    name="explain-dataset",
+    flow_run_name=_flow_run_name,
+    task_runner=_bounded_runner(),
+    persist_result=False,
+)
+def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
+    """Explain and score a whole dataset, resume-safe, then publish the report.
+
+    Args:
+        config: the job (its run id names the run folder ``<output>/<run_id>``; its
+            executor says where shards run).
+
+    Returns:
+        A Completed state, or a Failed one when a shard failed, whose result is a dict:
+        ``run_id``, ``run_url``, ``executor``, ``shards_total``, ``shards_processed``,
+        ``shards_skipped``, ``shards_failed``, ``failed`` (shard URL -> message),
+        ``shards_held``, ``held`` (shard URL -> the other worker holding its lease),
+        ``images``, ``rows``, ``errors``, ``incomplete`` (shard URLs), ``report_url``,
+        ``summary`` (the report's summary rows), ``most_in_flight`` (shards running at
+        once). Call with ``return_state=True`` and read ``state.result(raise_on_failure=
+        False)`` to get the dict whatever the state.
+
+    Raises:
+        opticam.data.NoShardsError: the data spec matches no shard.
+        opticam.errors.ConfigError: bad model or method options; no such deployment.
+        ValueError: a run id collision.
+    """
+    logger = get_run_logger()
+    run = run_url_of(config)
+    plan, devices = preflight(config)
+    if config.executor == "deployments":
+        from flows.cluster import check_config, shard_deployment
+
+        check_config(config)
+        devices = [f"work pool {config.pool} ({shard_deployment(config.pool or '')})"]
+    store.write_run_json(run, config, plan, config.output_options())
+    pending = pending_shards(config, plan)
+    skipped = len(plan) - len(pending)
+    logger.info(
+        "run %s: %d shards planned, %d already done, %d to process on %s",
+        redact_url(run),
+        len(plan),
+        skipped,
+        len(pending),
+        ", ".join(devices),
+    )
+    emit(
+        "plan",
+        run_url=redact_url(run),
+        run_id=config.run_id,
+        total=len(plan),
+        pending=len(pending),
+        skipped=skipped,
+        devices=devices,
+        max_images=[p["max_images"] for p in pending],
+    )
+    tally = Tally(config, len(plan), skipped)
+    if config.executor == "deployments":
+        from flows.cluster import run_on_pool
+
+        most_in_flight = run_on_pool(config, pending, tally) if pending else 0
+    else:
+        _run_local(config, pending, devices, tally)
+        most_in_flight = min(len(devices), len(pending))
 
     report = report_task(config)
     _publish(config, report)
-    _emit("report", **report)
-    if failed:
-        logger.error(
-            "%d of %d shards failed; rerun the same job to retry them", len(failed), len(plan)
-        )
-    return {
+    emit("report", **report)
+    results = tally.results
+    summary = {
         "run_id": config.run_id,
         "run_url": run,
+        "executor": config.executor,
         "shards_total": len(plan),
         "shards_processed": len(results),
-        "shards_skipped": skipped,
-        "shards_failed": len(failed),
-        "failed": failed,
-        "shards_held": len(held),
-        "held": held,
+        "shards_skipped": tally.skipped,
+        "shards_failed": len(tally.failed),
+        "failed": tally.failed,
+        "shards_held": len(tally.held),
+        "held": tally.held,
         "images": sum(r["n_images"] for r in results),
         "rows": sum(r["n_rows"] for r in results),
         "errors": sum(r["n_errors"] for r in results),
         "incomplete": [r["shard"] for r in results if not r["complete"]],
         "report_url": report["index_url"],
         "summary": report["summary"],
+        "most_in_flight": most_in_flight,
     }
+    if tally.failed:
+        message = (
+            f"{len(tally.failed)} of {len(plan)} shards failed; rerun the same job to retry them"
+        )
+        logger.error(message)
+        return Failed(message=message, data=summary)
+    return Completed(message=f"{len(plan)} shards done", data=summary)
 
 
 def _publish(config: RunConfig, report: dict[str, Any]) -> None:
@@ -404,8 +357,26 @@ def explain_shard(
     Returns:
         :meth:`opticam.store.ShardStatus.to_dict` (``skipped=True`` if already done).
     """
+    logger = get_run_logger()
+    public = redact_url(shard_url)
     if store.is_done(run_url_of(config), shard_url, config.output_options()):
+        logger.info("shard %s of run %s is done already", public, config.run_id)
         return done_status(config, shard_url).to_dict()
     chosen = device or resolve_device(config.device)[0]
     result: dict[str, Any] = shard_task(config, shard_url, chosen, max_images)
+    if result["held_by"]:
+        logger.info(
+            "shard %s: its lease is held by %s; nothing computed", public, result["held_by"]
+        )
+    elif not result["skipped"]:
+        logger.info(
+            "shard %s: %d images, %d rows, %d error rows in %.1f s on %s%s",
+            public,
+            result["n_images"],
+            result["n_rows"],
+            result["n_errors"],
+            result["seconds"],
+            result["device"],
+            f" (worker {result['worker']})" if result["worker"] else "",
+        )
     return result

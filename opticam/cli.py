@@ -395,6 +395,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Bad input fails here, in one line, before Prefect starts (and logs tracebacks).
     preflight(config)
     _quiet_prefect(args.verbose)
+    if config.executor == "deployments":
+        from flows.cluster import check_deployment
+
+        check_deployment(config)
+        if config.storage_options:
+            sys.stderr.write(
+                "note: --storage-option/--s3-endpoint apply to this command only; shard runs "
+                "read storage with their worker's environment (AWS_* variables, a role)\n"
+            )
     from flows.explain import explain_dataset, progress_listener
     from opticam.lifeline import supervised
     from opticam.progress import RunProgress
@@ -406,7 +415,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     with supervised("opticam run", on_abandon=progress.close):
         try:
             with progress_listener(progress):
-                result = explain_dataset(config)
+                # Failed when a shard failed; the result is the run's summary either way.
+                state = explain_dataset(config, return_state=True)
+                outcome: Any = state.result(raise_on_failure=False)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                result: dict[str, Any] = outcome
         finally:
             progress.close()
         elapsed = time.monotonic() - start
@@ -639,7 +653,94 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=DEMO_SEED)
     _add_storage(demo)
     demo.set_defaults(func=cmd_demo_data)
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="create the work pools, deployments and crash automation of a cluster",
+        description="Create (or update) the shard work pool, a control pool for parent runs, "
+        "the deployments explain-shard/POOL and explain-dataset/POOL and the automation that "
+        "marks runs without heartbeats Crashed, on the server at PREFECT_API_URL.",
+    )
+    deploy.add_argument("--pool", required=True, type=_pool_name, help="shard work pool")
+    deploy.add_argument(
+        "--type", default="process", dest="pool_type", help="pool type when created (process)"
+    )
+    deploy.add_argument(
+        "--limit", type=_positive, help="the pool's concurrency limit (runs at once)"
+    )
+    deploy.add_argument(
+        "--base-job-template",
+        metavar="FILE",
+        help="JSON base job template (deployments/templates/)",
+    )
+    deploy.add_argument(
+        "--control-pool",
+        type=_pool_name,
+        help="process pool for parent runs (default: POOL-control)",
+    )
+    deploy.add_argument(
+        "--crash-after",
+        type=float,
+        default=90.0,
+        metavar="SECONDS",
+        help="seconds without a heartbeat before a run is marked Crashed (default: 90)",
+    )
+    deploy.set_defaults(func=cmd_deploy)
+
+    worker = sub.add_parser(
+        "worker",
+        help="start one Prefect process worker per visible GPU (or --slots CPU workers)",
+        description="Start 'prefect worker start --pool POOL --limit 1' once per visible GPU, "
+        "each with its own CUDA_VISIBLE_DEVICES, or SLOTS CPU workers; Ctrl-C stops them all "
+        "and the flow runs they started.",
+    )
+    worker.add_argument("--pool", required=True, type=_pool_name, help="work pool")
+    worker.add_argument("--slots", type=_positive, help="CPU workers instead of one per GPU")
+    worker.add_argument("--name", help="worker name prefix (default: the host name)")
+    worker.set_defaults(func=cmd_worker)
     return parser
+
+
+def _pool_name(value: str) -> str:
+    from opticam.config import check_pool_name
+
+    try:
+        check_pool_name(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """``opticam deploy``: pools, deployments and the crash automation (idempotent)."""
+    _quiet_prefect(verbose=False)
+    from flows.cluster import require_server
+    from flows.deploy import deploy
+
+    require_server("opticam deploy")
+
+    for line in deploy(
+        args.pool,
+        pool_type=args.pool_type,
+        limit=args.limit,
+        base_job_template=args.base_job_template,
+        control_pool=args.control_pool,
+        crash_after=args.crash_after,
+    ):
+        print(line)
+    print(
+        f"start workers with: opticam worker --pool {args.pool}   "
+        f"(and one for parent runs: prefect worker start --pool "
+        f"{args.control_pool or args.pool + '-control'})"
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """``opticam worker``: one Prefect worker per GPU, or ``--slots`` CPU workers."""
+    from opticam.workers import plan_workers, run_workers
+
+    return run_workers(plan_workers(args.pool, slots=args.slots, name=args.name))
 
 
 def _one_line(exc: BaseException) -> str:

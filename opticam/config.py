@@ -68,6 +68,7 @@ DEFAULT_OUTPUT = "./opticam-runs"
 DEFAULT_MAX_PIXELS = 120_000_000
 
 
+_POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _SLUG_RE = re.compile(r"[^a-z0-9]+")
 _SOURCE_RE = re.compile(
@@ -90,6 +91,15 @@ def normalize_url(url: str) -> str:
     if "://" in url or url.startswith("pipe:"):
         return redact_url(url)
     return os.path.abspath(os.path.expanduser(url))
+
+
+def check_pool_name(value: str) -> str:
+    """``value`` if it is a usable work pool name, else ValueError naming it."""
+    if not _POOL_RE.match(value):
+        raise ValueError(
+            f"pool must be a work pool name (letters, digits, '-', '_', '.'), got {value!r}"
+        )
+    return value
 
 
 def _one_of(value: str, known: tuple[str, ...], what: str) -> str:
@@ -421,7 +431,26 @@ class RunConfig(BaseModel):
     )
     executor: Literal["local", "deployments"] = Field(
         default="local",
-        description="local: this machine's devices (deployments: reserved, not available yet)",
+        description="local: shards run on this machine's devices; deployments: one "
+        "explain-shard flow run per shard on the work pool named by pool",
+    )
+    pool: str | None = Field(
+        default=None,
+        description="work pool of the explain-shard/<pool> deployment (opticam deploy "
+        "--pool); needed by executor deployments",
+    )
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="most shard runs submitted and not finished at once (executor "
+        "deployments); default twice the pool's concurrency limit, or 32 without one",
+    )
+    shard_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=20,
+        description="flow runs per shard, the first included, before a shard whose runs "
+        "crash or fail counts as failed (executor deployments)",
     )
     # Secret: excluded from dumps and repr, and left out of the JSON schema so that the
     # Prefect UI never offers a form field whose value it would store in its database.
@@ -489,12 +518,17 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown device {value!r} (accepted: auto, cpu, cuda, cuda:N, mps)")
         return device
 
+    @field_validator("pool")
+    @classmethod
+    def _check_pool(cls, value: str | None) -> str | None:
+        return None if value is None else check_pool_name(value)
+
     @model_validator(mode="after")
     def _check_executor(self) -> RunConfig:
-        if self.executor == "deployments":
+        if self.executor == "deployments" and self.pool is None:
             raise ValueError(
-                "executor 'deployments' (one child flow run per shard on a work pool) is "
-                "reserved and not available yet; use executor='local'"
+                "executor 'deployments' needs pool: the work pool whose explain-shard "
+                "deployment runs the shards (create both with: opticam deploy --pool NAME)"
             )
         return self
 

@@ -204,7 +204,7 @@ def test_explain_command_writes_overlays(
     [
         (["run", "--data", "{tmp}/none-*.tar", "--device", "cpu"], "none-*.tar"),
         (["run", "--data", "{shard}", "--methods", "gradcam+"], "unknown method 'gradcam+'"),
-        (["run", "--data", "{shard}", "--executor", "deployments"], "reserved"),
+        (["run", "--data", "{shard}", "--executor", "deployments"], "needs pool"),
         (["run", "--data", "{shard}", "--device", "tpu"], "unknown device 'tpu'"),
         (["run", "--data", "{shard}", "--model", "resnet"], "unknown model source 'resnet'"),
         (["run", "--data", "{shard}", "--storage-option", "novalue"], "not KEY=VALUE"),
@@ -311,6 +311,9 @@ SAMPLES: dict[tuple[str, str], tuple[list[str], Any]] = {
     ("run", "map_format"): (["full_png"], "full_png"),
     ("run", "max_images"): (["9"], 9),
     ("run", "max_pixels"): (["4000000"], 4_000_000),
+    ("run", "pool"): (["gpu-a100"], "gpu-a100"),
+    ("run", "max_in_flight"): (["8"], 8),
+    ("run", "shard_attempts"): (["2"], 2),
     ("model", "source"): (["torchvision:resnet18"], "torchvision:resnet18"),
     ("model", "checkpoint"): (["s3://b/c.pt"], "s3://b/c.pt"),
     ("model", "trust_checkpoint"): ([], True),
@@ -497,13 +500,15 @@ def test_exit_status_says_whether_images_were_lost(
     import contextlib
     import types
 
-    def fake_run(config: Any) -> dict[str, Any]:
-        return {
+    def fake_run(config: Any, return_state: bool = False) -> Any:
+        result = {
             "run_id": config.run_id, "shards_processed": 2, "shards_skipped": 0,
             "shards_failed": len(failed), "failed": failed, "shards_held": 1,
             "held": {"/d/h.tar": "host:1:x"}, "incomplete": incomplete, "images": 8,
             "errors": 0, "summary": [], "report_url": str(tmp_path / "index.html"),
         }  # fmt: skip
+        # The flow's final state: Failed when a shard failed, its result the summary.
+        return types.SimpleNamespace(result=lambda raise_on_failure=True: result)
 
     # A stand-in for flows.explain: importing Prefect here, under capsys, would bind its
     # log handlers to this test's captured stream and break later tests' logging.

@@ -141,9 +141,16 @@ def test_bad_values_are_rejected_with_a_useful_message(
         make(**changes)
 
 
-def test_deployments_executor_is_reserved() -> None:
-    with pytest.raises(ValidationError, match="reserved and not available yet"):
+def test_deployments_executor_needs_a_pool_and_keeps_the_run_id() -> None:
+    with pytest.raises(ValidationError, match="executor 'deployments' needs pool"):
         make(executor="deployments")
+    with pytest.raises(ValidationError, match="pool must be a work pool name"):
+        make(executor="deployments", pool="gpu pool; rm -rf /")
+    cluster = make(executor="deployments", pool="gpu", max_in_flight=8, shard_attempts=2)
+    # Where and how shards run is not what they compute: same run folder.
+    assert cluster.run_id == make().run_id
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        make(executor="deployments", pool="gpu", max_in_flight=0)
 
 
 def test_devices_are_normalized() -> None:

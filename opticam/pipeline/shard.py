@@ -170,6 +170,7 @@ def _compute_shard(
     *,
     max_images: int | None = None,
     on_progress: ProgressFn | None = None,
+    worker: str = "",
 ) -> store.ShardStatus:
     """One read of the shard, explained, scored and written; the arguments, return value
     and exceptions are :func:`process_shard`'s (less the lease and the retries)."""
@@ -225,6 +226,7 @@ def _compute_shard(
         limit_reached=state["limit_reached"],
         device=device,
         resize_size=loaded.resize_size,
+        worker=worker,
     )
     status.seconds = time.perf_counter() - start
     return write_outputs(config, status, rows, list(reader.errors) + errors, reader.readable)
@@ -238,6 +240,7 @@ def process_shard(
     max_images: int | None = None,
     on_progress: ProgressFn | None = None,
     owner: str | None = None,
+    worker: str = "",
     lease_ttl: float = leases.DEFAULT_TTL,
     read_attempts: int = READ_ATTEMPTS,
     retry_delays: Sequence[float] = READ_RETRY_DELAYS,
@@ -261,6 +264,7 @@ def process_shard(
             of ``config.max_images``), or None.
         on_progress: called with the number of images of each finished batch.
         owner: this worker's lease name; None means one per process.
+        worker: the Prefect worker running this shard, kept in the status (provenance).
         lease_ttl: seconds the lease lives without renewal (renewed every third).
         read_attempts: reads of the shard before a streaming failure fails it.
         retry_delays: seconds before the 2nd, 3rd... read (the last value repeats).
@@ -289,7 +293,12 @@ def process_shard(
         for attempt in range(1, read_attempts + 1):
             try:
                 return _compute_shard(
-                    config, shard_url, device, max_images=max_images, on_progress=on_progress
+                    config,
+                    shard_url,
+                    device,
+                    max_images=max_images,
+                    on_progress=on_progress,
+                    worker=worker,
                 )
             except ShardStreamError as err:
                 if attempt >= read_attempts:

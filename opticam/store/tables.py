@@ -38,6 +38,7 @@ from opticam.store.layout import (
     join,
     list_parquet,
     rows_url,
+    shard_name,
 )
 
 __all__ = [
@@ -144,6 +145,8 @@ class ShardStatus:
         skipped: True when nothing was computed: the shard was already done, or another
             worker holds its lease (then ``held_by`` names that worker).
         held_by: the lease owner that kept this call from computing the shard.
+        worker: the Prefect worker whose flow run computed the shard (executor
+            ``deployments``); empty for a local run.
         schema_version: :data:`SCHEMA_VERSION` of the files.
     """
 
@@ -164,6 +167,7 @@ class ShardStatus:
     finished: str = ""
     skipped: bool = False
     held_by: str = ""
+    worker: str = ""
     schema_version: str = field(default=SCHEMA_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
@@ -341,6 +345,22 @@ def read_errors(run: str, storage_options: Mapping[str, Any] | None = None) -> p
     if not files:
         return ERRORS_SCHEMA.empty_table()
     return _dataset(files, fs, ERRORS_SCHEMA).to_table()
+
+
+def read_status(
+    run: str, shard_url: str, storage_options: Mapping[str, Any] | None = None
+) -> ShardStatus | None:
+    """The status stored in a shard's rows file, or None when the shard is not done."""
+    fs, path = filesystem(rows_url(run, shard_url), storage_options)
+    invalidate(fs, path.rsplit("/", 1)[0])
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+    except FileNotFoundError:
+        return None
+    raw = meta.get(STATUS_KEY.encode())
+    name = shard_name(shard_url)
+    return ShardStatus.from_dict(json.loads(raw)) if raw else ShardStatus(shard="", name=name)
 
 
 def read_shard_status(

@@ -1,0 +1,217 @@
+"""``opticam deploy``: the work pools, deployments and automation a cluster needs.
+
+:func:`deploy` is idempotent; running it again updates what it created:
+
+- the shard pool (``--pool``; type ``process`` by default, or any type with a base job
+  template from ``deployments/templates/``) and a control pool for the parent flows
+  (``<pool>-control``, type ``process``): a parent waits for its shards for hours, and on
+  the shard pool it would hold a GPU worker's only slot;
+- the deployments ``explain-shard/<pool>`` (on the shard pool) and
+  ``explain-dataset/<pool>`` (on the control pool), whose entrypoints are module paths,
+  so they run wherever the project is installed;
+- the automation :data:`CRASH_AUTOMATION`: a run of either flow that sent a heartbeat and
+  then neither another one nor a final state within ``crash_after`` seconds is marked
+  Crashed. A self-hosted server has no such rule, and without it a run whose machine died
+  stays Running for ever; with it the parent sees the crash and submits the shard again.
+  Flow-run processes send heartbeats when ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set,
+  which ``opticam worker`` does (30 s).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, cast
+
+from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.objects import StateType
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.exceptions import ObjectNotFound
+
+from flows.cluster import dataset_deployment, shard_deployment
+from flows.explain import explain_dataset, explain_shard
+from opticam.errors import ConfigError
+
+__all__ = ["CRASH_AUTOMATION", "DEFAULT_CRASH_AFTER", "crash_automation", "deploy"]
+
+#: Name of the crash-detection automation.
+CRASH_AUTOMATION = "opticam: runs without heartbeats are Crashed"
+#: Seconds without a heartbeat before a run is marked Crashed (three heartbeats of 30 s).
+DEFAULT_CRASH_AFTER = 90.0
+# Flows whose runs the automation watches.
+_WATCHED_FLOWS = ["explain-dataset", "explain-shard"]
+
+
+def crash_automation(crash_after: float = DEFAULT_CRASH_AFTER) -> Automation:
+    """The automation that marks silent runs of opticam's flows Crashed (not yet saved)."""
+    if crash_after < 30:
+        raise ConfigError(
+            f"crash_after must be at least 30 seconds (the shortest heartbeat period), "
+            f"got {crash_after}"
+        )
+    final = ["Completed", "Failed", "Cancelled", "Crashed"]
+    trigger = EventTrigger(
+        match={"prefect.resource.id": "prefect.flow-run.*"},
+        match_related={"prefect.resource.role": "flow", "prefect.resource.name": _WATCHED_FLOWS},
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in final)},
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=timedelta(seconds=crash_after),
+    )
+    return Automation(
+        name=CRASH_AUTOMATION,
+        description="Marks runs of explain-shard and explain-dataset Crashed when they stop "
+        "sending heartbeats (their worker or machine is gone), so the parent resubmits them.",
+        trigger=trigger,
+        actions=[
+            ChangeFlowRunState(
+                name=None,
+                force=False,  # a run that ended meanwhile keeps its final state
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {crash_after:.0f} s: its worker or machine is gone",
+            )
+        ],
+    )
+
+
+def _template(pool_type: str, path: str | None) -> dict[str, Any]:
+    if path is not None:
+        try:
+            template = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"base job template {path!r} is not a readable JSON file: {err}"
+            ) from None
+        if not isinstance(template, dict) or not {"job_configuration", "variables"} <= set(
+            template
+        ):
+            raise ConfigError(
+                f"base job template {path!r} needs 'job_configuration' and 'variables'"
+            )
+        return template
+    if pool_type == "process":
+        from prefect.workers.process import ProcessWorker
+
+        return ProcessWorker.get_default_base_job_template()
+    raise ConfigError(
+        f"a {pool_type!r} pool needs --base-job-template (see deployments/templates/)"
+    )
+
+
+def _ensure_pool(
+    client: Any, name: str, pool_type: str, limit: int | None, template_path: str | None
+) -> str:
+    """Create the pool if missing, else set its limit; says what it did."""
+    try:
+        pool = client.read_work_pool(name)
+    except ObjectNotFound:
+        client.create_work_pool(
+            WorkPoolCreate(
+                name=name,
+                type=pool_type,
+                base_job_template=_template(pool_type, template_path),
+                concurrency_limit=limit,
+            )
+        )
+        return f"created work pool {name!r} ({pool_type}" + (
+            f", at most {limit} runs at once)" if limit else ")"
+        )
+    if pool.type != pool_type:
+        raise ConfigError(
+            f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}; "
+            "choose another pool name or the same type"
+        )
+    update: dict[str, Any] = {}
+    if limit is not None and pool.concurrency_limit != limit:
+        update["concurrency_limit"] = limit
+    if template_path is not None:
+        update["base_job_template"] = _template(pool_type, template_path)
+    if update:
+        client.update_work_pool(name, WorkPoolUpdate(**update))
+        return f"updated work pool {name!r} ({', '.join(sorted(update))})"
+    return f"work pool {name!r} exists ({pool.type})"
+
+
+def _ensure_automation(crash_after: float) -> str:
+    wanted = crash_automation(crash_after)
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(CRASH_AUTOMATION)
+        if existing:
+            client.update_automation(existing[0].id, wanted)
+            for extra in existing[1:]:
+                client.delete_automation(extra.id)
+            return f"updated automation {CRASH_AUTOMATION!r} ({crash_after:.0f} s)"
+    wanted.create()
+    return f"created automation {CRASH_AUTOMATION!r} ({crash_after:.0f} s)"
+
+
+def deploy(
+    pool: str,
+    *,
+    pool_type: str = "process",
+    limit: int | None = None,
+    base_job_template: str | None = None,
+    control_pool: str | None = None,
+    crash_after: float = DEFAULT_CRASH_AFTER,
+) -> list[str]:
+    """Create or update the pools, both deployments and the crash automation.
+
+    Args:
+        pool: the work pool that runs shards (GPU workers).
+        pool_type: its type when created (``process``, ``docker``, ``kubernetes``...).
+        limit: the pool's concurrency limit (runs at once over all its workers).
+        base_job_template: a JSON base job template file for the pool.
+        control_pool: the process pool for parent runs; default ``<pool>-control``.
+        crash_after: seconds without a heartbeat before a run is marked Crashed.
+
+    Returns:
+        One line per thing done, for the user.
+    """
+    control = control_pool or f"{pool}-control"
+    if control == pool:
+        raise ConfigError(
+            f"the control pool must differ from the shard pool {pool!r}: a parent run "
+            "would hold a shard worker's slot while it waits for its shards"
+        )
+    automation = crash_automation(crash_after)  # checks crash_after before any change
+    del automation
+    done: list[str] = []
+    with get_client(sync_client=True) as client:
+        done.append(_ensure_pool(client, pool, pool_type, limit, base_job_template))
+        done.append(_ensure_pool(client, control, "process", None, None))
+    tags = ["opticam"]
+    shard = cast(
+        RunnerDeployment,
+        explain_shard.to_deployment(
+            name=pool,
+            work_pool_name=pool,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            tags=tags,
+            description="One shard of an opticam run (submitted by explain-dataset).",
+        ),
+    )
+    # The spelling of deployments/prefect.yaml, so that either tool updates the other's.
+    shard.entrypoint = "flows.explain:explain_shard"
+    shard.apply()
+    done.append(f"deployed {shard_deployment(pool)} on {pool!r}")
+    parent = cast(
+        RunnerDeployment,
+        explain_dataset.to_deployment(
+            name=pool,
+            work_pool_name=control,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            tags=tags,
+            description=f"A whole opticam run; set executor 'deployments' and pool {pool!r} "
+            "to spread its shards over the shard pool.",
+        ),
+    )
+    parent.entrypoint = "flows.explain:explain_dataset"
+    parent.apply()
+    done.append(f"deployed {dataset_deployment(pool)} on {control!r}")
+    done.append(_ensure_automation(crash_after))
+    return done

@@ -1,0 +1,132 @@
+"""What the parent flow tells the world as shards finish, whichever executor runs them.
+
+- :func:`progress_listener` lets an in-process caller (the CLI) follow a run: it receives
+  ``(event, data)`` with events ``"plan"``, ``"shard_start"``, ``"images"``,
+  ``"shard_done"``, ``"shard_skipped"`` (held by another run, or done by one since the
+  plan), ``"shard_failed"`` and ``"report"``.
+- :class:`Tally` counts the outcome of every shard, keeps the ``opticam-progress``
+  artifact up to date, logs, and records a failed shard in its errors file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from opticam import store
+from opticam.config import RunConfig
+from opticam.names import STAGE_SHARD
+from opticam.pipeline import run_url_of
+from opticam.redact import redact_text, redact_url
+
+__all__ = ["ARTIFACT_PROGRESS", "Listener", "Tally", "emit", "progress_listener", "record_failure"]
+
+ARTIFACT_PROGRESS = "opticam-progress"
+
+Listener = Callable[[str, dict[str, Any]], None]
+_listeners: list[Listener] = []
+_listeners_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def progress_listener(fn: Listener) -> Iterator[None]:
+    """Call ``fn(event, data)`` on progress events of flows run in this process."""
+    with _listeners_lock:
+        _listeners.append(fn)
+    try:
+        yield
+    finally:
+        with _listeners_lock:
+            _listeners.remove(fn)
+
+
+def emit(event: str, **data: Any) -> None:
+    """Send one progress event to every listener of this process."""
+    with _listeners_lock:
+        targets = list(_listeners)
+    for fn in targets:
+        # A display problem must never fail a shard.
+        with contextlib.suppress(Exception):
+            fn(event, data)
+
+
+def record_failure(config: RunConfig, shard_url: str, message: str) -> None:
+    """Add a ``"shard"`` error row to the errors file of a shard that failed for good,
+    keeping the rows the failed attempt wrote there (e.g. why the shard is not a tar)."""
+    import pyarrow.parquet as pq
+
+    public = redact_url(shard_url)
+    run = run_url_of(config)
+    options = config.output_options()
+    earlier: list[dict[str, Any]] = []
+    fs, path = store.layout.filesystem(store.errors_url(run, shard_url), options)
+    with contextlib.suppress(Exception), fs.open(path, "rb") as f:
+        earlier = [r for r in pq.read_table(f).to_pylist() if r["stage"] != STAGE_SHARD]
+    record = {"shard": public, "key": None, "stage": STAGE_SHARD, "message": message}
+    status = store.ShardStatus(
+        shard=public, name=store.shard_name(shard_url), complete=False, n_errors=len(earlier) + 1
+    )
+    # Best effort: the storage that failed the shard may fail this write too.
+    with contextlib.suppress(Exception):
+        store.write_errors(run, config.run_id, [*earlier, record], status, options)
+
+
+class Tally:
+    """The outcome of every shard of one run, as the executor reports them.
+
+    Args:
+        config: the job.
+        planned: shards in the plan.
+        skipped: shards already done when the run started.
+    """
+
+    def __init__(self, config: RunConfig, planned: int, skipped: int) -> None:
+        self.config = config
+        self.planned = planned
+        self.skipped = skipped
+        self.results: list[dict[str, Any]] = []
+        self.failed: dict[str, str] = {}
+        self.held: dict[str, str] = {}
+        self._logger = get_run_logger()
+        self._progress_id: Any = create_progress_artifact(
+            progress=self._percent(),
+            key=ARTIFACT_PROGRESS,
+            description=f"Shards of run {config.run_id} done (of {planned})",
+        )
+
+    def _percent(self) -> float:
+        finished = self.skipped + len(self.results) + len(self.failed) + len(self.held)
+        return 100.0 * finished / max(self.planned, 1)
+
+    def _advance(self) -> None:
+        update_progress_artifact(self._progress_id, self._percent())
+
+    def finished(self, result: dict[str, Any]) -> None:
+        """A shard's :meth:`opticam.store.ShardStatus.to_dict`: computed, done by another
+        run meanwhile (``skipped``), or held by another worker (``held_by``)."""
+        if result["held_by"]:
+            # Another run or worker holds this shard's lease: it computes it.
+            self.held[result["shard"]] = result["held_by"]
+            self._logger.info("shard %s: held by %s, skipped", result["shard"], result["held_by"])
+            emit("shard_skipped", **result)
+        elif result["skipped"]:
+            self.skipped += 1
+            emit("shard_skipped", **result)
+        else:
+            self.results.append(result)
+            emit("shard_done", **result)
+        self._advance()
+
+    def failure(self, shard_url: str, message: str) -> None:
+        """A shard that failed for good: logged, recorded as an error row, counted."""
+        public = redact_url(shard_url)
+        self.failed[public] = redact_text(message)
+        self._logger.error("shard %s failed: %s", public, self.failed[public])
+        record_failure(self.config, shard_url, self.failed[public])
+        emit("shard_failed", shard=public, message=self.failed[public])
+        self._advance()

@@ -1,0 +1,214 @@
+"""Executor ``deployments`` end to end, with real processes on loopback.
+
+A Prefect server (own home folder, fast settings), ``opticam deploy``, two machines'
+worth of ``opticam worker --slots 2`` (four Prefect process workers under a pool limit
+of 2), S3 on moto's server, and ``opticam run --executor deployments``. One machine is
+lost in the middle of a shard (its workers and flow-run process get SIGKILL); the
+heartbeat automation marks the run Crashed, the parent submits it again and the other
+machine finishes it. Then a rerun submits nothing, and a job with a corrupt shard ends
+Failed with exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from cluster import Cluster, running_cluster, wait_for
+
+from opticam import store
+
+# Distinct fake credentials: the parent's (given on its command line) and the workers'
+# (their environment). Moto accepts any.
+PARENT_KEY, PARENT_SECRET = "AKIAPARENTKEY0000001", "parent-secret-5be1c0d2"
+WORKER_KEY, WORKER_SECRET = "AKIAWORKERKEY0000002", "worker-secret-9a7f3e61"
+SHARDS, PER_SHARD = 6, 6
+POOL = "cpu"
+
+
+def _job(data: str, output: str, endpoint: str, *extra: str) -> list[str]:
+    return [
+        "run", "--data", data, "--output", output, "--model", "demo",
+        "--methods", "opticam,gradcam", "--iterations", "10", "--steps", "8",
+        "--device", "cpu", "--executor", "deployments", "--pool", POOL,
+        "--max-in-flight", "4", "--storage-option", f"key={PARENT_KEY}",
+        "--storage-option", f"secret={PARENT_SECRET}", "--s3-endpoint", endpoint, *extra,
+    ]  # fmt: skip
+
+
+def _time(text: str | None) -> float:
+    return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+
+
+def _most_running_at_once(runs: list[dict[str, Any]]) -> int:
+    """The most shard runs that were Running at the same moment (start to end times)."""
+    edges: list[tuple[float, int]] = []
+    for run in runs:
+        if run["start_time"]:
+            end = _time(run["end_time"]) if run["end_time"] else float("inf")
+            edges += [(_time(run["start_time"]), 1), (end, -1)]
+    most = now = 0
+    for _, step in sorted(edges):  # an end sorts before a start at the same instant
+        now += step
+        most = max(most, now)
+    return most
+
+
+def _machine_of(flow_run_pid: int) -> psutil.Process:
+    """The ``opticam worker`` process whose Prefect worker started this flow-run process."""
+    worker = psutil.Process(flow_run_pid).parent()
+    assert worker is not None and "worker" in worker.cmdline(), worker
+    machine = worker.parent()
+    assert machine is not None and "opticam" in " ".join(machine.cmdline()), machine
+    return machine
+
+
+def _lose_machine(machine: psutil.Process, flow_run_pid: int) -> None:
+    """SIGKILL a machine's flow-run process first, then its workers, then the command."""
+    tree = machine.children(recursive=True)
+    tree.sort(key=lambda p: p.pid != flow_run_pid)
+    for process in [*tree, machine]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs([*tree, machine], timeout=10)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, s3_endpoint: str) -> Iterator[Cluster]:
+    env = {
+        "AWS_ACCESS_KEY_ID": WORKER_KEY,
+        "AWS_SECRET_ACCESS_KEY": WORKER_SECRET,
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # Two flow runs share this machine's two cores.
+        "OMP_NUM_THREADS": "1",
+    }
+    with running_cluster(tmp_path / "cluster", env) as running:
+        yield running
+
+
+def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
+    cluster: Cluster, s3_bucket: str, s3_endpoint: str, s3_storage_options: dict[str, Any]
+) -> None:
+    import s3fs
+
+    from opticam.demo.generate import make_shards
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    urls = make_shards(f"{s3_bucket}/data", SHARDS, PER_SHARD, 77, s3_storage_options)
+
+    deployed = cluster.opticam("deploy", "--pool", POOL, "--limit", "2", "--crash-after", "60")
+    assert deployed.returncode == 0, deployed.stderr
+    assert "deployed explain-shard/cpu on 'cpu'" in deployed.stdout
+    assert "deployed explain-dataset/cpu on 'cpu-control'" in deployed.stdout
+    assert "created automation" in deployed.stdout
+    again = cluster.opticam("deploy", "--pool", POOL, "--limit", "2", "--crash-after", "60")
+    assert "work pool 'cpu' exists" in again.stdout and "updated automation" in again.stdout
+
+    for name in ("machine-a", "machine-b"):
+        argv = [sys.executable, "-m", "opticam", "worker", "--pool", POOL, "--slots", "2"]
+        cluster.start(name, [*argv, "--name", name])
+
+    job = _job(
+        f"{s3_bucket}/data/demo-{{000000..00000{SHARDS - 1}}}.tar", f"{s3_bucket}/runs", s3_endpoint
+    )
+    parent = cluster.start("run", [sys.executable, "-m", "opticam", *job])
+    by_name = {u.rsplit("/", 1)[-1]: u for u in urls}
+
+    # -- lose a machine in the middle of a shard -----------------------------------------
+    def computing() -> dict[str, Any] | None:
+        assert parent.poll() is None, cluster.log("run")
+        fs.invalidate_cache()
+        leases = fs.glob(f"{s3_bucket}/runs/*/leases/*.json")
+        held = {p.rsplit("/", 1)[-1].split(".")[0] for p in leases}
+        for run in cluster.flow_runs("explain-shard"):
+            url = by_name.get(run["name"])
+            if run["state_type"] == "RUNNING" and url and store.shard_name(url) in held:
+                return dict(run)
+        return None
+
+    victim = wait_for("a shard run holding its lease", computing, timeout=240, every=0.5)
+    pid = int(str(victim["infrastructure_pid"]).rsplit(":", 1)[-1])
+    machine = _machine_of(pid)
+    lost = "machine-a" if "machine-a" in " ".join(machine.cmdline()) else "machine-b"
+    kept = "machine-b" if lost == "machine-a" else "machine-a"
+    _lose_machine(machine, pid)
+
+    assert parent.wait(timeout=420) == 0, cluster.log("run")[-4000:]
+
+    # The lost run was marked Crashed by the automation, then submitted again.
+    states = [s["type"] for s in cluster.states(victim["id"])]
+    assert states[-1] == "CRASHED" and "RUNNING" in states, states
+    shard_runs = cluster.flow_runs("explain-shard")
+    retried = [r for r in shard_runs if r["name"] == f"{victim['name']} #2"]
+    assert [r["state_type"] for r in retried] == ["COMPLETED"], [r["name"] for r in shard_runs]
+    assert sorted(r["state_type"] for r in shard_runs) == ["COMPLETED"] * SHARDS + ["CRASHED"]
+    assert _most_running_at_once(shard_runs) <= 2
+
+    # Every shard exactly once, computed by the workers of both machines.
+    (run_json,) = fs.glob(f"{s3_bucket}/runs/*/run.json")
+    run = "s3://" + run_json.rsplit("/", 1)[0]
+    statuses = [store.read_status(run, u, s3_storage_options) for u in urls]
+    assert all(s is not None for s in statuses)
+    workers = {s.worker for s in statuses if s is not None}
+    assert {w.rsplit("-", 1)[0] for w in workers} == {kept}  # finished on the other machine
+    assert store.read_status(run, by_name[victim["name"]], s3_storage_options).worker.startswith(
+        kept
+    )  # type: ignore[union-attr]
+    ran_on = {w.rsplit("-", 1)[0] for w in workers} | {lost}
+    assert ran_on == {"machine-a", "machine-b"}
+    assert len(fs.glob(f"{run}/shards/*.parquet")) == SHARDS
+    rows = store.read_rows(
+        run, columns=["shard", "key", "method"], storage_options=s3_storage_options
+    )
+    keys = list(zip(*(rows.column(c).to_pylist() for c in ("shard", "key", "method")), strict=True))
+    assert len(keys) == len(set(keys)) == SHARDS * PER_SHARD * 2
+    assert fs.exists(f"{run}/report/index.html")
+
+    # The parent: Completed, with its artifacts; no credential stored anywhere.
+    (dataset_run,) = cluster.flow_runs("explain-dataset")
+    assert dataset_run["state_type"] == "COMPLETED"
+    keys_found = {a["key"] for a in cluster.artifacts(dataset_run["id"])}
+    assert {
+        "opticam-summary",
+        "opticam-summary-table",
+        "opticam-report",
+        "opticam-progress",
+    } <= keys_found
+    stored = json.dumps([r["parameters"] for r in cluster.flow_runs()])
+    for secret in (PARENT_KEY, PARENT_SECRET, WORKER_KEY, WORKER_SECRET):
+        assert secret not in stored
+
+    # -- a rerun submits nothing ---------------------------------------------------------
+    rerun = cluster.opticam(*job)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"0 shards processed, {SHARDS} skipped" in rerun.stdout
+    assert len(cluster.flow_runs("explain-shard")) == len(shard_runs)
+
+    # -- a corrupt shard fails after its attempts -----------------------------------------
+    fs.pipe(f"{s3_bucket}/bad/demo-000001.tar", b"this is not a tar archive" * 40)
+    fs.copy(urls[0], f"{s3_bucket}/bad/demo-000000.tar")
+    bad_job = _job(f"{s3_bucket}/bad/demo-{{000000..000001}}.tar", f"{s3_bucket}/runs", s3_endpoint)
+    failed = cluster.opticam(*bad_job, "--shard-attempts", "2")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "failed shard" in failed.stderr and "demo-000001.tar" in failed.stderr
+    (bad_json,) = set(fs.glob(f"{s3_bucket}/runs/*/run.json")) - {run_json}
+    bad_run = "s3://" + bad_json.rsplit("/", 1)[0]
+    errors = store.read_errors(bad_run, s3_storage_options).to_pylist()
+    assert any(e["stage"] == "shard" and "2 runs crashed or failed" in e["message"] for e in errors)
+    assert fs.exists(f"{bad_run}/report/index.html")
+    bad_runs = [r for r in cluster.flow_runs("explain-shard") if "demo-000001.tar" in r["name"]]
+    bad_runs = [r for r in bad_runs if r["parameters"]["shard_url"].startswith(f"{s3_bucket}/bad")]
+    assert sorted(r["state_type"] for r in bad_runs) == ["FAILED", "FAILED"]
+    parents = cluster.flow_runs("explain-dataset")
+    assert sorted(r["state_type"] for r in parents) == ["COMPLETED", "COMPLETED", "FAILED"]
+    assert _most_running_at_once(cluster.flow_runs("explain-shard")) <= 2

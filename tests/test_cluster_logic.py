@@ -1,0 +1,288 @@
+"""The deployments executor's decisions, against a scripted stand-in for the Prefect API:
+resubmission of Crashed/Failed runs with the next idempotency key, the attempt limit,
+held leases, the in-flight bound, and what travels in the parameters. The real server
+and workers are exercised by ``test_cluster.py``; these cases are the ones a live
+cluster cannot be steered into on demand."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running
+
+import flows.cluster as cluster
+from opticam.config import RunConfig
+from opticam.errors import ConfigError
+from opticam.store import ShardStatus
+
+# A script gives, for (shard file name, submission number), the states a run goes
+# through, one per poll; the last one stays. ``"rows"`` in a step writes the shard's rows.
+Script = Callable[[str, int], list[Any]]
+
+
+class FakePrefect:
+    """run_deployment + read_flow_runs + the store's done check, in memory."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.runs: dict[UUID, dict[str, Any]] = {}
+        self.by_key: dict[str, UUID] = {}
+        self.done: set[str] = set()
+        self.submitted: list[tuple[str, str, dict[str, Any], list[str]]] = []
+        self.most_active = 0
+
+    def add(self, key: str, name: str, steps: list[Any]) -> UUID:
+        run_id = uuid4()
+        self.runs[run_id] = {"name": name, "steps": list(steps), "shard": name.split(" ")[0]}
+        self.by_key[key] = run_id
+        return run_id
+
+    def run_deployment(self, name: str, **kwargs: Any) -> FlowRun:
+        key = kwargs["idempotency_key"]
+        self.submitted.append((key, kwargs["flow_run_name"], kwargs["parameters"], kwargs["tags"]))
+        if key not in self.by_key:  # a reused key returns the existing run
+            shard = kwargs["flow_run_name"].split(" ")[0]
+            submission = int(key.rsplit(":", 1)[1])
+            self.add(key, kwargs["flow_run_name"], self.script(shard, submission))
+        return self._flow_run(self.by_key[key])
+
+    def _flow_run(self, run_id: UUID) -> FlowRun:
+        run = self.runs[run_id]
+        step = run["steps"][0]
+        state = step[0] if isinstance(step, tuple) else step
+        return FlowRun(id=run_id, name=run["name"], flow_id=uuid4(), state=state)
+
+    def read_flow_runs(self, flow_run_filter: Any, limit: int) -> list[FlowRun]:
+        ids = list(flow_run_filter.id.any_)
+        active = 0
+        out = []
+        for run_id in ids:
+            run = self.runs[run_id]
+            if len(run["steps"]) > 1:
+                run["steps"].pop(0)
+            step = run["steps"][0]
+            if isinstance(step, tuple) and step[1] == "rows":
+                self.done.add(run["shard"])
+            flow_run = self._flow_run(run_id)
+            active += not flow_run.state.is_final()  # type: ignore[union-attr]
+            out.append(flow_run)
+        self.most_active = max(self.most_active, active)
+        return out
+
+
+class FakeTally:
+    def __init__(self) -> None:
+        self.finished_: list[dict[str, Any]] = []
+        self.failed: dict[str, str] = {}
+
+    def finished(self, result: dict[str, Any]) -> None:
+        self.finished_.append(result)
+
+    def failure(self, shard_url: str, message: str) -> None:
+        self.failed[shard_url] = message
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[[Script], FakePrefect]:
+    def install(script: Script) -> FakePrefect:
+        server = FakePrefect(script)
+        monkeypatch.setattr(cluster, "run_deployment", server.run_deployment)
+        client = types.SimpleNamespace(read_flow_runs=server.read_flow_runs)
+        monkeypatch.setattr(cluster, "get_client", lambda sync_client: _Context(client))
+        monkeypatch.setattr(cluster, "get_run_logger", lambda: logging.getLogger("test"))
+        monkeypatch.setattr(cluster, "POLL_SECONDS", 0.0)
+        monkeypatch.setattr(cluster, "HELD_RETRY_SECONDS", 0.0)
+
+        def is_done(run: str, url: str, options: Any = None) -> bool:
+            return url.rsplit("/", 1)[-1] in server.done
+
+        def read_status(run: str, url: str, options: Any = None) -> ShardStatus:
+            name = url.rsplit("/", 1)[-1]
+            return ShardStatus(shard=url, name=name, n_images=3, n_samples=3, worker="w-cpu0")
+
+        store = types.SimpleNamespace(
+            is_done=is_done, read_status=read_status, shard_name=lambda u: u.rsplit("/", 1)[-1],
+            ShardStatus=ShardStatus,
+        )  # fmt: skip
+        monkeypatch.setattr(cluster, "store", store)
+        return server
+
+    return install
+
+
+class _Context:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __enter__(self) -> Any:
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _config(**changes: Any) -> RunConfig:
+    fields: dict[str, Any] = {
+        "data": "s3://bucket/data/s-{0..3}.tar",
+        "output": "s3://bucket/runs",
+        "model": {"source": "demo"},
+        "executor": "deployments",
+        "pool": "gpu",
+        "storage_options": {"key": "AKIA-SECRET-KEY", "secret": "very-secret"},
+    }
+    fields.update(changes)
+    return RunConfig(**fields)
+
+
+def _run(config: RunConfig, shards: list[str], limit: int = 8) -> FakeTally:
+    tally = FakeTally()
+    pool = cluster._Pool(config, tally, limit)  # type: ignore[arg-type]
+    pool.run_all([{"url": f"s3://bucket/data/{s}", "max_images": None} for s in shards])
+    return tally
+
+
+DONE = (Completed(), "rows")
+
+
+def test_a_crashed_run_is_submitted_again_under_the_next_key(fake: Any) -> None:
+    server = fake(
+        lambda shard, n: (
+            [Pending(), Running(), Crashed(message="no heartbeat")] if n == 0 else [Running(), DONE]
+        )
+    )
+    config = _config()
+    tally = _run(config, ["s-0.tar"])
+    keys = [k for k, *_ in server.submitted]
+    assert keys == [f"{config.run_id}:s-0.tar:0", f"{config.run_id}:s-0.tar:1"]
+    assert [name for _, name, *_ in server.submitted] == ["s-0.tar", "s-0.tar #2"]
+    assert tally.failed == {} and len(tally.finished_) == 1
+    assert tally.finished_[0]["skipped"] is False and tally.finished_[0]["worker"] == "w-cpu0"
+
+
+def test_a_shard_that_keeps_failing_fails_after_its_attempts(fake: Any) -> None:
+    server = fake(lambda shard, n: [Running(), Failed(message="ShardNotATarError: no tar")])
+    tally = _run(_config(shard_attempts=3), ["s-0.tar", "s-1.tar"])
+    assert len(server.submitted) == 6
+    assert set(tally.failed) == {"s3://bucket/data/s-0.tar", "s3://bucket/data/s-1.tar"}
+    message = tally.failed["s3://bucket/data/s-0.tar"]
+    assert "3 runs crashed or failed" in message and "ShardNotATarError: no tar" in message
+
+
+def test_a_cancelled_run_is_not_retried(fake: Any) -> None:
+    server = fake(lambda shard, n: [Running(), Cancelled(message="by a person")])
+    tally = _run(_config(), ["s-0.tar"])
+    assert len(server.submitted) == 1 and "cancelled" in tally.failed["s3://bucket/data/s-0.tar"]
+
+
+def test_rows_are_the_truth_whatever_the_state(fake: Any) -> None:
+    # The run wrote its rows and then lost its heartbeat: done, not submitted again.
+    server = fake(lambda shard, n: [Running(), (Crashed(), "rows")])
+    tally = _run(_config(), ["s-0.tar"])
+    assert len(server.submitted) == 1 and len(tally.finished_) == 1 and not tally.failed
+
+
+def test_a_held_shard_is_submitted_again_without_using_an_attempt(fake: Any) -> None:
+    # Completed without rows: another worker held the lease. Three such rounds, then done.
+    server = fake(lambda shard, n: [Running(), Completed()] if n < 3 else [Running(), DONE])
+    tally = _run(_config(shard_attempts=1), ["s-0.tar"])
+    assert [k.rsplit(":", 1)[1] for k, *_ in server.submitted] == ["0", "1", "2", "3"]
+    assert not tally.failed and len(tally.finished_) == 1
+
+
+def test_a_lease_held_for_ever_ends_as_a_failure(
+    fake: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster, "MAX_HELD_ROUNDS", 2)
+    server = fake(lambda shard, n: [Completed()])
+    tally = _run(_config(), ["s-0.tar"])
+    assert (
+        len(server.submitted) == 3
+        and "lease stayed held" in tally.failed["s3://bucket/data/s-0.tar"]
+    )
+
+
+def test_done_shards_are_not_submitted(fake: Any) -> None:
+    server = fake(lambda shard, n: [Running(), DONE])
+    server.done.add("s-1.tar")  # finished by another run since the plan
+    tally = _run(_config(), ["s-0.tar", "s-1.tar"])
+    assert [name for _, name, *_ in server.submitted] == ["s-0.tar"]
+    assert sorted(r["skipped"] for r in tally.finished_) == [False, True]
+
+
+def test_a_restarted_parent_finds_its_predecessors_runs(fake: Any) -> None:
+    server = fake(lambda shard, n: [Running(), DONE])
+    config = _config()
+    # The previous parent's first run of s-0 crashed; its key is taken.
+    server.add(f"{config.run_id}:s-0.tar:0", "s-0.tar", [Crashed()])
+    tally = _run(config, ["s-0.tar"])
+    assert [k.rsplit(":", 1)[1] for k, *_ in server.submitted] == ["0", "1"]
+    assert len(server.runs) == 2 and len(tally.finished_) == 1
+
+
+def test_no_more_runs_in_flight_than_the_limit(fake: Any) -> None:
+    steps = itertools.count()
+    server = fake(lambda shard, n: [Pending()] * (next(steps) % 3 + 1) + [Running(), DONE])
+    tally = _run(_config(), [f"s-{i}.tar" for i in range(7)], limit=2)
+    assert len(tally.finished_) == 7 and server.most_active == 2
+
+
+def test_nothing_secret_travels_and_the_run_id_is_kept(fake: Any) -> None:
+    server = fake(lambda shard, n: [Running(), DONE])
+    config = _config()
+    _run(config, ["s-0.tar"])
+    ((key, name, parameters, tags),) = server.submitted
+    text = json.dumps(parameters)
+    assert "AKIA-SECRET-KEY" not in text and "very-secret" not in text
+    assert RunConfig.model_validate(parameters["config"]).run_id == config.run_id
+    assert parameters["shard_url"] == "s3://bucket/data/s-0.tar"
+    assert tags == ["opticam", f"opticam-run:{config.run_id}"]
+
+
+def test_local_paths_reach_workers_absolute(fake: Any, tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = _config(data="data/s-0.tar", output="runs")
+    child = cluster.child_config(config)
+    assert child["data"] == str(tmp_path / "data/s-0.tar")
+    assert child["output"] == str(tmp_path / "runs")
+    assert RunConfig.model_validate(child).run_id == config.run_id
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"data": "https://ann:pw@host/s-{0..3}.tar"},
+        {"output": "https://host/runs?X-Amz-Signature=abc"},
+    ],
+)
+def test_urls_with_credentials_are_refused(changes: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="carries credentials") as caught:
+        cluster.check_config(_config(**changes))
+    assert "pw" not in str(caught.value) and "abc" not in str(caught.value)
+
+
+def test_the_in_flight_limit_follows_the_pool() -> None:
+    def client(pool_limit: int | None, missing: bool = False) -> Any:
+        def read_deployment_by_name(name: str) -> Any:
+            if missing:
+                raise ObjectNotFound(http_exc=Exception(name))
+            return types.SimpleNamespace(work_pool_name="gpu")
+
+        return types.SimpleNamespace(
+            read_deployment_by_name=read_deployment_by_name,
+            read_work_pool=lambda name: types.SimpleNamespace(concurrency_limit=pool_limit),
+        )
+
+    assert cluster.in_flight_limit(_config(), client(3)) == 6
+    assert cluster.in_flight_limit(_config(), client(None)) == cluster.DEFAULT_IN_FLIGHT
+    assert cluster.in_flight_limit(_config(max_in_flight=5), client(3)) == 5
+    with pytest.raises(ConfigError, match="opticam deploy --pool gpu"):
+        cluster.in_flight_limit(_config(), client(3, missing=True))
