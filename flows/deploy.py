@@ -150,6 +150,24 @@ def _ensure_automation(crash_after: float) -> str:
     return f"created automation {CRASH_AUTOMATION!r} ({crash_after:.0f} s)"
 
 
+def _apply(flow: Any, name: str, work_pool: str, description: str) -> None:
+    """Create or update the deployment ``<flow name>/<name>`` on ``work_pool``."""
+    deployment = cast(
+        RunnerDeployment,
+        flow.to_deployment(
+            name=name,
+            work_pool_name=work_pool,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            tags=["opticam"],
+            description=description,
+        ),
+    )
+    # The spelling of deployments/prefect.yaml (module:function), so that either tool
+    # updates what the other created.
+    deployment.entrypoint = f"{flow.fn.__module__}:{flow.fn.__name__}"
+    deployment.apply()
+
+
 def deploy(
     pool: str,
     *,
@@ -184,34 +202,15 @@ def deploy(
     with get_client(sync_client=True) as client:
         done.append(_ensure_pool(client, pool, pool_type, limit, base_job_template))
         done.append(_ensure_pool(client, control, "process", None, None))
-    tags = ["opticam"]
-    shard = cast(
-        RunnerDeployment,
-        explain_shard.to_deployment(
-            name=pool,
-            work_pool_name=pool,
-            entrypoint_type=EntrypointType.MODULE_PATH,
-            tags=tags,
-            description="One shard of an opticam run (submitted by explain-dataset).",
-        ),
-    )
-    # The spelling of deployments/prefect.yaml, so that either tool updates the other's.
-    shard.entrypoint = "flows.explain:explain_shard"
-    shard.apply()
+    _apply(explain_shard, pool, pool, "One shard of an opticam run (submitted by explain-dataset).")
     done.append(f"deployed {shard_deployment(pool)} on {pool!r}")
-    parent = cast(
-        RunnerDeployment,
-        explain_dataset.to_deployment(
-            name=pool,
-            work_pool_name=control,
-            entrypoint_type=EntrypointType.MODULE_PATH,
-            tags=tags,
-            description=f"A whole opticam run; set executor 'deployments' and pool {pool!r} "
-            "to spread its shards over the shard pool.",
-        ),
+    _apply(
+        explain_dataset,
+        pool,
+        control,
+        f"A whole opticam run; set executor 'deployments' and pool {pool!r} to spread its "
+        "shards over the shard pool.",
     )
-    parent.entrypoint = "flows.explain:explain_dataset"
-    parent.apply()
     done.append(f"deployed {dataset_deployment(pool)} on {control!r}")
     done.append(_ensure_automation(crash_after))
     return done

@@ -434,6 +434,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{incomplete}; {result['images']} images, {result['errors']} error rows; "
             f"{elapsed:.1f}s\n"
         )
+        if result.get("executor") == "deployments":
+            out.write(
+                f"shard runs on pool {config.pool}: at most {result['most_in_flight']} in flight\n"
+            )
         out.write(f"report: {_local_path(result['report_url'])}\n")
     for url in result["incomplete"]:
         sys.stderr.write(

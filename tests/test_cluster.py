@@ -144,14 +144,20 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
     _lose_machine(machine, pid)
 
     assert parent.wait(timeout=420) == 0, cluster.log("run")[-4000:]
+    # The parent filled its in-flight bound (4); the pool let 2 of them run at once.
+    assert "shard runs on pool cpu: at most 4 in flight" in cluster.log("run")
 
-    # The lost run was marked Crashed by the automation, then submitted again.
+    # The lost runs (the machine may have held both running slots) were marked Crashed
+    # by the automation, then submitted again and completed: each shard exactly once.
     states = [s["type"] for s in cluster.states(victim["id"])]
     assert states[-1] == "CRASHED" and "RUNNING" in states, states
     shard_runs = cluster.flow_runs("explain-shard")
-    retried = [r for r in shard_runs if r["name"] == f"{victim['name']} #2"]
-    assert [r["state_type"] for r in retried] == ["COMPLETED"], [r["name"] for r in shard_runs]
-    assert sorted(r["state_type"] for r in shard_runs) == ["COMPLETED"] * SHARDS + ["CRASHED"]
+    crashed = [r for r in shard_runs if r["state_type"] == "CRASHED"]
+    completed = [r for r in shard_runs if r["state_type"] == "COMPLETED"]
+    assert victim["id"] in {r["id"] for r in crashed} and len(crashed) <= 2
+    assert len(shard_runs) == len(crashed) + len(completed)
+    assert sorted(r["name"].split(" ")[0] for r in completed) == sorted(by_name)
+    assert {f"{r['name']} #2" for r in crashed} <= {r["name"] for r in completed}
     assert _most_running_at_once(shard_runs) <= 2
 
     # Every shard exactly once, computed by the workers of both machines.
@@ -160,7 +166,6 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
     statuses = [store.read_status(run, u, s3_storage_options) for u in urls]
     assert all(s is not None for s in statuses)
     workers = {s.worker for s in statuses if s is not None}
-    assert {w.rsplit("-", 1)[0] for w in workers} == {kept}  # finished on the other machine
     assert store.read_status(run, by_name[victim["name"]], s3_storage_options).worker.startswith(
         kept
     )  # type: ignore[union-attr]
