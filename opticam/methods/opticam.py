@@ -14,11 +14,24 @@ Adam is element-wise, so the batch is exactly B independent optimizations.
 Cost per call: one forward pass under ``torch.no_grad`` gives both the features ``A`` (a
 forward hook on the target layer, removed right after) and the clean logits; then each
 iteration is one forward and one backward pass of the masked batch, with no graph kept
-for the weights.
+for the weights, and a last forward pass scores the final ``u``.
+
+Passes (diagnostic ``passes``, per image): every forward of the image's masked copy
+counts one (with its backward, when there is one), so the paper's 100 iterations cost
+101 passes. ``start="gradcam"`` keeps the graph of the clean forward and adds one
+backward pass for Grad-CAM's gradients, counted as one more pass. The clean forward is
+not counted: every start needs it.
+
+Beyond the paper (all off by default): a learning-rate decay (``lr_decay``), a stop per
+image once its best objective has stopped improving (``patience``, ``plateau_rtol``,
+``plateau_atol``), a start from Grad-CAM's channel weights (``start``), named schedules
+(``preset``, see :data:`opticam.names.OPTICAM_PRESETS`), and two ways to run the same
+computation faster (``channels_last``, ``compile``).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -36,7 +49,14 @@ from opticam.methods.common import (
     frozen,
     upsample_normalize,
 )
-from opticam.names import NORMALIZATIONS, OBJECTIVES, SCORES
+from opticam.names import (
+    LR_DECAYS,
+    NORMALIZATIONS,
+    OBJECTIVES,
+    SCORES,
+    STARTS,
+    resolve_opticam_preset,
+)
 
 __all__ = ["OBJECTIVES", "SCORES", "OptiCAM", "capture_features"]
 
@@ -46,6 +66,10 @@ _AMP_DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+# Grad-CAM start: softmax(u0) is the positive part of Grad-CAM's channel weights plus this
+# fraction of the uniform weight 1/K, so channels with no positive gradient start small
+# but not so small that Adam cannot bring them back.
+_GRADCAM_FLOOR = 0.1
 
 
 def capture_features(
@@ -119,11 +143,36 @@ class OptiCAM(Explainer):
             than this between consecutive iterations; 1e-10 is the paper's rule.
         amp_dtype: ``bf16`` or ``fp16`` runs the model under CUDA autocast; ignored, with a
             warning, on other devices.
+        preset: a named schedule (:data:`opticam.names.OPTICAM_PRESETS`): ``paper``
+            (default, the options as given) or ``fast``. A schedule option (``iterations``,
+            ``lr``, ``lr_decay``, ``start``, ``patience``, ``plateau_rtol``,
+            ``plateau_atol``) left at its default takes the preset's value; one set to
+            another value must equal the preset's, otherwise ValueError.
+        lr_decay: learning rate at step ``t`` of ``T = iterations``: ``none`` (constant,
+            paper), ``cosine`` (``lr * (1 + cos(pi t / T)) / 2``) or ``linear``
+            (``lr * (1 - t / T)``).
+        start: ``uniform`` (``u = 0``, paper) or ``gradcam``: ``softmax(u)`` starts at
+            the positive part of Grad-CAM's channel weights (gradient of the class logit
+            averaged over the map), normalized, plus a small uniform floor; an image
+            whose weights are all <= 0 starts uniform. Costs one backward pass.
+        patience: when > 0, an image stops once its best objective has not improved by
+            more than ``max(plateau_atol, plateau_rtol * |best|)`` for this many
+            consecutive iterations. 0 (default) turns the rule off.
+        plateau_rtol: relative part of the plateau rule's threshold.
+        plateau_atol: absolute part of the plateau rule's threshold.
+        channels_last: convert the model's weights to channels_last memory format (in
+            place, once, at construction; values are unchanged) and feed it
+            channels_last masked images. Same maps up to rounding.
+        compile: run the iterations' forward through ``torch.compile(model)``. When
+            compilation is unavailable or fails, a warning is given and the call is
+            redone eagerly. Same maps up to rounding; the first call (and each new
+            batch size) pays the compilation.
 
-    The explanation is the map of the best ``u`` seen (never worse than the uniform
-    start). Diagnostics, each (B,): ``iterations`` (Adam steps applied to the image),
-    ``initial_objective`` (at ``u = 0``), ``final_objective`` (at the returned ``u``;
-    for ``diff`` both are ``-|g_c(f(x)) - g_c(f(x*M))|``), ``constant_map``.
+    The explanation is the map of the best ``u`` seen (never worse than the start).
+    Diagnostics, each (B,): ``iterations`` (Adam steps applied to the image),
+    ``passes`` (forward(+backward) passes spent on the image, see the module docstring),
+    ``initial_objective`` (at the start ``u``), ``final_objective`` (at the returned
+    ``u``; for ``diff`` both are ``-|g_c(f(x)) - g_c(f(x*M))|``), ``constant_map``.
 
     Calls from several threads on one model are safe when its parameters are already
     frozen (a LoadedModel's are): the feature hook only records its own thread's pass.
@@ -137,6 +186,14 @@ class OptiCAM(Explainer):
         "normalization",
         "tolerance",
         "amp_dtype",
+        "preset",
+        "lr_decay",
+        "start",
+        "patience",
+        "plateau_rtol",
+        "plateau_atol",
+        "channels_last",
+        "compile",
     )
 
     def __init__(
@@ -153,8 +210,35 @@ class OptiCAM(Explainer):
         normalization: str = "range",
         tolerance: float = 1e-10,
         amp_dtype: str | torch.dtype | None = None,
+        preset: str = "paper",
+        lr_decay: str = "none",
+        start: str = "uniform",
+        patience: int = 0,
+        plateau_rtol: float = 0.0,
+        plateau_atol: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__(model)
+        schedule = resolve_opticam_preset(
+            preset,
+            {
+                "iterations": iterations,
+                "lr": lr,
+                "lr_decay": lr_decay,
+                "start": start,
+                "patience": patience,
+                "plateau_rtol": plateau_rtol,
+                "plateau_atol": plateau_atol,
+            },
+        )
+        iterations = schedule["iterations"]  # type: ignore[assignment]
+        lr = schedule["lr"]  # type: ignore[assignment]
+        lr_decay = schedule["lr_decay"]  # type: ignore[assignment]
+        start = schedule["start"]  # type: ignore[assignment]
+        patience = schedule["patience"]  # type: ignore[assignment]
+        plateau_rtol = schedule["plateau_rtol"]  # type: ignore[assignment]
+        plateau_atol = schedule["plateau_atol"]  # type: ignore[assignment]
         if not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
         if not lr > 0:
@@ -169,6 +253,16 @@ class OptiCAM(Explainer):
             )
         if not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"unknown lr_decay {lr_decay!r} (known: {', '.join(LR_DECAYS)})")
+        if start not in STARTS:
+            raise ValueError(f"unknown start {start!r} (known: {', '.join(STARTS)})")
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
+        if not (plateau_rtol >= 0 and plateau_atol >= 0):
+            raise ValueError(
+                f"plateau_rtol and plateau_atol must be >= 0, got {plateau_rtol!r}, {plateau_atol!r}"
+            )
         self.target_layer = target_layer
         self.reshape_transform = reshape_transform
         self.relu_features = relu_features
@@ -179,6 +273,20 @@ class OptiCAM(Explainer):
         self.normalization = normalization
         self.tolerance = float(tolerance)
         self.amp_dtype = _parse_amp_dtype(amp_dtype)
+        self.preset = preset
+        self.lr_decay = lr_decay
+        self.start = start
+        self.patience = patience
+        self.plateau_rtol = float(plateau_rtol)
+        self.plateau_atol = float(plateau_atol)
+        self.channels_last = bool(channels_last)
+        self.compile = bool(compile)
+        if self.channels_last:
+            # In place (nn.Module.to returns the module): values are unchanged, only the
+            # weights' memory layout, so other users of the model see the same outputs.
+            model.to(memory_format=torch.channels_last)
+        self._compiled: Callable[[Tensor], Tensor] | None = None
+        self._compile_failed = False
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Explanation:
         """Optimize one ``u`` per image; see the class docstring."""
@@ -186,20 +294,44 @@ class OptiCAM(Explainer):
         # The feature hook removes itself (try/finally in capture_features); no global
         # hook sweep here, so concurrent calls on one model from other threads are safe.
         with frozen(self.model):
-            feats, logits = capture_features(
-                self.model,
-                self.target_layer,
-                images,
-                reshape_transform=self.reshape_transform,
-                autocast=autocast,
-            )
+            u0: Tensor | None = None
+            if self.start == "gradcam":
+                feats, logits, targets, u0 = self._gradcam_start(images, targets, autocast)
+            else:
+                feats, logits = capture_features(
+                    self.model,
+                    self.target_layer,
+                    images,
+                    reshape_transform=self.reshape_transform,
+                    autocast=autocast,
+                )
             if self.relu_features:
                 feats = F.relu(feats)
             if targets is None:
                 targets = logits.argmax(dim=1)
             check_target_range(targets, logits.shape[1])
             clean = self._class_score(logits, targets)
-            best_u, diagnostics = self._optimize(images, feats, targets, clean, autocast)
+            if self.compile and not self._compile_failed:
+                try:
+                    best_u, diagnostics = self._optimize(
+                        images, feats, targets, clean, autocast, u0, self._compiled_forward()
+                    )
+                except Exception as err:  # compilation errors come in many types
+                    self._compile_failed = True
+                    warnings.warn(
+                        f"torch.compile failed ({type(err).__name__}: {err}); "
+                        "Opti-CAM runs the model eagerly from now on",
+                        stacklevel=3,
+                    )
+                    best_u, diagnostics = self._optimize(
+                        images, feats, targets, clean, autocast, u0, self.model
+                    )
+            else:
+                best_u, diagnostics = self._optimize(
+                    images, feats, targets, clean, autocast, u0, self.model
+                )
+            if u0 is not None:
+                diagnostics["passes"] += 1  # Grad-CAM's backward pass
             with torch.no_grad():
                 saliency = self._saliency(best_u, feats)
                 maps, constant = upsample_normalize(saliency, images.shape[-2:], self.normalization)
@@ -213,11 +345,16 @@ class OptiCAM(Explainer):
         targets: Tensor,
         clean: Tensor,
         autocast: AbstractContextManager[object],
+        u0: Tensor | None,
+        forward: Callable[[Tensor], Tensor],
     ) -> tuple[Tensor, dict[str, Tensor]]:
         batch, channels = feats.shape[:2]
         device = images.device
-        # u = 0: softmax is uniform and S is the mean feature map (the paper's start).
-        u = torch.zeros(batch, channels, device=device, requires_grad=True)
+        if u0 is None:
+            # u = 0: softmax is uniform and S is the mean feature map (the paper's start).
+            u = torch.zeros(batch, channels, device=device, requires_grad=True)
+        else:
+            u = u0.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([u], lr=self.lr)
         scaler = (
             torch.amp.GradScaler("cuda")
@@ -230,6 +367,12 @@ class OptiCAM(Explainer):
         previous = torch.zeros(batch, device=device)
         active = torch.ones(batch, dtype=torch.bool, device=device)
         steps = torch.zeros(batch, dtype=torch.long, device=device)
+        passes = torch.zeros(batch, dtype=torch.long, device=device)
+        # Plateau rule: the best value at the last improvement that counted, and the
+        # number of iterations since then.
+        anchor = torch.full((batch,), -torch.inf, device=device)
+        stale = torch.zeros(batch, dtype=torch.long, device=device)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
         for step in range(self.iterations + 1):
             # The last pass only scores the final u; it needs no graph.
@@ -241,9 +384,11 @@ class OptiCAM(Explainer):
             with torch.set_grad_enabled(not last):
                 saliency = self._saliency(u[sel], feats[sel])
                 masks, _ = upsample_normalize(saliency, images.shape[-2:], self.normalization)
+                masked = (images[sel] * masks).contiguous(memory_format=memory_format)
                 with autocast:
-                    out = self.model(images[sel] * masks)
+                    out = forward(masked)
                 objective = self._objective(out.float(), targets[sel], clean[sel])
+            passes[rows] += 1
 
             value = objective.detach()
             if step == 0:
@@ -255,7 +400,11 @@ class OptiCAM(Explainer):
             if step > 0:
                 # The paper's stopping rule, per image.
                 done = (value - previous[rows]).abs() < self.tolerance
+                if self.patience > 0:
+                    done |= self._plateau(value, rows, anchor, stale)
                 active[rows[done]] = False
+            elif self.patience > 0:
+                self._plateau(value, rows, anchor, stale)
             previous[rows] = value
             if last or not bool(active.any()):
                 break
@@ -264,6 +413,9 @@ class OptiCAM(Explainer):
             # Maximize: minimize the negative sum; stopped images get no gradient.
             loss = -(objective * active[rows].to(objective.dtype)).sum()
             before = u.detach().clone()
+            if self.lr_decay != "none":
+                for group in optimizer.param_groups:
+                    group["lr"] = self.lr * _decay(self.lr_decay, step, self.iterations)
             if scaler is None:
                 loss.backward()
                 optimizer.step()
@@ -279,10 +431,100 @@ class OptiCAM(Explainer):
 
         diagnostics = {
             "iterations": steps,
+            "passes": passes,
             "initial_objective": initial,
             "final_objective": best,
         }
         return best_u, diagnostics
+
+    def _plateau(self, value: Tensor, rows: Tensor, anchor: Tensor, stale: Tensor) -> Tensor:
+        """Update the plateau rule for ``rows`` with their ``value``; which rows are done.
+
+        An improvement counts when it beats the anchor (the best value at the last
+        improvement that counted) by more than ``max(plateau_atol, plateau_rtol * |anchor|)``.
+        """
+        base = anchor[rows]
+        margin = torch.clamp(self.plateau_rtol * base.abs(), min=self.plateau_atol)
+        # The first value always counts (base = -inf; inf * 0 would be NaN).
+        counted = torch.isinf(base) | (value > base + torch.nan_to_num(margin, posinf=0.0))
+        anchor[rows[counted]] = value[counted]
+        stale[rows] = torch.where(counted, torch.zeros_like(stale[rows]), stale[rows] + 1)
+        return stale[rows] >= self.patience
+
+    def _gradcam_start(
+        self,
+        images: Tensor,
+        targets: Tensor | None,
+        autocast: AbstractContextManager[object],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The clean forward with a graph from the target layer on, and Grad-CAM's start.
+
+        Returns ``(features, logits, targets, u0)``: features (B,K,h,w) and logits (B,C)
+        as :func:`capture_features` gives them, the targets (predicted where None), and
+        ``u0`` (B,K) with ``softmax(u0)`` proportional to ``relu(alpha) / sum relu(alpha)
+        + floor / K``, ``alpha`` the class logit's gradient averaged over the map (0 for
+        an image whose ``alpha`` has no positive entry: the uniform start).
+        """
+        captured: list[Tensor] = []
+        owner = threading.get_ident()
+        layer = self.target_layer
+
+        def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor | None:
+            if threading.get_ident() != owner:
+                return None
+            if not isinstance(output, Tensor):
+                raise ValueError(
+                    f"target layer {type(layer).__name__} returns {type(output).__name__}, "
+                    "not a tensor; choose another layer"
+                )
+            # A leaf of our own (the weights are frozen, so the output has no graph);
+            # the model goes on with a copy, which its in-place ops may change.
+            leaf = output.detach().requires_grad_(True)
+            captured[:] = [leaf]
+            return leaf.clone()
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            with torch.enable_grad(), autocast:
+                logits = self.model(images)
+        finally:
+            handle.remove()
+        if not captured:
+            raise ValueError(
+                f"target layer {type(layer).__name__} did not run in the model's forward pass"
+            )
+        logits = logits.float()
+        if targets is None:
+            targets = logits.detach().argmax(dim=1)
+        check_target_range(targets, logits.shape[1])
+        (grads,) = torch.autograd.grad(
+            logits.gather(1, targets.unsqueeze(1)).sum(), captured[0], allow_unused=True
+        )
+        feats = captured[0].detach()
+        if grads is None:
+            grads = torch.zeros_like(feats)
+        if self.reshape_transform is not None:
+            feats = self.reshape_transform(feats)
+            grads = self.reshape_transform(grads)
+        if feats.dim() != 4:
+            raise ValueError(
+                f"target layer features must be (B,K,h,w), got {tuple(feats.shape)}; "
+                "token outputs need a reshape_transform"
+            )
+        alpha = torch.relu(grads.float().mean(dim=(2, 3)))
+        total = alpha.sum(dim=1, keepdim=True)
+        channels = alpha.shape[1]
+        weights = alpha / total.clamp(min=torch.finfo(alpha.dtype).tiny)
+        u0 = torch.log(weights + _GRADCAM_FLOOR / channels)
+        u0 = u0 - u0.mean(dim=1, keepdim=True)
+        u0 = torch.where(total > 0, u0, torch.zeros_like(u0))
+        return feats.float(), logits.detach(), targets, u0.detach()
+
+    def _compiled_forward(self) -> Callable[[Tensor], Tensor]:
+        """``torch.compile(model)``, made once (compilation itself happens on first call)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model)
+        return self._compiled
 
     @staticmethod
     def _saliency(u: Tensor, feats: Tensor) -> Tensor:
@@ -314,6 +556,15 @@ class OptiCAM(Explainer):
             )
             return nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
+
+
+def _decay(kind: str, step: int, total: int) -> float:
+    """Learning-rate factor of step ``step`` (0-based) of ``total``: 1 at step 0."""
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / total))
+    if kind == "linear":
+        return 1.0 - step / total
+    return 1.0
 
 
 def _parse_amp_dtype(value: str | torch.dtype | None) -> torch.dtype | None:

@@ -8,10 +8,17 @@ test or another orchestrator.
   of the input, before any work).
 - :mod:`~opticam.pipeline.targets`: per batch, the explained images and their classes.
 - :mod:`~opticam.pipeline.scoring`: per batch and method, maps -> metrics -> rows.
+- :mod:`~opticam.pipeline.autobatch`: the batch size (``"auto"``: measured on a GPU) and
+  the out-of-memory backoff (a batch that does not fit is split in halves).
 - :mod:`~opticam.pipeline.shard`: :func:`process_shard`, which runs the two steps above
   over a shard and writes its files.
 """
 
+from opticam.pipeline.autobatch import (
+    CPU_BATCH_SIZE,
+    BatchOutOfMemoryError,
+    clear_batch_sizes,
+)
 from opticam.pipeline.devices import local_devices, resolve_device
 from opticam.pipeline.plan import (
     check_methods,
@@ -42,8 +49,10 @@ ShardResult = ShardStatus
 done_result = done_status
 
 __all__ = [
+    "CPU_BATCH_SIZE",
     "READ_ATTEMPTS",
     "READ_RETRY_DELAYS",
+    "BatchOutOfMemoryError",
     "BatchTargets",
     "ShardNotATarError",
     "ShardResult",
@@ -51,6 +60,7 @@ __all__ = [
     "ShardUnavailableError",
     "check_methods",
     "choose_targets",
+    "clear_batch_sizes",
     "clear_model_cache",
     "done_result",
     "done_status",

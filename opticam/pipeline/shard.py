@@ -7,7 +7,9 @@
    input size and batches with overlapped loading (:func:`opticam.data.iter_batches`),
 3. per batch: picks the explained images and their classes
    (:func:`~opticam.pipeline.targets.choose_targets`), then per method explains and
-   scores them (:func:`~opticam.pipeline.scoring.method_rows`),
+   scores them (:func:`~opticam.pipeline.scoring.method_rows`); the batch size is the
+   config's or measured (``"auto"``), and a batch that runs out of device memory is
+   split in halves and run again (:mod:`~opticam.pipeline.autobatch`),
 4. writes ``errors/<shard>.parquet`` (always, possibly empty) and then
    ``shards/<shard>.parquet`` (last: its presence means "done"), both atomically
    (:func:`write_outputs`).
@@ -32,10 +34,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
+
 from opticam import store
 from opticam.config import RunConfig
-from opticam.data import ErrorRecord, ShardStreamError
+from opticam.data import Batch, ErrorRecord, ShardStreamError
 from opticam.names import STAGE_EXPLAIN, STAGE_INCOMPLETE, STAGE_NOT_TAR, STAGE_OPEN
+from opticam.pipeline import autobatch
 from opticam.pipeline.devices import resolve_device
 from opticam.pipeline.plan import explainers, get_loaded_model, run_url_of
 from opticam.pipeline.scoring import method_rows
@@ -103,11 +108,63 @@ def _explain_batch(
     for method, explainer in bound.items():
         try:
             rows.extend(method_rows(config, loaded, method, explainer, batch, shard_url, errors))
+        except torch.OutOfMemoryError:
+            raise  # the batch is too large, not the method broken: the caller splits it
         except Exception as exc:  # one method's failure must not stop the others
             message = redact_text(f"{method}: {type(exc).__name__}: {exc}")
             logger.warning("method %s failed on a batch of %s: %s", method, shard_url, message)
             errors.extend(ErrorRecord(shard_url, key, STAGE_EXPLAIN, message) for key in batch.keys)
     return rows
+
+
+def _batch_part(batch: Batch, start: int, stop: int) -> Batch:
+    """Images ``start:stop`` of ``batch`` (views: a pinned batch stays pinned)."""
+    if start == 0 and stop == len(batch.keys):
+        return batch
+    return Batch(
+        shard=batch.shard,
+        keys=batch.keys[start:stop],
+        images=batch.images[start:stop],
+        labels=batch.labels[start:stop],
+        boxes=batch.boxes[start:stop],
+    )
+
+
+def _batch_outputs(
+    config: RunConfig,
+    loaded: Any,
+    bound: dict[str, Any],
+    batch: Batch,
+    shard_url: str,
+    device: str,
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Rows and error records of one batch: targets, then every method.
+
+    Nothing is kept from a call that raises (an out-of-memory error is run again on
+    halves of the batch), so the records are returned rather than appended to the shard's.
+    """
+    errors: list[Any] = []
+    chosen = choose_targets(
+        batch, shard_url, loaded.model, loaded.num_classes, config.target, device, errors
+    )
+    rows = (
+        [] if chosen is None else _explain_batch(config, loaded, bound, chosen, shard_url, errors)
+    )
+    return rows, errors
+
+
+def _synthetic_batch(loaded: Any, n: int, num_classes: int) -> Batch:
+    """``n`` random images of the model's input size, labelled and boxed (memory probe)."""
+    height, width = loaded.input_size
+    gen = torch.Generator().manual_seed(n)
+    box = torch.tensor([[0.0, 0.0, width / 2, height / 2]])
+    return Batch(
+        shard="probe",
+        keys=[f"probe-{i}" for i in range(n)],
+        images=torch.rand((n, 3, height, width), generator=gen),
+        labels=torch.arange(n, dtype=torch.int64) % max(num_classes, 1),
+        boxes=[box.clone() for _ in range(n)],
+    )
 
 
 def write_outputs(
@@ -192,21 +249,40 @@ def _compute_shard(
     errors: list[Any] = []
     rows: list[dict[str, Any]] = []
     images_with_rows: set[str] = set()
+    key = autobatch.size_key(config, loaded.input_size, device)
+    bound_device = device  # for the closures below (mypy: a str, never None)
+
+    def probe(n: int) -> None:
+        _batch_outputs(
+            config,
+            loaded,
+            bound,
+            _synthetic_batch(loaded, n, loaded.num_classes),
+            "probe",
+            bound_device,
+        )
+
+    sizer = autobatch.BatchSizer(
+        autobatch.initial_batch_size(config, key, device, probe), key, device, public_url
+    )
     batches = iter_batches(
         _limited(reader, max_images, state),
         Preprocess(loaded.input_size, loaded.resize_size),
-        config.batch_size,
+        sizer.size,
         errors=errors,
         pin_memory=device.startswith("cuda"),
     )
     try:
         for batch in batches:
-            chosen = choose_targets(
-                batch, public_url, loaded.model, loaded.num_classes, config.target, device, errors
-            )
-            if chosen is not None:
-                new_rows = _explain_batch(config, loaded, bound, chosen, public_url, errors)
+
+            def work(start: int, stop: int, batch: Batch = batch) -> tuple[list[Any], list[Any]]:
+                part = _batch_part(batch, start, stop)
+                return _batch_outputs(config, loaded, bound, part, public_url, bound_device)
+
+            # Chunks of at most sizer.size images, in order; halved on out-of-memory.
+            for new_rows, new_errors in sizer.run(len(batch.keys), work):
                 rows.extend(new_rows)
+                errors.extend(new_errors)
                 images_with_rows.update(r["key"] for r in new_rows)
             if on_progress is not None:
                 on_progress(len(batch.keys))
