@@ -286,30 +286,18 @@ class OptiCAMOptions(_LayerOptions):
         "eager with a warning); same maps up to rounding, compiling costs time up front",
     )
 
-    @field_validator("objective")
+    @field_validator("objective", "score", "preset", "lr_decay", "start")
     @classmethod
-    def _check_objective(cls, value: str) -> str:
-        return _one_of(value, OBJECTIVES, "objective")
-
-    @field_validator("score")
-    @classmethod
-    def _check_score(cls, value: str) -> str:
-        return _one_of(value, SCORES, "score")
-
-    @field_validator("preset")
-    @classmethod
-    def _check_preset(cls, value: str) -> str:
-        return _one_of(value, tuple(OPTICAM_PRESETS), "preset")
-
-    @field_validator("lr_decay")
-    @classmethod
-    def _check_lr_decay(cls, value: str) -> str:
-        return _one_of(value, LR_DECAYS, "lr_decay")
-
-    @field_validator("start")
-    @classmethod
-    def _check_start(cls, value: str) -> str:
-        return _one_of(value, STARTS, "start")
+    def _check_choice(cls, value: str, info: ValidationInfo) -> str:
+        choices = {
+            "objective": OBJECTIVES,
+            "score": SCORES,
+            "preset": tuple(OPTICAM_PRESETS),
+            "lr_decay": LR_DECAYS,
+            "start": STARTS,
+        }
+        name = str(info.field_name)
+        return _one_of(value, choices[name], name)
 
     @model_validator(mode="after")
     def _check_preset_agrees(self) -> OptiCAMOptions:

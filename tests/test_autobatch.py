@@ -171,20 +171,7 @@ def test_other_method_errors_still_cost_error_rows_only(
     shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Only out-of-memory splits a batch; any other error stays the method's error rows.
-    from opticam import methods
-
-    real = methods.get_explainer
-
-    def flaky(name: str, loaded: Any, **options: Any) -> Any:
-        if name != "gradcam":
-            return real(name, loaded, **options)
-
-        def boom(images: torch.Tensor, targets: torch.Tensor) -> Any:
-            raise RuntimeError("gradcam exploded")
-
-        return boom
-
-    monkeypatch.setattr(methods, "get_explainer", flaky)
+    tiny.break_method(monkeypatch)
     config = make_config(shards, tmp_path, methods=["gradcam", "fakecam"])
     result = pipeline.process_shard(config, shards[0], "cpu")
     errors = pq.read_table(result.errors_url).to_pylist()

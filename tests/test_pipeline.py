@@ -192,20 +192,7 @@ def test_truncated_shard_is_written_and_flagged_incomplete(
 def test_a_failing_method_costs_error_rows_and_the_others_go_on(
     shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from opticam import methods
-
-    real = methods.get_explainer
-
-    def flaky(name: str, loaded: Any, **options: Any) -> Any:
-        if name != "gradcam":
-            return real(name, loaded, **options)
-
-        def boom(images: torch.Tensor, targets: torch.Tensor) -> Any:
-            raise RuntimeError("gradcam exploded")
-
-        return boom
-
-    monkeypatch.setattr(methods, "get_explainer", flaky)
+    tiny.break_method(monkeypatch)
     config = make_config(shards[0], tmp_path)
     result = pipeline.process_shard(config, shards[0], "cpu")
     rows = store.read_rows(pipeline.run_url_of(config))

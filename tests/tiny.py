@@ -72,3 +72,22 @@ def register(monkeypatch: pytest.MonkeyPatch) -> str:
     module.build_plain = build_plain  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, FACTORY_MODULE, module)
     return FACTORY
+
+
+def break_method(monkeypatch: pytest.MonkeyPatch, broken: str = "gradcam") -> None:
+    """Make ``opticam.methods.get_explainer`` hand out a ``broken`` method that raises
+    ``RuntimeError("<broken> exploded")`` on every batch; other methods stay real."""
+    from opticam import methods
+
+    real = methods.get_explainer
+
+    def flaky(name: str, loaded: object, **options: object) -> object:
+        if name != broken:
+            return real(name, loaded, **options)  # type: ignore[arg-type]
+
+        def boom(images: Tensor, targets: Tensor) -> object:
+            raise RuntimeError(f"{broken} exploded")
+
+        return boom
+
+    monkeypatch.setattr(methods, "get_explainer", flaky)
