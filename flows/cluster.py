@@ -95,7 +95,7 @@ def run_tags(config: RunConfig) -> list[str]:
 
 def shard_run_name(shard_url: str, submission: int = 0) -> str:
     """The shard's file name, then ``#2``, ``#3``... for later submissions."""
-    name = redact_url(shard_url).rstrip("/").rsplit("/", 1)[-1]
+    name = store.shard_file(shard_url)
     return name if submission == 0 else f"{name} #{submission + 1}"
 
 

@@ -131,7 +131,7 @@ def _shard_task_name() -> str:
 
     url = str(task_run.parameters.get("shard_url", "shard"))
     # The file name is what a person looks for in the UI; credentials never reach it.
-    return f"shard {redact_url(url).rstrip('/').rsplit('/', 1)[-1]}"
+    return f"shard {store.shard_file(url)}"
 
 
 @task(name="explain-shard", task_run_name=_shard_task_name, **_STORAGE_TASK)

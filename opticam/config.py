@@ -53,6 +53,7 @@ from opticam.names import (
     NORMALIZATIONS,
     OBJECTIVES,
     OPTICAM_PRESETS,
+    OPTICAM_SCHEDULE,
     SCORES,
     STARTS,
     resolve_opticam_preset,
@@ -301,18 +302,7 @@ class OptiCAMOptions(_LayerOptions):
 
     @model_validator(mode="after")
     def _check_preset_agrees(self) -> OptiCAMOptions:
-        resolve_opticam_preset(
-            self.preset,
-            {
-                "iterations": self.iterations,
-                "lr": self.lr,
-                "lr_decay": self.lr_decay,
-                "start": self.start,
-                "patience": self.patience,
-                "plateau_rtol": self.plateau_rtol,
-                "plateau_atol": self.plateau_atol,
-            },
-        )
+        resolve_opticam_preset(self.preset, {k: getattr(self, k) for k in OPTICAM_SCHEDULE})
         return self
 
 

@@ -37,18 +37,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return make_shards(str(tmp_path_factory.mktemp("autobatch")), 2, 12, seed=5)
 
 
-def make_config(data: Any, output: Path, **changes: Any) -> RunConfig:
-    fields: dict[str, Any] = {
-        "data": data,
-        "output": str(output),
-        "model": {"source": tiny.FACTORY},
-        "methods": [{"name": "opticam", "options": {"iterations": 3}}, "gradcam", "fakecam"],
-        "metrics": {"steps": 4},
-        "device": "cpu",
-        "batch_size": 4,
-    }
-    fields.update(changes)
-    return RunConfig(**fields)
+make_config = tiny.make_config
 
 
 def count_explain_calls(monkeypatch: pytest.MonkeyPatch, fits: int | None) -> Counter[int]:

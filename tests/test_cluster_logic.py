@@ -20,6 +20,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running
 
 import flows.cluster as cluster
+from opticam import store as real_store
 from opticam.config import RunConfig
 from opticam.errors import ConfigError
 from opticam.store import ShardStatus
@@ -111,7 +112,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[[Script], FakePrefect]:
 
         store = types.SimpleNamespace(
             is_done=is_done, read_status=read_status, shard_name=lambda u: u.rsplit("/", 1)[-1],
-            ShardStatus=ShardStatus,
+            ShardStatus=ShardStatus, shard_file=real_store.shard_file,
         )  # fmt: skip
         monkeypatch.setattr(cluster, "store", store)
         return server

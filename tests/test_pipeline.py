@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from opticam import pipeline, store
-from opticam.config import RunConfig
 from opticam.data import NoShardsError, ShardWriter
 from opticam.demo import generate_sample, make_shards
 from opticam.errors import ConfigError, UserError
@@ -36,18 +35,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return make_shards(str(tmp_path_factory.mktemp("demo")), 2, 5, seed=3)
 
 
-def make_config(data: Any, output: Path, **changes: Any) -> RunConfig:
-    fields: dict[str, Any] = {
-        "data": data,
-        "output": str(output),
-        "model": {"source": "factory:tiny:build"},
-        "methods": [{"name": "opticam", "options": {"iterations": 3}}, "gradcam", "fakecam"],
-        "metrics": {"steps": 4},
-        "device": "cpu",
-        "batch_size": 4,
-    }
-    fields.update(changes)
-    return RunConfig(**fields)
+make_config = tiny.make_config
 
 
 def jpeg(index: int) -> tuple[bytes, int, tuple[int, int, int, int]]:

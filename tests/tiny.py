@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from opticam.config import RunConfig
+
 #: Module name under which :func:`register` makes this module importable.
 FACTORY_MODULE = "tiny"
 FACTORY = f"factory:{FACTORY_MODULE}:build"
@@ -91,3 +93,19 @@ def break_method(monkeypatch: pytest.MonkeyPatch, broken: str = "gradcam") -> No
         return boom
 
     monkeypatch.setattr(methods, "get_explainer", flaky)
+
+
+def make_config(data: object, output: object, **changes: object) -> RunConfig:
+    """A small pipeline job on :data:`FACTORY` (Opti-CAM at 3 iterations, Grad-CAM and
+    Fake-CAM, 4 insertion/deletion steps, batches of 4 on the CPU); ``changes`` win."""
+    fields: dict[str, object] = {
+        "data": data,
+        "output": str(output),
+        "model": {"source": FACTORY},
+        "methods": [{"name": "opticam", "options": {"iterations": 3}}, "gradcam", "fakecam"],
+        "metrics": {"steps": 4},
+        "device": "cpu",
+        "batch_size": 4,
+    }
+    fields.update(changes)
+    return RunConfig(**fields)  # type: ignore[arg-type]

@@ -95,14 +95,9 @@ def capture_features(
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:
         if threading.get_ident() != owner:
             return  # another thread's forward through a shared model
-        if not isinstance(output, Tensor):
-            raise ValueError(
-                f"target layer {type(layer).__name__} returns {type(output).__name__}, "
-                "not a tensor; choose another layer"
-            )
         # A copy: later in-place ops of the model (e.g. ResNet's `out += identity`)
         # must not change the captured features.
-        captured[:] = [output.detach().clone()]
+        captured[:] = [_layer_tensor(layer, output).detach().clone()]
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -110,11 +105,31 @@ def capture_features(
             logits = model(images)
     finally:
         handle.remove()
+    feats = _feature_map(_captured(layer, captured), reshape_transform)
+    return feats.float(), logits.float()
+
+
+def _layer_tensor(layer: nn.Module, output: object) -> Tensor:
+    """The target layer's output, which must be a tensor."""
+    if not isinstance(output, Tensor):
+        raise ValueError(
+            f"target layer {type(layer).__name__} returns {type(output).__name__}, "
+            "not a tensor; choose another layer"
+        )
+    return output
+
+
+def _captured(layer: nn.Module, captured: list[Tensor]) -> Tensor:
+    """What the forward hook recorded; ValueError when the layer never ran."""
     if not captured:
         raise ValueError(
             f"target layer {type(layer).__name__} did not run in the model's forward pass"
         )
-    feats = captured[0]
+    return captured[0]
+
+
+def _feature_map(feats: Tensor, reshape_transform: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The layer's output as (B,K,h,w) features (tokens reshaped by ``reshape_transform``)."""
     if reshape_transform is not None:
         feats = reshape_transform(feats)
     if feats.dim() != 4:
@@ -122,7 +137,7 @@ def capture_features(
             f"target layer features must be (B,K,h,w), got {tuple(feats.shape)}; "
             "token outputs need a reshape_transform"
         )
-    return feats.float(), logits.float()
+    return feats
 
 
 class OptiCAM(Explainer):
@@ -311,22 +326,21 @@ class OptiCAM(Explainer):
                 targets = logits.argmax(dim=1)
             check_target_range(targets, logits.shape[1])
             clean = self._class_score(logits, targets)
-            if self.compile and not self._compile_failed:
-                try:
-                    best_u, diagnostics = self._optimize(
-                        images, feats, targets, clean, autocast, u0, self._compiled_forward()
-                    )
-                except Exception as err:  # compilation errors come in many types
-                    self._compile_failed = True
-                    warnings.warn(
-                        f"torch.compile failed ({type(err).__name__}: {err}); "
-                        "Opti-CAM runs the model eagerly from now on",
-                        stacklevel=3,
-                    )
-                    best_u, diagnostics = self._optimize(
-                        images, feats, targets, clean, autocast, u0, self.model
-                    )
-            else:
+            compiled = self.compile and not self._compile_failed
+            forward = self._compiled_forward() if compiled else self.model
+            try:
+                best_u, diagnostics = self._optimize(
+                    images, feats, targets, clean, autocast, u0, forward
+                )
+            except Exception as err:  # compilation errors come in many types
+                if not compiled:
+                    raise
+                self._compile_failed = True
+                warnings.warn(
+                    f"torch.compile failed ({type(err).__name__}: {err}); "
+                    "Opti-CAM runs the model eagerly from now on",
+                    stacklevel=3,
+                )
                 best_u, diagnostics = self._optimize(
                     images, feats, targets, clean, autocast, u0, self.model
                 )
@@ -472,14 +486,9 @@ class OptiCAM(Explainer):
         def hook(_module: nn.Module, _inputs: object, output: object) -> Tensor | None:
             if threading.get_ident() != owner:
                 return None
-            if not isinstance(output, Tensor):
-                raise ValueError(
-                    f"target layer {type(layer).__name__} returns {type(output).__name__}, "
-                    "not a tensor; choose another layer"
-                )
             # A leaf of our own (the weights are frozen, so the output has no graph);
             # the model goes on with a copy, which its in-place ops may change.
-            leaf = output.detach().requires_grad_(True)
+            leaf = _layer_tensor(layer, output).detach().requires_grad_(True)
             captured[:] = [leaf]
             return leaf.clone()
 
@@ -489,28 +498,19 @@ class OptiCAM(Explainer):
                 logits = self.model(images)
         finally:
             handle.remove()
-        if not captured:
-            raise ValueError(
-                f"target layer {type(layer).__name__} did not run in the model's forward pass"
-            )
+        leaf = _captured(layer, captured)
         logits = logits.float()
         if targets is None:
             targets = logits.detach().argmax(dim=1)
         check_target_range(targets, logits.shape[1])
         (grads,) = torch.autograd.grad(
-            logits.gather(1, targets.unsqueeze(1)).sum(), captured[0], allow_unused=True
+            logits.gather(1, targets.unsqueeze(1)).sum(), leaf, allow_unused=True
         )
-        feats = captured[0].detach()
+        feats = leaf.detach()
         if grads is None:
             grads = torch.zeros_like(feats)
-        if self.reshape_transform is not None:
-            feats = self.reshape_transform(feats)
-            grads = self.reshape_transform(grads)
-        if feats.dim() != 4:
-            raise ValueError(
-                f"target layer features must be (B,K,h,w), got {tuple(feats.shape)}; "
-                "token outputs need a reshape_transform"
-            )
+        feats = _feature_map(feats, self.reshape_transform)
+        grads = _feature_map(grads, self.reshape_transform)
         alpha = torch.relu(grads.float().mean(dim=(2, 3)))
         total = alpha.sum(dim=1, keepdim=True)
         channels = alpha.shape[1]

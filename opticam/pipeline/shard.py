@@ -153,7 +153,7 @@ def _batch_outputs(
     return rows, errors
 
 
-def _synthetic_batch(loaded: Any, n: int, num_classes: int) -> Batch:
+def _synthetic_batch(loaded: Any, n: int) -> Batch:
     """``n`` random images of the model's input size, labelled and boxed (memory probe)."""
     height, width = loaded.input_size
     gen = torch.Generator().manual_seed(n)
@@ -162,7 +162,7 @@ def _synthetic_batch(loaded: Any, n: int, num_classes: int) -> Batch:
         shard="probe",
         keys=[f"probe-{i}" for i in range(n)],
         images=torch.rand((n, 3, height, width), generator=gen),
-        labels=torch.arange(n, dtype=torch.int64) % max(num_classes, 1),
+        labels=torch.arange(n, dtype=torch.int64) % max(loaded.num_classes, 1),
         boxes=[box.clone() for _ in range(n)],
     )
 
@@ -257,7 +257,7 @@ def _compute_shard(
             config,
             loaded,
             bound,
-            _synthetic_batch(loaded, n, loaded.num_classes),
+            _synthetic_batch(loaded, n),
             "probe",
             bound_device,
         )

@@ -21,6 +21,7 @@ from opticam.store.layout import (
     report_url,
     rows_url,
     run_url,
+    shard_file,
     shard_name,
 )
 from opticam.store.maps import (
@@ -86,6 +87,7 @@ __all__ = [
     "rows_to_table",
     "rows_url",
     "run_url",
+    "shard_file",
     "shard_name",
     "write_errors",
     "write_run_json",

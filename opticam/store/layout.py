@@ -44,6 +44,7 @@ __all__ = [
     "rows_url",
     "run_json_url",
     "run_url",
+    "shard_file",
     "shard_name",
 ]
 
@@ -63,6 +64,12 @@ def run_url(output: str, run_id: str) -> str:
     return join(output, run_id)
 
 
+def shard_file(shard_url: str) -> str:
+    """The shard's file name, without credentials: ``s3://b/train/shard-03.tar`` ->
+    ``shard-03.tar`` (what people look for in logs and in the Prefect UI)."""
+    return redact_url(shard_url).rstrip("/").rsplit("/", 1)[-1]
+
+
 def shard_name(shard_url: str) -> str:
     """Filename-safe, unique name for a shard URL: ``<stem>-<sha256(url)[:8]>``.
 
@@ -71,7 +78,7 @@ def shard_name(shard_url: str) -> str:
     a password.
     """
     shard_url = redact_url(shard_url)
-    base = shard_url.rstrip("/").rsplit("/", 1)[-1]
+    base = shard_file(shard_url)
     for suffix in _TAR_SUFFIXES:
         if base.lower().endswith(suffix):
             base = base[: -len(suffix)]

@@ -354,13 +354,20 @@ def read_status(
     fs, path = filesystem(rows_url(run, shard_url), storage_options)
     invalidate(fs, path.rsplit("/", 1)[0])
     try:
-        with fs.open(path, "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
+        stored = _stored_status(fs, path)
     except FileNotFoundError:
         return None
+    if stored is None:
+        return ShardStatus(shard="", name=shard_name(shard_url))
+    return ShardStatus.from_dict(stored)
+
+
+def _stored_status(fs: Any, path: str) -> dict[str, Any] | None:
+    """The status JSON in a Parquet file's metadata (:data:`STATUS_KEY`), or None."""
+    with fs.open(path, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
     raw = meta.get(STATUS_KEY.encode())
-    name = shard_name(shard_url)
-    return ShardStatus.from_dict(json.loads(raw)) if raw else ShardStatus(shard="", name=name)
+    return dict(json.loads(raw)) if raw else None
 
 
 def read_shard_status(
@@ -375,10 +382,7 @@ def read_shard_status(
     done = set(list_done_shards(run, storage_options))
     out = []
     for path in files:
-        with fs.open(path, "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
-        raw = meta.get(STATUS_KEY.encode())
-        status = json.loads(raw) if raw else {"name": path.rsplit("/", 1)[-1][:-8]}
+        status = _stored_status(fs, path) or {"name": path.rsplit("/", 1)[-1][:-8]}
         status["done"] = status.get("name") in done
         out.append(status)
     return out
