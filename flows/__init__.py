@@ -1,4 +1,6 @@
-"""Prefect flows of opticam (:mod:`flows.explain`); the only package that imports Prefect.
+"""Prefect flows of opticam, installed as ``opticam_flows`` (the folder is ``flows/``).
 
-Importing this package imports nothing; ``import flows.explain`` imports Prefect.
+The only package that imports Prefect (:mod:`opticam_flows.explain`). Importing this
+package imports nothing; ``import opticam_flows.explain`` imports Prefect. Modules here
+import each other relatively, so the package works under its installed name.
 """

@@ -1,6 +1,6 @@
 """Executor ``deployments``: one ``explain-shard`` flow run per shard on a work pool.
 
-The parent flow (:func:`flows.explain.explain_dataset`) hands its pending shards to
+The parent flow (:func:`opticam_flows.explain.explain_dataset`) hands its pending shards to
 :func:`run_on_pool`, which
 
 1. submits one run of the deployment ``explain-shard/<pool>`` per shard with
@@ -39,12 +39,13 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from flows.events import Tally, emit
 from opticam import store
 from opticam.config import RunConfig, normalize_url
 from opticam.errors import ConfigError
 from opticam.pipeline import run_url_of
 from opticam.redact import redact_text, redact_url
+
+from .events import Tally, emit
 
 __all__ = [
     "DEFAULT_IN_FLIGHT",

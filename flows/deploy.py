@@ -31,9 +31,10 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 
-from flows.cluster import dataset_deployment, shard_deployment
-from flows.explain import explain_dataset, explain_shard
 from opticam.errors import ConfigError
+
+from .cluster import dataset_deployment, shard_deployment
+from .explain import explain_dataset, explain_shard
 
 __all__ = ["CRASH_AUTOMATION", "DEFAULT_CRASH_AFTER", "crash_automation", "deploy"]
 

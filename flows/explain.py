@@ -8,7 +8,7 @@ The flows only orchestrate; every step is a call into :mod:`opticam`:
 3. run the others: with executor ``local`` on this machine's devices, at most one shard
    per device at a time (the CPU counts as one device), each as a task with retries for
    transient storage errors; with executor ``deployments`` as one ``explain-shard`` flow
-   run per shard on a work pool (:mod:`flows.cluster`);
+   run per shard on a work pool (:mod:`opticam_flows.cluster`);
 4. build the report and publish it as artifacts: ``opticam-summary`` (markdown),
    ``opticam-summary-table`` (table) and ``opticam-report`` (link), plus the
    ``opticam-progress`` progress artifact updated as shards finish.
@@ -19,7 +19,7 @@ result persistence off; storage options (credentials) live in excluded config fi
 they never reach the parameters Prefect stores.
 
 The parent ends Failed when a shard failed (its result is still the run's summary) and
-Completed otherwise. Listeners (:func:`progress_listener`, :mod:`flows.events`) let an
+Completed otherwise. Listeners (:func:`progress_listener`, :mod:`opticam_flows.events`) let an
 in-process caller such as the CLI follow progress.
 """
 
@@ -41,7 +41,6 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.events import ARTIFACT_PROGRESS, Tally, emit, progress_listener
 from opticam import store
 from opticam.config import RunConfig
 from opticam.data import ShardStreamError
@@ -55,6 +54,8 @@ from opticam.pipeline import (
     run_url_of,
 )
 from opticam.redact import redact_url
+
+from .events import ARTIFACT_PROGRESS, Tally, emit, progress_listener
 
 __all__ = [
     "ARTIFACT_LINK",
@@ -248,7 +249,7 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
     run = run_url_of(config)
     plan, devices = preflight(config)
     if config.executor == "deployments":
-        from flows.cluster import check_config, shard_deployment
+        from .cluster import check_config, shard_deployment
 
         check_config(config)
         devices = [f"work pool {config.pool} ({shard_deployment(config.pool or '')})"]
@@ -275,7 +276,7 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
     )
     tally = Tally(config, len(plan), skipped)
     if config.executor == "deployments":
-        from flows.cluster import run_on_pool
+        from .cluster import run_on_pool
 
         most_in_flight = run_on_pool(config, pending, tally) if pending else 0
     else:

@@ -396,7 +396,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight(config)
     _quiet_prefect(args.verbose)
     if config.executor == "deployments":
-        from flows.cluster import check_deployment
+        from opticam_flows.cluster import check_deployment
 
         check_deployment(config)
         if config.storage_options:
@@ -404,7 +404,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "note: --storage-option/--s3-endpoint apply to this command only; shard runs "
                 "read storage with their worker's environment (AWS_* variables, a role)\n"
             )
-    from flows.explain import explain_dataset, progress_listener
+    from opticam_flows.explain import explain_dataset, progress_listener
+
     from opticam.lifeline import supervised
     from opticam.progress import RunProgress
     from opticam.report import format_table
@@ -718,8 +719,8 @@ def _pool_name(value: str) -> str:
 def cmd_deploy(args: argparse.Namespace) -> int:
     """``opticam deploy``: pools, deployments and the crash automation (idempotent)."""
     _quiet_prefect(verbose=False)
-    from flows.cluster import require_server
-    from flows.deploy import deploy
+    from opticam_flows.cluster import require_server
+    from opticam_flows.deploy import deploy
 
     require_server("opticam deploy")
 

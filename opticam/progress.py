@@ -2,7 +2,7 @@
 
 :class:`RunProgress` listens to the flow's progress events (``plan``, ``shard_start``,
 ``images``, ``shard_done``, ``shard_skipped``, ``shard_failed``, ``report``; see
-:func:`flows.explain.progress_listener`). On a terminal it draws a rich progress bar that
+:func:`opticam_flows.explain.progress_listener`). On a terminal it draws a rich progress bar that
 moves within a shard too (images read so far against the expected shard size); on
 anything else (a log file, CI) it writes one plain line per finished shard.
 """

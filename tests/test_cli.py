@@ -520,10 +520,10 @@ def test_exit_status_says_whether_images_were_lost(
 
     # A stand-in for flows.explain: importing Prefect here, under capsys, would bind its
     # log handlers to this test's captured stream and break later tests' logging.
-    fake = types.ModuleType("flows.explain")
+    fake = types.ModuleType("opticam_flows.explain")
     fake.explain_dataset = fake_run  # type: ignore[attr-defined]
     fake.progress_listener = lambda fn: contextlib.nullcontext()  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "flows.explain", fake)
+    monkeypatch.setitem(sys.modules, "opticam_flows.explain", fake)
     argv = ["run", "--data", shards[0], "--output", str(tmp_path), "--methods", "fakecam"]
     code, out, err = run_main(argv, capsys)
     assert code == status, err

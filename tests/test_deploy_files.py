@@ -435,9 +435,10 @@ def test_dockerfile_copies_what_the_build_reads() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     sources = {s.strip("/") for s, _ in _copy_sources(_dockerfile_instructions(_dockerfile()))}
     assert {"pyproject.toml", pyproject["project"]["readme"]} <= sources
-    packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    for package in packages:
-        assert package.rstrip("*") in sources, package
+    folders = pyproject["tool"]["setuptools"]["package-dir"]
+    for package in pyproject["tool"]["setuptools"]["packages"]:
+        top = package.split(".")[0]
+        assert folders.get(top, top) in sources, package
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
@@ -455,8 +456,10 @@ def test_dockerignore_keeps_local_state_out() -> None:
     assert not _excluded("opticam/demo/demo_classifier.pt", patterns)
 
 
-def test_copied_files_are_enough_to_build_the_wheel(tmp_path: Path) -> None:
-    """Build the wheel from exactly what the image copies, offline."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built offline from exactly what the image copies."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     patterns = _dockerignore_patterns()
     context = tmp_path / "context"
     for source, _ in _copy_sources(_dockerfile_instructions(_dockerfile())):
@@ -491,7 +494,11 @@ def test_copied_files_are_enough_to_build_the_wheel(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    (wheel,) = out.glob("opticam-*.whl")
+    (built,) = out.glob("opticam-*.whl")
+    return built
+
+
+def test_copied_files_are_enough_to_build_the_wheel(wheel: Path) -> None:
     archive = zipfile.ZipFile(wheel)
     names = set(archive.namelist())
     # setuptools only warns about a missing readme; the description would be empty.
@@ -499,13 +506,97 @@ def test_copied_files_are_enough_to_build_the_wheel(tmp_path: Path) -> None:
     metadata = archive.read(metadata_name).decode()
     readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()[0]
     assert readme in metadata, "README.md is the package's long description"
+    # The flows/ folder installs as opticam_flows, and nothing else sits at the top level.
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"opticam", "opticam_flows"}, tops
     for needed in (
-        "flows/explain.py",
+        "opticam_flows/explain.py",
         "opticam/cli.py",
         "opticam/demo/demo_classifier.pt",
         "opticam/report/templates/index.html.j2",
     ):
         assert needed in names, needed
+
+
+def test_the_package_list_names_every_package_folder() -> None:
+    # An explicit list (flows/ installs under another name) must not miss a subpackage.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    setuptools = pyproject["tool"]["setuptools"]
+    folders = {name: ROOT / path for name, path in setuptools["package-dir"].items()}
+    found = {
+        init.parent.relative_to(ROOT).as_posix().replace("/", ".")
+        for init in (ROOT / "opticam").rglob("__init__.py")
+    }
+    found |= {name for name, folder in folders.items() if (folder / "__init__.py").is_file()}
+    assert set(setuptools["packages"]) == found
+    assert folders == {"opticam_flows": ROOT / "flows"}
+
+
+_INSTALLED_CHECK = """
+import importlib.util, pathlib, sys, yaml
+from prefect.flows import load_flow_from_entrypoint
+target = pathlib.Path(sys.argv[1]).resolve()
+assert importlib.util.find_spec("flows") is None, importlib.util.find_spec("flows")
+import opticam, opticam_flows.explain
+for module in (opticam, opticam_flows.explain):
+    assert target in pathlib.Path(module.__file__).resolve().parents, module.__file__
+entrypoints = {d["entrypoint"] for d in yaml.safe_load(open(sys.argv[2]))["deployments"]}
+from opticam_flows.explain import explain_dataset, explain_shard
+entrypoints |= {f"{f.fn.__module__}:{f.fn.__name__}" for f in (explain_dataset, explain_shard)}
+for entrypoint in sorted(entrypoints):
+    print(entrypoint, load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False).name)
+"""
+
+
+def test_the_installed_package_has_no_top_level_flows_and_runs(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """``pip install`` of the wheel: only opticam and opticam_flows, and both work."""
+    target = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+        + ["--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    tops = {p.name for p in target.iterdir() if not p.name.endswith(".dist-info")}
+    assert tops - {"bin"} == {"opticam", "opticam_flows"}, tops
+    # The installed copy comes first on the path (dependencies from this environment);
+    # the working directory is not the repository, whose flows/ folder would import.
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    check = subprocess.run(
+        [sys.executable, "-c", _INSTALLED_CHECK, str(target), str(PREFECT_YAML)],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "opticam_flows.explain:explain_shard explain-shard" in check.stdout
+    assert "opticam_flows.explain:explain_dataset explain-dataset" in check.stdout
+
+    from opticam.demo import make_shards
+
+    (shard,) = make_shards(str(tmp_path / "data"), 1, 2, seed=3)
+    run = subprocess.run(
+        [sys.executable, "-m", "opticam", "run", "--data", shard, "--output", "runs"]
+        + ["--device", "cpu", "--methods", "gradcam", "--no-insertion-deletion"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "1 shards processed" in run.stdout, run.stdout
+    (run_folder,) = (work / "runs").iterdir()
+    assert (run_folder / "report" / "index.html").is_file()
 
 
 def test_entrypoint_runs_the_workers_or_the_given_command(tmp_path: Path) -> None:

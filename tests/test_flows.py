@@ -38,7 +38,7 @@ def harness() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def flows(harness: None) -> Any:
-    import flows.explain as module
+    import opticam_flows.explain as module
 
     return module
 
@@ -371,14 +371,13 @@ def test_explain_shard_flow_processes_or_skips(
     ],
 )
 def test_transient_error_classification(exc: BaseException, transient: bool) -> None:
-    from flows.explain import is_transient_error
+    from opticam_flows.explain import is_transient_error
 
     assert is_transient_error(exc) is transient
 
 
 def test_botocore_errors_are_transient() -> None:
     from botocore.exceptions import EndpointConnectionError
-
-    from flows.explain import is_transient_error
+    from opticam_flows.explain import is_transient_error
 
     assert is_transient_error(EndpointConnectionError(endpoint_url="http://x"))

@@ -83,4 +83,4 @@ def test_no_library_module_loads_prefect() -> None:
 
 def test_the_flows_do_load_prefect() -> None:
     # The control for the test above: the probe sees Prefect when it is imported.
-    assert "prefect" in loaded_after("import flows.explain")
+    assert "prefect" in loaded_after("import opticam_flows.explain")
