@@ -14,7 +14,12 @@
   Crashed. A self-hosted server has no such rule, and without it a run whose machine died
   stays Running for ever; with it the parent sees the crash and submits the shard again.
   Flow-run processes send heartbeats when ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set,
-  which ``opticam worker`` does (30 s).
+  which ``opticam worker`` does (30 s);
+- with ``notify`` (``opticam deploy --notify URL``): a Webhook block
+  :data:`NOTIFY_BLOCK` holding the URL (a secret: chat webhook URLs carry tokens) and the
+  automation :data:`NOTIFY_AUTOMATION`, which POSTs a JSON message (:data:`NOTIFY_PAYLOAD`)
+  to it when a run of ``explain-dataset`` ends Completed, Failed or Crashed. Its ``text``
+  field is what Slack and Mattermost incoming webhooks show.
 """
 
 from __future__ import annotations
@@ -23,20 +28,39 @@ import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
+from uuid import UUID
 
-from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
+from prefect.automations import (
+    Automation,
+    CallWebhook,
+    ChangeFlowRunState,
+    EventTrigger,
+    Posture,
+)
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.client.schemas.objects import StateType
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
+from pydantic import SecretStr
 
 from opticam.errors import ConfigError
 
 from .cluster import dataset_deployment, shard_deployment
 from .explain import explain_dataset, explain_shard
 
-__all__ = ["CRASH_AUTOMATION", "DEFAULT_CRASH_AFTER", "crash_automation", "deploy"]
+__all__ = [
+    "CRASH_AUTOMATION",
+    "DEFAULT_CRASH_AFTER",
+    "NOTIFY_AUTOMATION",
+    "NOTIFY_BLOCK",
+    "NOTIFY_PAYLOAD",
+    "check_notify_url",
+    "crash_automation",
+    "deploy",
+    "notify_automation",
+]
 
 #: Name of the crash-detection automation.
 CRASH_AUTOMATION = "opticam: runs without heartbeats are Crashed"
@@ -44,6 +68,26 @@ CRASH_AUTOMATION = "opticam: runs without heartbeats are Crashed"
 DEFAULT_CRASH_AFTER = 90.0
 # Flows whose runs the automation watches.
 _WATCHED_FLOWS = ["explain-dataset", "explain-shard"]
+
+#: Name of the automation that posts to a webhook when a job ends.
+NOTIFY_AUTOMATION = "opticam: post to a webhook when explain-dataset ends"
+#: Name of the Webhook block that holds the notification URL.
+NOTIFY_BLOCK = "opticam-notify"
+# The states that end a job: the parent ends Failed when a shard failed.
+_NOTIFY_STATES = ["Completed", "Failed", "Crashed"]
+#: The body posted (a Jinja template the server renders): ``text`` for chat tools, then
+#: the run's name (``explain-<run id>``), id, final state, its message and a UI link.
+NOTIFY_PAYLOAD = (
+    "{"
+    '"text": {{ ("opticam: " ~ flow_run.name ~ " " ~ flow_run.state.name'
+    ' ~ (": " ~ flow_run.state.message if flow_run.state.message else "")) | tojson }}, '
+    '"flow_run": {{ flow_run.name | tojson }}, '
+    '"flow_run_id": "{{ flow_run.id }}", '
+    '"state": {{ flow_run.state.name | tojson }}, '
+    '"message": {{ (flow_run.state.message or "") | tojson }}, '
+    '"url": {{ ((flow_run | ui_url) or "") | tojson }}'
+    "}"
+)
 
 
 def crash_automation(crash_after: float = DEFAULT_CRASH_AFTER) -> Automation:
@@ -78,6 +122,67 @@ def crash_automation(crash_after: float = DEFAULT_CRASH_AFTER) -> Automation:
             )
         ],
     )
+
+
+def check_notify_url(url: str) -> str:
+    """The webhook URL, checked: ``http://`` or ``https://`` with a host.
+
+    Raises:
+        ConfigError: anything else (the message never repeats the URL, which may hold a
+            token; it names the scheme and host it found).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"--notify needs an http:// or https:// URL with a host, got scheme "
+            f"{parts.scheme!r} and host {parts.hostname!r}"
+        )
+    return url
+
+
+def notify_automation(block_document_id: UUID) -> Automation:
+    """The automation that posts :data:`NOTIFY_PAYLOAD` to a Webhook block (not yet saved)."""
+    trigger = EventTrigger(
+        match={"prefect.resource.id": "prefect.flow-run.*"},
+        match_related={"prefect.resource.role": "flow", "prefect.resource.name": "explain-dataset"},
+        expect={f"prefect.flow-run.{s}" for s in _NOTIFY_STATES},
+        for_each={"prefect.resource.id"},
+        posture=Posture.Reactive,
+        threshold=1,
+    )
+    return Automation(
+        name=NOTIFY_AUTOMATION,
+        description="Posts to the opticam-notify webhook when a run of explain-dataset ends "
+        f"({', '.join(_NOTIFY_STATES)}).",
+        trigger=trigger,
+        actions=[CallWebhook(block_document_id=block_document_id, payload=NOTIFY_PAYLOAD)],
+    )
+
+
+def _ensure_notify(url: str) -> list[str]:
+    """Save the URL in the Webhook block and create or update the automation."""
+    from prefect.blocks.webhook import Webhook
+    from prefect.types import SecretDict
+
+    headers = SecretDict({"Content-Type": "application/json"})
+    block = Webhook(method="POST", url=SecretStr(url), headers=headers)
+    block_id = cast(UUID, block.save(NOTIFY_BLOCK, overwrite=True))
+    where = urlsplit(url).hostname
+    done = [f"saved webhook block {NOTIFY_BLOCK!r} (host {where})"]
+    return [*done, _save_automation(notify_automation(block_id))]
+
+
+def _save_automation(wanted: Automation) -> str:
+    """Create the automation, or update the one of the same name (one copy kept)."""
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(wanted.name)
+        if existing:
+            client.update_automation(existing[0].id, wanted)
+            for extra in existing[1:]:
+                client.delete_automation(extra.id)
+            return f"updated automation {wanted.name!r}"
+    wanted.create()
+    return f"created automation {wanted.name!r}"
 
 
 def _template(pool_type: str, path: str | None) -> dict[str, Any]:
@@ -138,19 +243,6 @@ def _ensure_pool(
     return f"work pool {name!r} exists ({pool.type})"
 
 
-def _ensure_automation(crash_after: float) -> str:
-    wanted = crash_automation(crash_after)
-    with get_client(sync_client=True) as client:
-        existing = client.read_automations_by_name(CRASH_AUTOMATION)
-        if existing:
-            client.update_automation(existing[0].id, wanted)
-            for extra in existing[1:]:
-                client.delete_automation(extra.id)
-            return f"updated automation {CRASH_AUTOMATION!r} ({crash_after:.0f} s)"
-    wanted.create()
-    return f"created automation {CRASH_AUTOMATION!r} ({crash_after:.0f} s)"
-
-
 def _apply(flow: Any, name: str, work_pool: str, description: str) -> None:
     """Create or update the deployment ``<flow name>/<name>`` on ``work_pool``."""
     deployment = cast(
@@ -177,8 +269,9 @@ def deploy(
     base_job_template: str | None = None,
     control_pool: str | None = None,
     crash_after: float = DEFAULT_CRASH_AFTER,
+    notify: str | None = None,
 ) -> list[str]:
-    """Create or update the pools, both deployments and the crash automation.
+    """Create or update the pools, both deployments and the automations.
 
     Args:
         pool: the work pool that runs shards (GPU workers).
@@ -187,6 +280,8 @@ def deploy(
         base_job_template: a JSON base job template file for the pool.
         control_pool: the process pool for parent runs; default ``<pool>-control``.
         crash_after: seconds without a heartbeat before a run is marked Crashed.
+        notify: a webhook URL to post to when a run of explain-dataset ends; None leaves
+            the notification as it is (absent, or as set before).
 
     Returns:
         One line per thing done, for the user.
@@ -197,8 +292,10 @@ def deploy(
             f"the control pool must differ from the shard pool {pool!r}: a parent run "
             "would hold a shard worker's slot while it waits for its shards"
         )
-    automation = crash_automation(crash_after)  # checks crash_after before any change
-    del automation
+    # Bad values fail before anything changes on the server.
+    crash = crash_automation(crash_after)
+    if notify is not None:
+        check_notify_url(notify)
     done: list[str] = []
     with get_client(sync_client=True) as client:
         done.append(_ensure_pool(client, pool, pool_type, limit, base_job_template))
@@ -213,5 +310,7 @@ def deploy(
         "shards over the shard pool.",
     )
     done.append(f"deployed {dataset_deployment(pool)} on {control!r}")
-    done.append(_ensure_automation(crash_after))
+    done.append(f"{_save_automation(crash)} ({crash_after:.0f} s)")
+    if notify is not None:
+        done += _ensure_notify(notify)
     return done

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import deque
 from typing import Any
 
@@ -139,7 +140,11 @@ def _shard_task_name() -> str:
 def shard_task(
     config: RunConfig, shard_url: str, device: str, max_images: int | None = None
 ) -> dict[str, Any]:
-    """Process one shard on ``device`` (:func:`opticam.pipeline.process_shard`)."""
+    """Process one shard on ``device`` (:func:`opticam.pipeline.process_shard`).
+
+    Logs one INFO line for the UI (the task run's and its flow run's Logs tab): what was
+    done, where, and how fast.
+    """
     public = redact_url(shard_url)
     emit("shard_start", shard=public, device=device, max_images=max_images)
     result = process_shard(
@@ -151,7 +156,30 @@ def shard_task(
         # Set by a Prefect worker for the flow-run processes it starts.
         worker=os.environ.get("PREFECT__WORKER_NAME", ""),
     )
+    get_run_logger().info("%s", shard_log_line(result.to_dict(), public))
     return result.to_dict()
+
+
+def shard_log_line(result: dict[str, Any], shard: str) -> str:
+    """What a person watching a run needs of one finished shard, in one line.
+
+    ``result`` is :meth:`opticam.store.ShardStatus.to_dict`; ``shard`` a public URL.
+    """
+    if result["held_by"]:
+        return f"shard {shard}: its lease is held by {result['held_by']}; nothing computed"
+    if result["skipped"]:
+        return f"shard {shard}: done already; nothing computed"
+    seconds = float(result["seconds"])
+    rate = result["n_images"] / seconds if seconds > 0 else 0.0
+    worker = f", worker {result['worker']}" if result.get("worker") else ""
+    partial = "" if result["complete"] else "; incomplete: the shard could not be read to its end"
+    if result.get("limit_reached"):
+        partial += f"; stopped at max_images={result['max_images']}"
+    return (
+        f"shard {shard}: {result['n_images']} images, {result['n_rows']} rows, "
+        f"{result['n_errors']} error rows in {seconds:.1f} s on {result['device']}{worker} "
+        f"({rate:.2f} images/s){partial}"
+    )
 
 
 @task(name="build-report", **_STORAGE_TASK)
@@ -245,6 +273,7 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         opticam.errors.ConfigError: bad model or method options; no such deployment.
         ValueError: a run id collision.
     """
+    started = time.monotonic()
     logger = get_run_logger()
     run = run_url_of(config)
     plan, devices = preflight(config)
@@ -306,6 +335,20 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         "summary": report["summary"],
         "most_in_flight": most_in_flight,
     }
+    elapsed = time.monotonic() - started
+    logger.info(
+        "run %s: %d shards processed, %d skipped, %d failed; %d images, %d error rows in "
+        "%.1f s (%.2f images/s); report %s",
+        config.run_id,
+        summary["shards_processed"],
+        summary["shards_skipped"],
+        summary["shards_failed"],
+        summary["images"],
+        summary["errors"],
+        elapsed,
+        summary["images"] / elapsed if elapsed > 0 else 0.0,
+        redact_url(report["index_url"]),
+    )
     if tally.failed:
         message = (
             f"{len(tally.failed)} of {len(plan)} shards failed; rerun the same job to retry them"
@@ -364,20 +407,6 @@ def explain_shard(
         logger.info("shard %s of run %s is done already", public, config.run_id)
         return done_status(config, shard_url).to_dict()
     chosen = device or resolve_device(config.device)[0]
+    # The task logs the shard's line, in this flow run's Logs tab too.
     result: dict[str, Any] = shard_task(config, shard_url, chosen, max_images)
-    if result["held_by"]:
-        logger.info(
-            "shard %s: its lease is held by %s; nothing computed", public, result["held_by"]
-        )
-    elif not result["skipped"]:
-        logger.info(
-            "shard %s: %d images, %d rows, %d error rows in %.1f s on %s%s",
-            public,
-            result["n_images"],
-            result["n_rows"],
-            result["n_errors"],
-            result["seconds"],
-            result["device"],
-            f" (worker {result['worker']})" if result["worker"] else "",
-        )
     return result

@@ -367,19 +367,20 @@ def _apply_method_flags(args: argparse.Namespace, methods: list[dict[str, Any]])
 
 
 def _quiet_prefect(verbose: bool) -> None:
-    # Must happen before prefect is imported: its settings are read at import.
-    level = "INFO" if verbose else "WARNING"
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
-    os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", level)
-    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", level)
+    # Must happen before prefect is imported: its settings are read at import. Records at
+    # INFO are always made, so that the flow and shard runs' logs reach the Prefect API
+    # (the UI's Logs tab); without --verbose only the console handler drops them.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    server_level = "INFO" if verbose else "WARNING"
+    os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", server_level)
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", server_level)
     # The ephemeral server's telemetry logs an ERROR on every run without a network.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not verbose:
-        import logging
         import warnings
 
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         warnings.filterwarnings("ignore", module="prefect")
-        logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 def _local_path(url: str) -> str:
@@ -661,10 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy = sub.add_parser(
         "deploy",
-        help="create the work pools, deployments and crash automation of a cluster",
+        help="create the work pools, deployments and automations of a cluster",
         description="Create (or update) the shard work pool, a control pool for parent runs, "
         "the deployments explain-shard/POOL and explain-dataset/POOL and the automation that "
-        "marks runs without heartbeats Crashed, on the server at PREFECT_API_URL.",
+        "marks runs without heartbeats Crashed (and, with --notify, the one that posts to a "
+        "webhook when a job ends), on the server at PREFECT_API_URL.",
     )
     deploy.add_argument("--pool", required=True, type=_pool_name, help="shard work pool")
     deploy.add_argument(
@@ -689,6 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=90.0,
         metavar="SECONDS",
         help="seconds without a heartbeat before a run is marked Crashed (default: 90)",
+    )
+    deploy.add_argument(
+        "--notify",
+        metavar="URL",
+        help="webhook to POST to when a run of explain-dataset completes or fails "
+        "(stored in the Prefect block 'opticam-notify'; e.g. a Slack incoming webhook)",
     )
     deploy.set_defaults(func=cmd_deploy)
 
@@ -731,6 +739,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         base_job_template=args.base_job_template,
         control_pool=args.control_pool,
         crash_after=args.crash_after,
+        notify=args.notify,
     ):
         print(line)
     print(

@@ -12,10 +12,13 @@ Failed with exit status 1.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,8 @@ PARENT_KEY, PARENT_SECRET = "AKIAPARENTKEY0000001", "parent-secret-5be1c0d2"
 WORKER_KEY, WORKER_SECRET = "AKIAWORKERKEY0000002", "worker-secret-9a7f3e61"
 SHARDS, PER_SHARD = 6, 6
 POOL = "cpu"
+# The secret part of the webhook URL: it must never be printed.
+HOOK_TOKEN = "T0KEN-5ecret-7d41"
 
 
 def _job(data: str, output: str, endpoint: str, *extra: str) -> list[str]:
@@ -128,7 +133,10 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
     def computing() -> dict[str, Any] | None:
         assert parent.poll() is None, cluster.log("run")
         fs.invalidate_cache()
-        leases = fs.glob(f"{s3_bucket}/runs/*/leases/*.json")
+        try:
+            leases = fs.glob(f"{s3_bucket}/runs/*/leases/*.json")
+        except FileNotFoundError:  # s3fs, while the parent has not written run.json yet
+            return None
         held = {p.rsplit("/", 1)[-1].split(".")[0] for p in leases}
         for run in cluster.flow_runs("explain-shard"):
             url = by_name.get(run["name"])
@@ -189,6 +197,18 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
         "opticam-report",
         "opticam-progress",
     } <= keys_found
+    # Every completed shard run logged its line to the API (images, rows, device, speed),
+    # and the parent its plan and summary, although the CLI's console showed neither.
+    for shard_run in completed:
+        lines = [m["message"] for m in _logs(cluster, flow_run_id=[shard_run["id"]])]
+        assert any(
+            re.search(rf": {PER_SHARD} images, {PER_SHARD * 2} rows, 0 error rows .*images/s", m)
+            for m in lines
+        ), (shard_run["name"], lines)
+    parent_lines = [m["message"] for m in _logs(cluster, flow_run_id=[dataset_run["id"]])]
+    assert any(f"{SHARDS} shards planned" in m for m in parent_lines), parent_lines
+    assert any(f"{SHARDS} shards processed" in m for m in parent_lines), parent_lines
+    assert "INFO" not in cluster.log("run")
     stored = json.dumps([r["parameters"] for r in cluster.flow_runs()])
     for secret in (PARENT_KEY, PARENT_SECRET, WORKER_KEY, WORKER_SECRET):
         assert secret not in stored
@@ -217,3 +237,118 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
     parents = cluster.flow_runs("explain-dataset")
     assert sorted(r["state_type"] for r in parents) == ["COMPLETED", "COMPLETED", "FAILED"]
     assert _most_running_at_once(cluster.flow_runs("explain-shard")) <= 2
+
+
+# --------------------------------------------------------------------------- logs, notify
+
+
+class _Hook(BaseHTTPRequestHandler):
+    """Records the bodies POSTed to it (the webhook a notification goes to)."""
+
+    received: list[tuple[str, bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server spelling
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).received.append((self.path, body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    received: list[tuple[str, bytes]] = []
+    handler = type("Hook", (_Hook,), {"received": received})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hooks/{HOOK_TOKEN}", received
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def _logs(cluster: Cluster, **ids: list[str]) -> list[dict[str, Any]]:
+    """INFO and higher logs of these flow runs or task runs, oldest first."""
+    body = {
+        "logs": {**{k: {"any_": v} for k, v in ids.items()}, "level": {"ge_": 20}},
+        "sort": "TIMESTAMP_ASC",
+        "limit": 200,
+    }
+    return list(cluster.post("/logs/filter", body))
+
+
+def _posts(received: list[tuple[str, bytes]], state: str) -> list[dict[str, Any]]:
+    bodies = [json.loads(body) for _, body in received]
+    return [b for b in bodies if b.get("state") == state]
+
+
+def test_a_cli_run_logs_to_the_ui_and_a_webhook_hears_how_jobs_end(
+    tmp_path: Path, webhook: tuple[str, list[tuple[str, bytes]]]
+) -> None:
+    from opticam.demo.generate import make_shards
+
+    url, received = webhook
+    with running_cluster(tmp_path / "cluster", {}) as cluster:
+        deployed = cluster.opticam("deploy", "--pool", POOL, "--notify", url)
+        assert deployed.returncode == 0, deployed.stderr
+        assert "saved webhook block 'opticam-notify' (host 127.0.0.1)" in deployed.stdout
+        assert "created automation 'opticam: post to a webhook" in deployed.stdout
+        assert HOOK_TOKEN not in deployed.stdout + deployed.stderr
+        again = cluster.opticam("deploy", "--pool", POOL, "--notify", url)
+        assert "updated automation 'opticam: post to a webhook" in again.stdout
+        bad = cluster.opticam("deploy", "--pool", POOL, "--notify", "ftp://example.org/x")
+        assert bad.returncode == 2 and "http:// or https://" in bad.stderr
+
+        # A job on this machine (executor local), its console as quiet as ever.
+        shards = make_shards(str(tmp_path / "data"), 2, 3, seed=5)
+        job = ["run", "--data", str(tmp_path / "data" / "demo-*.tar"), "--device", "cpu"]
+        job += ["--methods", "gradcam", "--no-insertion-deletion", "--output"]
+        done = cluster.opticam(*job, str(tmp_path / "runs"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "INFO" not in done.stderr
+        (parent,) = cluster.flow_runs("explain-dataset")
+        assert parent["state_type"] == "COMPLETED"
+
+        # Its logs reached the API: the plan and the summary of the flow run, and one
+        # line per shard task run with images, error rows, device, seconds and speed.
+        def parent_logs() -> list[str]:
+            messages = [m["message"] for m in _logs(cluster, flow_run_id=[parent["id"]])]
+            return messages if any("shards processed" in m for m in messages) else []
+
+        messages = wait_for("the parent's summary log", parent_logs, timeout=60)
+        assert any("2 shards planned, 0 already done, 2 to process" in m for m in messages)
+        assert any("2 shards processed, 0 skipped, 0 failed; 6 images" in m for m in messages)
+        tasks = cluster.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [parent["id"]]}}})
+        shard_tasks = {t["name"]: t["id"] for t in tasks if t["name"].startswith("shard ")}
+        assert sorted(shard_tasks) == sorted(f"shard {Path(s).name}" for s in shards)
+        for name, task_id in shard_tasks.items():
+            lines = [m["message"] for m in _logs(cluster, task_run_id=[task_id])]
+            assert any(
+                re.search(
+                    r": 3 images, 3 rows, 0 error rows in [\d.]+ s on cpu \([\d.]+ images/s\)", m
+                )
+                for m in lines
+            ), (name, lines)
+
+        # A job that fails (one shard is not a tar archive) ends Failed and is heard too.
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "demo-000000.tar").write_bytes(b"not a tar archive" * 50)
+        failed = cluster.opticam(
+            *job[:2], str(tmp_path / "bad" / "demo-*.tar"), *job[3:], str(tmp_path / "runs")
+        )
+        assert failed.returncode == 1, failed.stderr[-3000:]
+
+        def heard() -> bool:
+            return bool(_posts(received, "Completed")) and bool(_posts(received, "Failed"))
+
+        wait_for("the webhook posts", heard, timeout=120)
+    (completed,) = _posts(received, "Completed")
+    assert completed["flow_run"] == parent["name"] and completed["flow_run_id"] == parent["id"]
+    assert completed["text"].startswith(f"opticam: {parent['name']} Completed")
+    (failure,) = _posts(received, "Failed")
+    assert "1 of 1 shards failed" in failure["message"] and "Failed" in failure["text"]
+    assert {path for path, _ in received} == {f"/hooks/{HOOK_TOKEN}"}
