@@ -140,7 +140,8 @@ def _choices(field: FieldInfo, annotation: Any) -> list[Any] | None:
         return list(typing.get_args(annotation))
     extra = field.json_schema_extra
     enum = extra.get("enum") if isinstance(extra, dict) else None
-    return list(enum) if isinstance(enum, list) else None
+    # An optional field's enum lists None too; a flag's value is never None.
+    return [v for v in enum if v is not None] if isinstance(enum, list) else None
 
 
 # What a default means where the field's own default does not say it.
@@ -405,11 +406,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "note: --storage-option/--s3-endpoint apply to this command only; shard runs "
                 "read storage with their worker's environment (AWS_* variables, a role)\n"
             )
-    from opticam_flows.explain import explain_dataset, progress_listener
-
     from opticam.lifeline import supervised
     from opticam.progress import RunProgress
     from opticam.report import format_table
+    from opticam_flows.explain import explain_dataset, progress_listener
 
     progress = RunProgress()
     # SIGTERM or SIGINT stops Prefect's temporary server and anything else the run
@@ -487,7 +487,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import fsspec
     import torch
 
-    from opticam.data import Preprocess, decode_image
+    from opticam.data import decode_image
     from opticam.methods import get_explainer
     from opticam.models import load_model
     from opticam.pipeline import resolve_device
@@ -519,7 +519,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             explainers[method] = get_explainer(method, loaded, **given)
         except ValueError as err:
             raise CLIError(str(err)) from err
-    preprocess = Preprocess(loaded.input_size, loaded.resize_size)
+    preprocess = loaded.preprocess()
     images = torch.stack([preprocess(p, [])[0] for p in pictures]).to(device)
     with torch.no_grad():
         probs = torch.softmax(loaded.model(images).float(), dim=1)

@@ -47,6 +47,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from opticam.names import (
+    INTERPOLATIONS,
     KNOWN_METHODS,
     LR_DECAYS,
     METHODS,
@@ -54,6 +55,7 @@ from opticam.names import (
     OBJECTIVES,
     OPTICAM_PRESETS,
     OPTICAM_SCHEDULE,
+    RESIZE_MODES,
     SCORES,
     STARTS,
     resolve_opticam_preset,
@@ -83,8 +85,17 @@ _POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _SLUG_RE = re.compile(r"[^a-z0-9]+")
 _SOURCE_RE = re.compile(
-    r"^(demo|torchvision:[A-Za-z0-9_]+(:[A-Za-z0-9_.]+)?|factory:[A-Za-z0-9_.]+:[A-Za-z0-9_]+)$"
+    r"^(demo"
+    r"|torchvision:[A-Za-z0-9_]+(:[A-Za-z0-9_.]+)?"
+    r"|factory:[A-Za-z0-9_.]+:[A-Za-z0-9_]+"
+    # timm:NAME, timm:NAME.TAG or timm:NAME:TAG (one tag at most)
+    r"|timm:[A-Za-z0-9_]+([.:][A-Za-z0-9_-]+)?"
+    # hf:ORG/NAME (a Hub model id) or hf:FOLDER (a local save_pretrained folder)
+    r"|hf:\S+)$"
 )
+#: ModelSpec fields added after run ids existed: left out of the run id while unset, so
+#: that jobs from before them keep their run id.
+_LATER_MODEL_FIELDS = ("interpolation", "resize_mode")
 
 
 def normalize_url(url: str) -> str:
@@ -126,15 +137,21 @@ class ModelSpec(BaseModel):
     """What classifier to explain, and how (see :func:`opticam.models.load_model`).
 
     Sources: ``"demo"`` (the bundled demo classifier), ``"torchvision:NAME[:WEIGHTS]"``
-    (e.g. ``"torchvision:resnet50:IMAGENET1K_V2"``) or ``"factory:package.module:function"``
-    (``function()`` returns an ``nn.Module``). Each field's description says the rest.
+    (e.g. ``"torchvision:resnet50:IMAGENET1K_V2"``), ``"factory:package.module:function"``
+    (``function()`` returns an ``nn.Module``), ``"timm:NAME[:TAG]"`` (a timm model, e.g.
+    ``"timm:resnet50:a1_in1k"`` or ``"timm:resnet50.a1_in1k"``; needs ``opticam[timm]``)
+    or ``"hf:ORG/NAME"`` / ``"hf:FOLDER"`` (a Hugging Face transformers image classifier
+    from the Hub or a ``save_pretrained`` folder; needs ``opticam[hf]``). timm and hf
+    models bring their own preprocessing (mean, std, sizes, interpolation, resize mode);
+    the fields here override it. Each field's description says the rest.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str = Field(
         default="demo",
-        description="the classifier: demo | torchvision:NAME[:WEIGHTS] | factory:pkg.mod:fn",
+        description="the classifier: demo | torchvision:NAME[:WEIGHTS] | factory:pkg.mod:fn "
+        "| timm:NAME[:TAG] | hf:ORG/NAME | hf:FOLDER",
     )
     checkpoint: str | None = Field(
         default=None, description="state_dict to load, at any fsspec URL (local, s3://, ...)"
@@ -153,7 +170,21 @@ class ModelSpec(BaseModel):
     )
     resize_size: int | None = Field(
         default=None,
-        description="shorter side before the centre crop (default per family: 256, demo 128)",
+        description="shorter side before the centre crop, or the squashed side (default "
+        "per family: 256, demo 128, timm input/crop_pct)",
+    )
+    interpolation: str | None = Field(
+        default=None,
+        description="resampling filter of the resize (default per family: bilinear; timm "
+        "and hf: the model's own)",
+        # None is in the enum: Prefect's server checks flow parameters against this schema.
+        json_schema_extra={"enum": [*INTERPOLATIONS, None]},
+    )
+    resize_mode: str | None = Field(
+        default=None,
+        description="shorter: keep the aspect ratio; squash: resize to resize_size square "
+        "(default per family: shorter; timm and hf: the model's own)",
+        json_schema_extra={"enum": [*RESIZE_MODES, None]},
     )
     num_classes: int | None = Field(
         default=None, description="number of logits (default: from the weights or a forward pass)"
@@ -179,9 +210,27 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"unknown model source {value!r} (accepted: 'demo', "
                 "'torchvision:NAME[:WEIGHTS]' e.g. 'torchvision:resnet50:IMAGENET1K_V2', "
-                "'factory:package.module:function')"
+                "'factory:package.module:function', 'timm:NAME[:TAG]' e.g. "
+                "'timm:resnet50:a1_in1k', 'hf:ORG/NAME' e.g. 'hf:google/vit-base-patch16-224' "
+                "or 'hf:<local folder>')"
             )
         return value
+
+    @field_validator("interpolation", "resize_mode")
+    @classmethod
+    def _check_preprocess_choice(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        known = INTERPOLATIONS if info.field_name == "interpolation" else RESIZE_MODES
+        return _one_of(value, known, str(info.field_name).replace("_", " "))
+
+    def job_dict(self) -> dict[str, Any]:
+        """The spec as JSON values for the run id: later fields only when set."""
+        data = self.model_dump(mode="json")
+        for name in _LATER_MODEL_FIELDS:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
     @field_validator("input_size", "resize_size", "num_classes")
     @classmethod
@@ -630,7 +679,7 @@ class RunConfig(BaseModel):
         data = [normalize_url(u) for u in self.data_urls()]
         return {
             "data": data[0] if isinstance(self.data, str) else sorted(data),
-            "model": self.model.model_dump(mode="json"),
+            "model": self.model.job_dict(),
             # Sorted: the same methods in another order compute the same rows.
             "methods": sorted(
                 ({"name": m.name, "options": m.explicit_options()} for m in self.methods),
@@ -659,7 +708,12 @@ class RunConfig(BaseModel):
         parts = [p for p in re.split(r"[/\\]", first) if p and not p.endswith(":")]
         dataset = parts[-2] if len(parts) >= 2 else (parts[-1] if parts else "data")
         source = self.model.source
-        model = source.split(":")[1] if source.startswith("torchvision:") else source.split(":")[-1]
+        if source.startswith(("torchvision:", "timm:")):
+            model = source.split(":")[1]
+        elif source.startswith("hf:"):
+            model = source[len("hf:") :].rstrip("/\\").rsplit("/", 1)[-1]
+        else:
+            model = source.split(":")[-1]
         slug = _SLUG_RE.sub("-", f"{dataset}-{model}".lower()).strip("-")
         return slug[:40].strip("-") or "run"
 

@@ -14,16 +14,28 @@ Sources (``ModelSpec.source``):
   ``checkpoint=`` a state_dict at any fsspec URL.
 - ``"factory:package.module:function"``: ``function()`` returns an ``nn.Module``; a
   ``checkpoint`` is loaded into it when given.
+- ``"timm:NAME[:TAG]"`` (or ``NAME.TAG``): a timm model, pretrained weights through timm
+  (cached, or downloaded where a network exists) or ``checkpoint=`` a state_dict; needs
+  ``pip install 'opticam[timm]'``.
+- ``"hf:ORG/NAME"`` or ``"hf:FOLDER"``: a Hugging Face transformers image classifier from
+  the Hub or a ``save_pretrained`` folder (model and image processor), never with remote
+  code; needs ``pip install 'opticam[hf]'``.
+
+timm and hf models bring their preprocessing (mean, std, input size, resize, interpolation,
+resize mode; :mod:`opticam.zoo` says how it is read and checked), carried by
+:class:`LoadedModel` to every place that builds a :class:`~opticam.data.Preprocess`
+(:meth:`LoadedModel.preprocess`); spec fields override it.
 
 Target layers are dotted module names relative to the unwrapped model (``"layer4"``,
-``"features.42"``); names relative to the wrapper (``"model.layer4"``) are accepted too.
+``"features.42"``); names relative to the wrappers (``"model.layer4"``) are accepted too.
 Defaults per family (see :func:`default_target_layer`): ResNet/ResNeXt/Wide-ResNet
 ``layer4``; VGG the ReLU before the last max-pool of ``features``; DenseNet ``features``
 (ends in norm5; DenseNet applies its ReLU after it, and so do ReLU'd features); MobileNet
 V2/V3, EfficientNet and ConvNeXt the last block of ``features``; ViT the first norm
 (``ln_1``) of the last encoder block, whose tokens are reshaped to their grid (as
 pytorch-grad-cam's ViT tutorial does with timm's ``blocks[-1].norm1``); Swin the first
-norm of its last block, channels-last maps moved to (B,C,h,w).
+norm of its last block, channels-last maps moved to (B,C,h,w). timm and Hugging Face
+families: see :func:`opticam.zoo.family_layer`.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.error import URLError
 
 import fsspec
@@ -43,12 +55,17 @@ from torch import Tensor, nn
 
 from opticam.config import ModelSpec
 from opticam.errors import UserError
+from opticam.zoo import HFClassifier, MissingPackageError
+
+if TYPE_CHECKING:
+    from opticam.data import Preprocess
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CheckpointError",
     "LoadedModel",
+    "MissingPackageError",
     "ModelSpec",
     "Normalized",
     "ResolvedLayer",
@@ -118,11 +135,15 @@ class LoadedModel:
         target_layer: the CAM target layer (a submodule of ``model``).
         target_layer_name: its dotted name relative to :func:`unwrap` (``model``).
         input_size: (H, W) of the model input.
-        resize_size: shorter side before the centre crop.
+        resize_size: shorter side before the centre crop (``resize_mode="shorter"``), or
+            the side of the square the image is squashed to (``"squash"``).
         num_classes: number of logits.
         reshape_transform: maps the layer's output to (B,C,h,w) (ViT tokens), or None.
         relu_features: whether Opti-CAM ReLUs the target layer's features.
         name: the source, e.g. ``"demo"`` or ``"torchvision:resnet50:IMAGENET1K_V2"``.
+        interpolation: resampling filter of the resize (:data:`opticam.names.INTERPOLATIONS`).
+        resize_mode: ``"shorter"`` or ``"squash"`` (:data:`opticam.names.RESIZE_MODES`).
+        crop_rounding: ``"round"`` (torchvision, timm) or ``"floor"`` (Hugging Face).
     """
 
     model: nn.Module
@@ -134,6 +155,30 @@ class LoadedModel:
     reshape_transform: Callable[[Tensor], Tensor] | None
     relu_features: bool
     name: str
+    interpolation: str = "bilinear"
+    resize_mode: str = "shorter"
+    crop_rounding: str = "round"
+
+    def preprocess(self) -> Preprocess:
+        """The :class:`~opticam.data.Preprocess` that makes this model's inputs."""
+        from opticam.data import Preprocess
+
+        return Preprocess(
+            self.input_size,
+            self.resize_size,
+            interpolation=self.interpolation,
+            resize_mode=self.resize_mode,
+            crop_rounding=self.crop_rounding,
+        )
+
+    def preprocess_settings(self) -> dict[str, Any]:
+        """What a shard status records so that readers rebuild :meth:`preprocess`."""
+        return {
+            "resize_size": self.resize_size,
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+            "crop_rounding": self.crop_rounding,
+        }
 
 
 @dataclass
@@ -173,41 +218,74 @@ def channels_last_reshape_transform(features: Tensor) -> Tensor:
     return features.permute(0, 3, 1, 2)
 
 
+def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model`` and the modules inside its wrappers, outermost first.
+
+    Wrappers: :class:`Normalized` and :class:`opticam.zoo.HFClassifier` (both hold the
+    wrapped module as ``.model``).
+    """
+    chain = [model]
+    while isinstance(chain[-1], Normalized | HFClassifier):
+        chain.append(chain[-1].model)
+    return chain
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The classifier inside a :class:`Normalized` wrapper (or ``model`` itself)."""
-    return model.model if isinstance(model, Normalized) else model
+    """The classifier inside the :class:`Normalized` / ``HFClassifier`` wrappers (or ``model``)."""
+    return _wrapper_chain(model)[-1]
+
+
+_FEATURE_LAYERS = (nn.Conv2d, nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+
+
+def _holds_features(module: nn.Module) -> bool:
+    return any(isinstance(m, _FEATURE_LAYERS) for m in module.modules())
 
 
 def layer_candidates(model: nn.Module, limit: int = 40) -> list[str]:
-    """Module names worth suggesting as target layers: top-level and second-level ones.
+    """Module names worth suggesting as target layers, relative to :func:`unwrap`.
 
-    Second-level names come from children that hold a convolution, where CAM layers live.
+    The top-level children, then the path to the output: at each level the children of
+    the last child that holds a convolution or a norm layer (where CAM layers live), down
+    to the leaves, e.g. ``resnet.encoder.stages.3`` in a Hugging Face ResNet or
+    ``blocks.11.norm1`` in a timm ViT. When there are more than ``limit``, the top-level
+    names and the deepest ones are kept.
     """
     inner = unwrap(model)
-    names: list[str] = []
-    for name, child in inner.named_children():
-        names.append(name)
-        if _has_conv(child):
-            names.extend(f"{name}.{sub}" for sub, _ in child.named_children())
-    return names[:limit]
+    top = [name for name, _ in inner.named_children()]
+    deeper: list[str] = []
+    prefix, module = "", inner
+    while True:
+        holders = [(n, c) for n, c in module.named_children() if _holds_features(c)]
+        holders = [(n, c) for n, c in holders if any(True for _ in c.children())]
+        if not holders:
+            break
+        name, module = holders[-1]
+        prefix = f"{prefix}{name}."
+        deeper.extend(f"{prefix}{child}" for child, _ in module.named_children())
+    room = max(limit - len(top), 0)
+    names = top[:limit] + (deeper[-room:] if room else [])
+    return list(dict.fromkeys(names))
 
 
 def find_layer(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """Resolve a dotted module name to ``(module, name relative to the unwrapped model)``.
 
-    Names are looked up in the unwrapped classifier first (``"layer4"``), then in
-    ``model`` itself (``"model.layer4"`` for a :class:`Normalized` wrapper).
+    Names are looked up in the unwrapped classifier first (``"layer4"``), then relative
+    to each wrapper around it (``"model.layer4"`` for a :class:`Normalized` wrapper,
+    ``"model.model.vit..."`` for a normalized Hugging Face model).
 
     Raises:
         ValueError: no such module; the message lists candidate names.
     """
-    inner = unwrap(model)
+    chain = _wrapper_chain(model)
+    inner = chain[-1]
     try:
         return inner.get_submodule(name), name
     except AttributeError:
         pass
-    if inner is not model:
-        prefix = "model."
+    for depth in range(1, len(chain)):
+        prefix = "model." * depth
         if name.startswith(prefix):
             try:
                 return inner.get_submodule(name[len(prefix) :]), name[len(prefix) :]
@@ -223,7 +301,8 @@ def find_layer(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def default_target_layer(model: nn.Module) -> str:
     """The default CAM target layer of a classifier, as a dotted name (see module doc).
 
-    Known torchvision families get the layers used in the literature; a module with a
+    Known torchvision, timm and Hugging Face families get the layers used in the
+    literature (timm and Hugging Face: :func:`opticam.zoo.family_layer`); a module with a
     ``default_target_layer`` string attribute names its own; any other model gets the last
     top-level child that holds a convolution and no pooling/linear head.
 
@@ -236,6 +315,9 @@ def default_target_layer(model: nn.Module) -> str:
     declared = getattr(inner, "default_target_layer", None)
     if isinstance(declared, str):
         return declared
+    family = _zoo_family(inner)
+    if family is not None:
+        return family.name
     if isinstance(inner, tvm.ResNet):
         return "layer4"
     if isinstance(inner, tvm.VGG):
@@ -277,14 +359,22 @@ def resolve_target_layer(
     """Resolve a target layer by name (or the family default) with its feature reading.
 
     Transformers get a reshape and ``relu_features=False`` unless told otherwise (ViT:
-    :func:`vit_reshape_transform`; Swin: :func:`channels_last_reshape_transform`); every
-    other model gets no reshape and ``relu_features=True``.
+    :func:`vit_reshape_transform`; Swin: :func:`channels_last_reshape_transform`; timm
+    and Hugging Face families: :func:`opticam.zoo.family_layer`, whose reading applies to
+    any layer of the model); every other model gets no reshape and ``relu_features=True``.
     """
     import torchvision.models as tvm
 
     layer_name = name if name is not None else default_target_layer(model)
     module, layer_name = find_layer(model, layer_name)
     inner = unwrap(model)
+    family = _zoo_family(inner)
+    if family is not None:
+        if reshape_transform is None:
+            reshape_transform = family.reshape_transform
+        if relu_features is None:
+            relu_features = family.relu_features
+        return ResolvedLayer(module, layer_name, reshape_transform, relu_features)
     transformer = isinstance(inner, tvm.VisionTransformer | tvm.SwinTransformer)
     if reshape_transform is None and isinstance(inner, tvm.VisionTransformer):
         reshape_transform = vit_reshape_transform
@@ -293,6 +383,15 @@ def resolve_target_layer(
     if relu_features is None:
         relu_features = not transformer
     return ResolvedLayer(module, layer_name, reshape_transform, relu_features)
+
+
+def _zoo_family(inner: nn.Module) -> Any:
+    """:func:`opticam.zoo.family_layer` for timm / transformers models, else None."""
+    if not type(inner).__module__.startswith(("timm.", "transformers.")):
+        return None
+    from opticam.zoo import family_layer
+
+    return family_layer(inner)
 
 
 def load_checkpoint(
@@ -361,8 +460,10 @@ def load_model(
             spec so that credentials never land in a run description).
 
     Raises:
-        WeightsUnavailableError: torchvision weights not cached and not downloadable.
+        WeightsUnavailableError: torchvision, timm or Hugging Face weights not cached and
+            not downloadable.
         CheckpointError: the checkpoint cannot be read or does not fit.
+        MissingPackageError: a timm or hf source without its package installed.
         ValueError: bad source, weights name, or target layer.
     """
     kind, _, rest = spec.source.partition(":")
@@ -372,6 +473,7 @@ def load_model(
     input_size: int | None = spec.input_size
     resize_size: int | None = spec.resize_size
     default_layer: str | None = None
+    interpolation, resize_mode, crop_rounding = "bilinear", "shorter", "round"
 
     if kind == "demo":
         import opticam.demo as demo
@@ -395,6 +497,22 @@ def load_model(
         resize_size = resize_size or meta.get("resize_size") or _IMAGENET_RESIZE_SIZE
         if mean is None:
             mean, std = IMAGENET_MEAN, std or IMAGENET_STD
+    elif kind in ("timm", "hf"):
+        import opticam.zoo as zoo
+
+        def load_state(module: nn.Module) -> None:
+            _load_state(module, spec, storage_options)
+
+        built = (zoo.load_timm if kind == "timm" else zoo.load_hf)(rest, spec, load_state)
+        net = built.net
+        net_classes = built.num_classes or num_classes
+        # Each setting the spec leaves open is the zoo's own.
+        mean = mean if mean is not None else built.mean
+        std = std if std is not None else built.std
+        input_size = input_size or built.input_size
+        resize_size = resize_size or built.resize_for(input_size)
+        interpolation, resize_mode = built.interpolation, built.resize_mode
+        crop_rounding = built.crop_rounding
     else:  # factory, validated by ModelSpec
         net = _call_factory(rest)
         if spec.checkpoint is not None:
@@ -431,6 +549,9 @@ def load_model(
         reshape_transform=layer.reshape_transform,
         relu_features=layer.relu_features,
         name=spec.source,
+        interpolation=spec.interpolation or interpolation,
+        resize_mode=spec.resize_mode or resize_mode,
+        crop_rounding=crop_rounding,
     )
 
 

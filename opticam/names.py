@@ -14,6 +14,8 @@ config can be validated anywhere, e.g. in the process that renders a Prefect UI 
 - :data:`STAGES`: every value of the errors table's ``stage`` column, with its meaning.
 - :data:`MAP_FORMATS`: how a map is stored (the ``map_format`` config field, CLI flag
   and Parquet column).
+- :data:`INTERPOLATIONS`, :data:`RESIZE_MODES`, :data:`CROP_ROUNDINGS`: how images are
+  resized and cropped to the model input (:class:`opticam.data.Preprocess`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "CROP_ROUNDINGS",
     "ERROR_STAGES",
+    "INTERPOLATIONS",
     "KNOWN_METHODS",
     "LOCALIZATION_COLUMNS",
     "MAP_FORMATS",
@@ -34,6 +38,7 @@ __all__ = [
     "OBJECTIVES",
     "OPTICAM_PRESETS",
     "OPTICAM_SCHEDULE",
+    "RESIZE_MODES",
     "SCORES",
     "STARTS",
     "STAGES",
@@ -158,6 +163,20 @@ def resolve_opticam_preset(preset: str, options: dict[str, object]) -> dict[str,
 
 #: How maps are stored: the low-resolution map rebuilt by up + n, or an 8-bit PNG.
 MAP_FORMATS: tuple[str, ...] = ("lowres", "full_png")
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+#: Resampling filters of the resize to the model input (PIL's, by torchvision's names).
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
+#: Resizes: ``shorter`` keeps the aspect ratio (shorter side to ``resize_size``, as
+#: torchvision's presets and timm's default crop mode do), ``squash`` resizes to exactly
+#: ``resize_size`` x ``resize_size`` (timm's ``crop_mode="squash"``, Hugging Face's
+#: ``size={"height", "width"}``); both then centre-crop the input size.
+RESIZE_MODES: tuple[str, ...] = ("shorter", "squash")
+#: Where a centre crop with an odd margin starts: ``round`` half to even (torchvision,
+#: timm) or ``floor`` (Hugging Face image processors).
+CROP_ROUNDINGS: tuple[str, ...] = ("round", "floor")
 
 
 # --------------------------------------------------------------------------- metrics

@@ -320,6 +320,8 @@ SAMPLES: dict[tuple[str, str], tuple[list[str], Any]] = {
     ("model", "target_layer"): (["layer3"], "layer3"),
     ("model", "input_size"): (["160"], 160),
     ("model", "resize_size"): (["180"], 180),
+    ("model", "interpolation"): (["bicubic"], "bicubic"),
+    ("model", "resize_mode"): (["squash"], "squash"),
     ("model", "num_classes"): (["7"], 7),
     ("model", "mean"): (["0.1", "0.2", "0.3"], (0.1, 0.2, 0.3)),
     ("model", "std"): (["0.4", "0.5", "0.6"], (0.4, 0.5, 0.6)),

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID, uuid4
 
-import opticam_flows.cluster as cluster
 import pytest
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running
 
+import opticam_flows.cluster as cluster
 from opticam import store as real_store
 from opticam.config import RunConfig
 from opticam.errors import ConfigError

@@ -13,6 +13,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 from opticam.data import Preprocess
+from opticam.names import CROP_ROUNDINGS, INTERPOLATIONS, RESIZE_MODES
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -126,14 +127,22 @@ def test_invalid_sizes_are_refused(bad: object) -> None:
 
 
 def check_drawn_box(
-    width: int, height: int, size: int, resize_size: int, box: tuple[int, int, int, int]
+    width: int,
+    height: int,
+    size: int,
+    resize_size: int,
+    box: tuple[int, int, int, int],
+    resize_mode: str = "shorter",
+    crop_rounding: str = "round",
 ) -> bool:
     """Draw ``box`` filled red on blue, preprocess, and check where the red lands.
 
     Returns whether the sub-pixel (mass and centroid) checks applied.
     """
     x0, y0, x1, y1 = box
-    preprocess = Preprocess(size, resize_size=resize_size)
+    preprocess = Preprocess(
+        size, resize_size=resize_size, resize_mode=resize_mode, crop_rounding=crop_rounding
+    )
     geometry = preprocess.geometry(width, height)
 
     image = Image.new("RGB", (width, height), (0, 0, 255))
@@ -247,3 +256,74 @@ def test_drawn_box_centroid_is_subpixel_exact(case: BoxCase) -> None:
     x0, y0, x1, y1 = case[4]
     assume(x1 - x0 >= 4 and y1 - y0 >= 4)
     assume(check_drawn_box(*case))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    box_cases(min_side=8, min_crop=8, resize_factors=(0.6, 2.0), box_fractions=(0.0, 1.0)),
+    st.sampled_from(RESIZE_MODES),
+    st.sampled_from(CROP_ROUNDINGS),
+)
+def test_drawn_box_follows_squash_and_floor_crops(
+    case: BoxCase, resize_mode: str, crop_rounding: str
+) -> None:
+    """The same geometry checks with a non-uniform resize (squash) and floored crops."""
+    x0, y0, x1, y1 = case[4]
+    assume(x1 - x0 >= 1 and y1 - y0 >= 1)
+    check_drawn_box(*case, resize_mode=resize_mode, crop_rounding=crop_rounding)
+
+
+# --------------------------------------------------------------------------- zoo settings
+
+
+def test_squash_geometry_and_pixels() -> None:
+    # 200x100 squashed to 80x80 (x scale 0.4, y scale 0.8), centre 64 at (8, 8).
+    preprocess = Preprocess(64, 80, resize_mode="squash")
+    geometry = preprocess.geometry(200, 100)
+    assert geometry.resized == (80, 80) and geometry.offset == (8, 8)
+    image = random_image(200, 100, seed=9)
+    ours, boxes = preprocess(image, [(50, 10, 150, 90)])
+    assert torch.allclose(boxes, torch.tensor([[50 * 0.4 - 8, 0.0, 150 * 0.4 - 8, 64.0]]))
+    squashed = TF.resize(image, [80, 80], InterpolationMode.BILINEAR, antialias=True)
+    assert torch.equal(ours, TF.pil_to_tensor(TF.center_crop(squashed, [64, 64])).float() / 255)
+    # (height, width) squash targets; the default is the crop size (no margin).
+    assert Preprocess((24, 40), (30, 50), resize_mode="squash").geometry(7, 9).resized == (50, 30)
+    assert Preprocess(32, resize_mode="squash").resize_size == (32, 32)
+
+
+@pytest.mark.parametrize(("extent", "floor_start"), [(65, 0), (66, 1), (67, 1), (71, 3)])
+def test_floor_crop_rounding(extent: int, floor_start: int) -> None:
+    # Hugging Face floors the margin: 3 -> 1 where torchvision rounds half to even to 2.
+    preprocess = Preprocess(64, 64, crop_rounding="floor")
+    assert preprocess.geometry(extent, 64).offset == (floor_start, 0)
+    assert preprocess.geometry(64, extent).offset == (0, floor_start)
+    image = random_image(extent, 64, seed=extent)
+    ours, _ = preprocess(image)
+    expected = image.crop((floor_start, 0, floor_start + 64, 64))
+    assert torch.equal(ours, TF.pil_to_tensor(expected).float() / 255)
+    # Padding (crop larger than the image) is the same either way.
+    assert Preprocess(32, 20, crop_rounding="floor").geometry(30, 20).offset == (-1, -6)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_interpolation_pixels_equal_torchvision(interpolation: str) -> None:
+    image = random_image(150, 97, seed=4)
+    ours, _ = Preprocess(40, 48, interpolation=interpolation)(image)
+    resized = TF.resize(image, [48], InterpolationMode(interpolation), antialias=True)
+    assert torch.equal(ours, TF.pil_to_tensor(TF.center_crop(resized, [40, 40])).float() / 255)
+
+
+def test_bad_settings_are_refused_and_settings_compare() -> None:
+    with pytest.raises(ValueError, match=r"unknown interpolation 'cubic' \(known: bilinear"):
+        Preprocess(8, interpolation="cubic")
+    with pytest.raises(ValueError, match="unknown resize_mode 'stretch'"):
+        Preprocess(8, resize_mode="stretch")
+    with pytest.raises(ValueError, match="unknown crop_rounding 'ceil'"):
+        Preprocess(8, crop_rounding="ceil")
+    with pytest.raises(ValueError, match="resize_size must be a positive int"):
+        Preprocess(8, (8, 8))  # a pair only for squash
+    plain = Preprocess(8, 10)
+    assert plain == Preprocess(8, 10) and repr(plain) == "Preprocess(size=(8, 8), resize_size=10)"
+    bicubic = Preprocess(8, 10, interpolation="bicubic")
+    assert bicubic != plain and hash(bicubic) != hash(plain)
+    assert "interpolation='bicubic'" in repr(bicubic)

@@ -207,6 +207,38 @@ def test_prefect_yaml_has_no_build_push_or_pull_steps() -> None:
             assert not deployment.get(key), (deployment["name"], key)
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        {},
+        {"source": "timm:resnet18", "interpolation": "bicubic", "resize_mode": "squash"},
+        {"source": "hf:org/name", "input_size": 64, "mean": [0.5, 0.5, 0.5], "relu_features": True},
+    ],
+    ids=["defaults", "timm", "hf"],
+)
+def test_shard_run_parameters_pass_the_server_schema(model: dict[str, Any]) -> None:
+    """What the parent submits per shard (every config field, unset ones included)."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    from opticam.config import RunConfig
+    from opticam_flows.cluster import child_config
+    from opticam_flows.explain import explain_dataset, explain_shard
+
+    config = RunConfig(
+        data="s3://bucket/ds/shard-000000.tar",
+        output="s3://bucket/runs",
+        executor="deployments",
+        pool="gpu",
+        model=model,
+        methods=["opticam", {"name": "gradcam"}],
+    )
+    parameters = {"config": child_config(config), "shard_url": "s3://bucket/ds/shard-000000.tar"}
+    validate(parameters, _openapi_schema(explain_shard), raise_on_error=True)
+    validate(
+        {"config": parameters["config"]}, _openapi_schema(explain_dataset), raise_on_error=True
+    )
+
+
 def test_deployment_parameters_pass_the_flow_and_the_server() -> None:
     from prefect.utilities.schema_tools.validation import validate
 
@@ -548,9 +580,7 @@ for entrypoint in sorted(entrypoints):
 """
 
 
-def test_the_installed_package_has_no_top_level_flows_and_runs(
-    wheel: Path, tmp_path: Path
-) -> None:
+def test_the_installed_package_has_no_top_level_flows_and_runs(wheel: Path, tmp_path: Path) -> None:
     """``pip install`` of the wheel: only opticam and opticam_flows, and both work."""
     target = tmp_path / "site"
     install = subprocess.run(

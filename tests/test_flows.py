@@ -378,6 +378,7 @@ def test_transient_error_classification(exc: BaseException, transient: bool) -> 
 
 def test_botocore_errors_are_transient() -> None:
     from botocore.exceptions import EndpointConnectionError
+
     from opticam_flows.explain import is_transient_error
 
     assert is_transient_error(EndpointConnectionError(endpoint_url="http://x"))

@@ -24,6 +24,7 @@ from PIL import Image
 
 from opticam import store
 from opticam.config import RunConfig
+from opticam.data import Preprocess, ShardReader
 from opticam.data.writer import ShardWriter
 from opticam.report import (
     SUMMARY_SCHEMA,
@@ -32,7 +33,7 @@ from opticam.report import (
     summarize,
     summary_markdown,
 )
-from opticam.report.build import _mean_curve, _resize_size
+from opticam.report.build import _mean_curve, _preprocess_options, _resize_size
 from opticam.report.colors import colorize, overlay
 from opticam.report.gallery import Gallery, GalleryItem, build_gallery, choose_gallery_images
 from opticam.report.page import Figure, PageContent, redact, render_index
@@ -524,6 +525,47 @@ def test_gallery_reads_inputs_and_maps(full_run) -> None:
     assert any("resize size" in note for note in guessed.notes)
     # 0 -> no gallery, nothing read.
     assert build_gallery(run, table, list(METHODS), size=0).png is None
+
+
+def test_gallery_preprocesses_inputs_like_the_run(full_run) -> None:
+    # A timm / Hugging Face model's settings (from the shard statuses) reach the gallery.
+    run, _ = full_run
+    table = store.read_rows(run)
+    options = {"interpolation": "bicubic", "resize_mode": "squash", "crop_rounding": "floor"}
+    gallery = build_gallery(
+        run, table, list(METHODS), size=3, resize_size=INPUT + 5, preprocess_options=options
+    )
+    preprocess = Preprocess(INPUT, INPUT + 5, **options)
+    samples = {
+        sample.key: sample
+        for shard in {item.shard for item in gallery.items}
+        for sample in ShardReader(shard, require_label=False)
+    }
+    plain = Preprocess(INPUT, INPUT + 5)
+    assert len(gallery.items) == 3
+    for item in gallery.items:
+        sample = samples[item.key]
+        image, boxes = preprocess(sample.image, sample.boxes)
+        np.testing.assert_array_equal(item.image, image.permute(1, 2, 0).numpy())
+        np.testing.assert_array_equal(item.boxes, boxes.numpy().reshape(-1, 4))
+        assert not np.array_equal(item.image, plain(sample.image)[0].permute(1, 2, 0).numpy())
+
+
+def test_preprocess_options_sources() -> None:
+    defaults = {"interpolation": "bilinear", "resize_mode": "shorter", "crop_rounding": "round"}
+    assert _preprocess_options(None, []) == defaults
+    # Statuses from before the settings were recorded: the spec, then the old behaviour.
+    old = [{"name": "a", "resize_size": 256}]
+    assert _preprocess_options({"config": {"model": {"source": "demo"}}}, old) == defaults
+    spec = {"config": {"model": {"source": "f:a:b", "interpolation": "box", "resize_mode": None}}}
+    assert _preprocess_options(spec, old) == {**defaults, "interpolation": "box"}
+    recorded = [{**old[0], "interpolation": "bicubic", "resize_mode": "squash"}]
+    recorded[0]["crop_rounding"] = "floor"
+    assert _preprocess_options(spec, recorded) == {
+        "interpolation": "bicubic",
+        "resize_mode": "squash",
+        "crop_rounding": "floor",
+    }
 
 
 def test_gallery_draws_maps_with_the_report_colour_map() -> None:

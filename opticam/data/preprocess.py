@@ -1,13 +1,23 @@
-"""Resize and centre-crop images the way torchvision's classification presets do.
+"""Resize and centre-crop images the way the model zoos' evaluation transforms do.
 
-The pixels are exactly those of ``torchvision.transforms._presets.ImageClassification``
-applied to a PIL image (what torchvision's reference evaluation does), minus the
-normalization, which lives inside opticam's models: the shorter side is
-resized to ``resize_size`` with bilinear interpolation (antialiased), then the
-centre ``size`` is cropped and the result is scaled to ``[0, 1]``.
+By default the pixels are exactly those of
+``torchvision.transforms._presets.ImageClassification`` applied to a PIL image (what
+torchvision's reference evaluation does), minus the normalization, which lives inside
+opticam's models: the shorter side is resized to ``resize_size`` with bilinear
+interpolation (antialiased), then the centre ``size`` is cropped and the result is scaled
+to ``[0, 1]``. Three settings cover the other zoos (values in :mod:`opticam.names`):
+
+- ``interpolation``: PIL's filter (``bilinear``, ``bicubic``, ``nearest``, ...); timm's
+  models mostly use ``bicubic``, Hugging Face's ViT ``bilinear``.
+- ``resize_mode``: ``shorter`` (above) or ``squash``: resize to exactly ``resize_size``
+  (an int for a square, or ``(height, width)``) ignoring the aspect ratio, as timm's
+  ``crop_mode="squash"`` and Hugging Face's ``size={"height", "width"}`` do.
+- ``crop_rounding``: where a crop with an odd margin ``m`` starts: ``round(m / 2)``
+  half to even (``round``: torchvision, timm) or ``floor(m / 2)`` (``floor``: Hugging
+  Face's image processors). They differ by one pixel when ``m = 3 (mod 4)``.
 
 Boxes follow the same geometry. With the image ``W x H`` resized to
-``W' x H'`` and the crop starting at ``(left, top)``:
+``W' x H'`` (in both modes) and the crop starting at ``(left, top)``:
 
     x' = x * W' / W - left,    y' = y * H' / H - top,
 
@@ -26,6 +36,7 @@ from torchvision.transforms import InterpolationMode
 
 from opticam.data.images import to_rgb
 from opticam.data.types import Box
+from opticam.names import CROP_ROUNDINGS, INTERPOLATIONS, RESIZE_MODES
 
 __all__ = ["Geometry", "Preprocess"]
 
@@ -35,7 +46,7 @@ class Geometry:
     """Where an image of a given size lands after resize and centre crop.
 
     Attributes:
-        resized: ``(W', H')`` after resizing the shorter side.
+        resized: ``(W', H')`` after the resize.
         offset: ``(left, top)`` of the crop in resized pixels; negative where the
             crop is larger than the resized image (zero padding on that side).
         output: ``(w, h)`` of the crop.
@@ -57,82 +68,145 @@ def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return int(shorter * width / height), shorter
 
 
-def _crop_start(extent: int, crop: int) -> int:
+def _crop_start(extent: int, crop: int, rounding: str = "round") -> int:
     """First kept index of a centre crop of ``crop`` from ``extent`` pixels.
 
     torchvision rounds ``(extent - crop) / 2`` with Python's ``round`` (half to
-    even: a 1-pixel margin starts the crop at 0, a 3-pixel margin at 2). When the
-    crop is larger it pads ``(crop - extent) // 2`` zeros before the image, i.e.
-    the crop starts at minus that.
+    even: a 1-pixel margin starts the crop at 0, a 3-pixel margin at 2); Hugging Face
+    floors it (``rounding="floor"``: 3 -> 1). When the crop is larger both pad
+    ``(crop - extent) // 2`` zeros before the image, i.e. the crop starts at minus that.
     """
     if crop > extent:
         return -((crop - extent) // 2)
+    if rounding == "floor":
+        return (extent - crop) // 2
     return int(round((extent - crop) / 2.0))
 
 
+def _pair(value: object, what: str) -> tuple[int, int]:
+    """``(height, width)`` from an int (a square) or a pair of positive ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"{what} must be an int or (height, width) ints, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return pair
+
+
 class Preprocess:
-    """Classification preset: resize the shorter side, centre crop, scale to ``[0, 1]``.
+    """Evaluation preset: resize, centre crop, scale to ``[0, 1]`` (see the module doc).
 
     Args:
         size: crop size, ``int`` for square or ``(height, width)``.
-        resize_size: target of the shorter side before cropping. Defaults to the
-            crop's larger side (for a square crop: ``size``, i.e. no margin, the whole
-            shorter side is kept). ImageNet models use e.g. ``size=224,
-            resize_size=256``.
+        resize_size: with ``resize_mode="shorter"``, the target of the shorter side
+            before cropping (an int); with ``"squash"``, the exact size of the resized
+            image (an int for a square, or ``(height, width)``). Defaults to the crop's
+            larger side (shorter) or the crop size (squash), i.e. no margin. ImageNet
+            models use e.g. ``size=224, resize_size=256``.
+        interpolation: resampling filter, one of :data:`opticam.names.INTERPOLATIONS`.
+        resize_mode: ``"shorter"`` (keep the aspect ratio) or ``"squash"``.
+        crop_rounding: ``"round"`` (torchvision, timm) or ``"floor"`` (Hugging Face).
 
     Calling it on ``(image, boxes)`` returns the image as a ``(3, h, w)`` float32
     tensor in ``[0, 1]`` and the boxes as an ``(n, 4)`` float32 tensor in output
     pixels (see the module docstring for the formula).
 
     Raises:
-        ValueError: a non-positive or malformed size.
+        ValueError: a non-positive or malformed size, or an unknown setting.
     """
 
-    def __init__(self, size: int | Sequence[int], resize_size: int | None = None) -> None:
-        if isinstance(size, int) and not isinstance(size, bool):
-            height, width = size, size
-        elif (
-            isinstance(size, Sequence)
-            and len(size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        resize_size: int | Sequence[int] | None = None,
+        *,
+        interpolation: str = "bilinear",
+        resize_mode: str = "shorter",
+        crop_rounding: str = "round",
+    ) -> None:
+        height, width = _pair(size, "size")
+        for value, known, what in (
+            (interpolation, INTERPOLATIONS, "interpolation"),
+            (resize_mode, RESIZE_MODES, "resize_mode"),
+            (crop_rounding, CROP_ROUNDINGS, "crop_rounding"),
         ):
-            height, width = int(size[0]), int(size[1])
+            if value not in known:
+                raise ValueError(f"unknown {what} {value!r} (known: {', '.join(known)})")
+        resized: int | tuple[int, int]
+        if resize_mode == "squash":
+            resized = _pair(
+                resize_size if resize_size is not None else (height, width), "resize_size"
+            )
         else:
-            raise ValueError(f"size must be an int or (height, width) ints, got {size!r}")
-        if height < 1 or width < 1:
-            raise ValueError(f"size must be positive, got {size!r}")
-        if resize_size is None:
-            resize_size = max(height, width)
-        if not isinstance(resize_size, int) or isinstance(resize_size, bool) or resize_size < 1:
-            raise ValueError(f"resize_size must be a positive int or None, got {resize_size!r}")
+            if resize_size is None:
+                resize_size = max(height, width)
+            if not isinstance(resize_size, int) or isinstance(resize_size, bool) or resize_size < 1:
+                raise ValueError(f"resize_size must be a positive int or None, got {resize_size!r}")
+            resized = resize_size
         self.size: tuple[int, int] = (height, width)
-        self.resize_size: int = resize_size
+        #: Shorter side (``shorter``) or ``(height, width)`` of the resized image (``squash``).
+        self.resize_size: int | tuple[int, int] = resized
+        self.interpolation = interpolation
+        self.resize_mode = resize_mode
+        self.crop_rounding = crop_rounding
+
+    def _key(self) -> tuple[object, ...]:
+        return (
+            self.size,
+            self.resize_size,
+            self.interpolation,
+            self.resize_mode,
+            self.crop_rounding,
+        )
 
     def __repr__(self) -> str:
-        return f"Preprocess(size={self.size}, resize_size={self.resize_size})"
+        extra = "".join(
+            f", {name}={value!r}"
+            for name, value, default in (
+                ("interpolation", self.interpolation, "bilinear"),
+                ("resize_mode", self.resize_mode, "shorter"),
+                ("crop_rounding", self.crop_rounding, "round"),
+            )
+            if value != default
+        )
+        return f"Preprocess(size={self.size}, resize_size={self.resize_size}{extra})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Preprocess):
             return NotImplemented
-        return (self.size, self.resize_size) == (other.size, other.resize_size)
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.size, self.resize_size))
+        return hash(self._key())
 
     def geometry(self, width: int, height: int) -> Geometry:
         """Resize target, crop offset and output size for a ``width x height`` image."""
         if width < 1 or height < 1:
             raise ValueError(f"image must have a positive size, got {width}x{height}")
-        new_width, new_height = _resized_size(width, height, self.resize_size)
+        if isinstance(self.resize_size, tuple):
+            new_height, new_width = self.resize_size
+        else:
+            new_width, new_height = _resized_size(width, height, self.resize_size)
         if new_width < 1 or new_height < 1:
             raise ValueError(
                 f"a {width}x{height} image resized to shorter side {self.resize_size} "
                 f"would have a zero-length side ({new_width}x{new_height})"
             )
         crop_height, crop_width = self.size
+        rounding = self.crop_rounding
         return Geometry(
             resized=(new_width, new_height),
-            offset=(_crop_start(new_width, crop_width), _crop_start(new_height, crop_height)),
+            offset=(
+                _crop_start(new_width, crop_width, rounding),
+                _crop_start(new_height, crop_height, rounding),
+            ),
             output=(crop_width, crop_height),
         )
 
@@ -176,10 +250,14 @@ class Preprocess:
         image = to_rgb(image)
         width, height = image.size
         geometry = self.geometry(width, height)
+        # A one-item size is torchvision's "shorter side"; two items are (height, width).
+        target = (
+            list(self.resize_size) if isinstance(self.resize_size, tuple) else [self.resize_size]
+        )
         resized = TF.resize(
             image,
-            [self.resize_size],
-            interpolation=InterpolationMode.BILINEAR,
+            target,
+            interpolation=InterpolationMode(self.interpolation),
             antialias=True,
         )
         if tuple(resized.size) != geometry.resized:

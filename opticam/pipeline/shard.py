@@ -231,7 +231,7 @@ def _compute_shard(
 ) -> store.ShardStatus:
     """One read of the shard, explained, scored and written; the arguments, return value
     and exceptions are :func:`process_shard`'s (less the lease and the retries)."""
-    from opticam.data import Preprocess, ShardReader, iter_batches
+    from opticam.data import ShardReader, iter_batches
 
     start = time.perf_counter()
     # The real URL is only for reading; rows, errors, names and logs get the public one.
@@ -267,7 +267,7 @@ def _compute_shard(
     )
     batches = iter_batches(
         _limited(reader, max_images, state),
-        Preprocess(loaded.input_size, loaded.resize_size),
+        loaded.preprocess(),
         sizer.size,
         errors=errors,
         pin_memory=device.startswith("cuda"),
@@ -301,7 +301,7 @@ def _compute_shard(
         max_images=max_images,
         limit_reached=state["limit_reached"],
         device=device,
-        resize_size=loaded.resize_size,
+        **loaded.preprocess_settings(),
         worker=worker,
     )
     status.seconds = time.perf_counter() - start

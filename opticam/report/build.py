@@ -141,6 +141,34 @@ def _resize_size(
     return None, source.startswith("factory:")
 
 
+#: Preprocessing settings a shard status records next to ``resize_size``, with what they
+#: were before they were recorded (statuses written by older versions lack them).
+_PREPROCESS_DEFAULTS: dict[str, str] = {
+    "interpolation": "bilinear",
+    "resize_mode": "shorter",
+    "crop_rounding": "round",
+}
+
+
+def _preprocess_options(
+    run_json: Mapping[str, Any] | None, statuses: Sequence[Mapping[str, Any]]
+) -> dict[str, str]:
+    """How the run resized and cropped its inputs, besides the sizes.
+
+    Per setting (:data:`_PREPROCESS_DEFAULTS`), in order: recorded by the pipeline in a
+    shard status, set in the config's model spec (``interpolation``, ``resize_mode``),
+    or the value from before the setting existed.
+    """
+    model = ((run_json or {}).get("config") or {}).get("model") or {}
+    options: dict[str, str] = {}
+    for name, default in _PREPROCESS_DEFAULTS.items():
+        values = [s.get(name) for s in statuses] + [
+            model.get(name) if isinstance(model, Mapping) else None
+        ]
+        options[name] = next((str(v) for v in values if isinstance(v, str)), default)
+    return options
+
+
 def _mean_curve(column: pa.ChunkedArray) -> np.ndarray | None:
     """Mean of list<float> curves (nulls skipped); curves of other lengths are resampled.
 
@@ -398,6 +426,7 @@ def build_report(
         data_storage_options=data_storage_options,
         resize_size=resize_size,
         resize_known=resize_known,
+        preprocess_options=_preprocess_options(run_json, statuses),
     )
     counts, notes = _counts(rows, errors, run_json, done, statuses)
     stage_counts = errors.group_by("stage").aggregate([("stage", "count")]).to_pylist()

@@ -142,13 +142,18 @@ def _read_inputs(
     storage_options: Mapping[str, Any] | None,
     input_size: tuple[int, int],
     resize_size: int | None,
+    preprocess_options: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Fill ``image`` and ``boxes`` of ``items`` from their data shards; return notes."""
+    """Fill ``image`` and ``boxes`` of ``items`` from their data shards; return notes.
+
+    ``preprocess_options`` are :class:`~opticam.data.Preprocess`'s ``interpolation``,
+    ``resize_mode`` and ``crop_rounding`` (its defaults where missing).
+    """
     try:
         from opticam.data import Preprocess, ShardReader
     except ImportError as error:  # data layer unavailable: maps alone
         return [f"input images not shown: opticam.data cannot be imported ({error})"]
-    preprocess = Preprocess(input_size, resize_size)
+    preprocess = Preprocess(input_size, resize_size, **dict(preprocess_options or {}))
     notes = []
     by_shard: dict[str, dict[str, GalleryItem]] = {}
     for item in items:
@@ -259,6 +264,7 @@ def build_gallery(
     data_storage_options: Mapping[str, Any] | None = None,
     resize_size: int | None = None,
     resize_known: bool = True,
+    preprocess_options: Mapping[str, str] | None = None,
 ) -> Gallery:
     """Choose the gallery images, load their maps and inputs, draw the figure.
 
@@ -271,6 +277,8 @@ def build_gallery(
         data_storage_options: fsspec options of the data shards.
         resize_size: shorter side before the centre crop (None: the input size).
         resize_known: False when ``resize_size`` is a guess (the gallery then says so).
+        preprocess_options: the run's ``interpolation``, ``resize_mode`` and
+            ``crop_rounding`` (recorded in its shard statuses); None: the defaults.
 
     Returns:
         The :class:`Gallery`; its ``png`` is None when there is nothing to show, or when
@@ -318,7 +326,7 @@ def build_gallery(
             "the run does not record the model's resize size: inputs are shown resized to "
             "the input size, which matches the model's view only when it used no crop margin"
         )
-    notes += _read_inputs(items, data_storage_options, input_size, resize_size)
+    notes += _read_inputs(items, data_storage_options, input_size, resize_size, preprocess_options)
     gallery = Gallery(model, list(methods), items, notes, None)
     gallery.png, gallery.failure = draw_figure("gallery", partial(_draw, gallery))
     return gallery

@@ -139,8 +139,12 @@ class ShardStatus:
         limit_reached: reading stopped at ``max_images``.
         seconds: wall time of the whole shard.
         device: where it ran.
-        resize_size: the model's resize size (shorter side before the centre crop), so that
-            readers can rebuild the exact model inputs from the data shards.
+        resize_size: the model's resize size (shorter side before the centre crop, or the
+            squashed side), so that readers can rebuild the exact model inputs from the
+            data shards, with the three settings below.
+        interpolation: the resize's resampling filter (``bilinear`` before it was recorded).
+        resize_mode: ``shorter`` or ``squash`` (``shorter`` before it was recorded).
+        crop_rounding: ``round`` or ``floor`` (``round`` before it was recorded).
         finished: ISO 8601 UTC time the files were written.
         skipped: True when nothing was computed: the shard was already done, or another
             worker holds its lease (then ``held_by`` names that worker).
@@ -164,6 +168,9 @@ class ShardStatus:
     seconds: float = 0.0
     device: str = ""
     resize_size: int | None = None
+    interpolation: str = "bilinear"
+    resize_mode: str = "shorter"
+    crop_rounding: str = "round"
     finished: str = ""
     skipped: bool = False
     held_by: str = ""

@@ -1,0 +1,761 @@
+"""Models from the zoos: ``timm:NAME[:TAG]`` and ``hf:ORG/NAME`` / ``hf:FOLDER``.
+
+Both give a classifier on normalized inputs plus everything :func:`opticam.models.load_model`
+needs to wrap it for [0,1] images (METHOD.md section 1): mean and std (applied inside the
+model by :class:`~opticam.models.Normalized`), the number of classes, and the evaluation
+preprocessing as :class:`~opticam.data.Preprocess` settings. Neither package is imported
+before a zoo source is loaded; a missing one is a :class:`MissingPackageError` that says
+which extra to install.
+
+timm (``pip install 'opticam[timm]'``)
+    ``timm.create_model(NAME[.TAG])``. Without a checkpoint the pretrained weights come
+    through timm's own loading (``pretrained=True``: the Hugging Face Hub, safetensors
+    first, ``.bin`` files read with ``torch.load(weights_only=True)``). With a checkpoint
+    the model is built with ``pretrained=False`` (``num_classes`` from the spec) and the
+    state_dict is loaded like any other (:func:`opticam.models.load_checkpoint`). The
+    preprocessing is timm's evaluation transform,
+    ``create_transform(**resolve_data_config({}, model=model), is_training=False)``, minus
+    the normalization: ``crop_mode="center"`` resizes the shorter side to
+    ``floor(input_size / crop_pct)``, ``"squash"`` resizes to that square, both with the
+    model's interpolation (mostly bicubic), then the input is centre-cropped.
+
+Hugging Face transformers (``pip install 'opticam[hf]'``)
+    ``AutoModelForImageClassification.from_pretrained`` (never ``trust_remote_code``)
+    wrapped in :class:`HFClassifier`, which returns the ``.logits``. Weights: the
+    ``model.safetensors`` file where there is one; a ``pytorch_model.bin`` is read by
+    transformers with ``torch.load(weights_only=True)``, always (read in the sources of
+    transformers 4.40.0 and 5.24.0; 5.x also refuses ``.bin`` files with torch < 2.6),
+    so a ``.bin`` holding Python objects is a :class:`~opticam.models.CheckpointError`
+    and ``trust_checkpoint`` does not apply to it. With a ``checkpoint`` the
+    architecture comes from the source's config and the state_dict (keys as in
+    ``model.state_dict()`` of the transformers model; read like any other checkpoint,
+    so ``trust_checkpoint`` applies) is loaded into it. The
+    preprocessing is read from the image processor (``AutoImageProcessor``, its PIL
+    backend): ``size={"height", "width"}`` squashes to that size (ViT), ``size=
+    {"shortest_edge"}`` with ConvNext's ``crop_pct`` resizes the shorter side to
+    ``int(size / crop_pct)`` and centre-crops ``size`` (squashes when ``size >= 384``),
+    other ``shortest_edge`` processors resize the shorter side and crop ``crop_size``;
+    crops start at ``floor(margin / 2)``. Rescaling and normalization fold into one
+    mean/std for [0,1] inputs. The result is checked against the processor itself on two
+    synthetic images when the model loads: a processor opticam cannot reproduce is an
+    error, never a silent mismatch.
+
+Offline
+    Pretrained weights that are neither cached nor downloadable are a
+    :class:`~opticam.models.WeightsUnavailableError` that says to pass a checkpoint. Before
+    any download the Hub's host is probed once (a TCP connection, :data:`PROBE_TIMEOUT`
+    seconds; skipped where a proxy is configured); with ``HF_HUB_OFFLINE=1`` or no answer
+    only the local cache is read, so an offline machine fails in moments instead of
+    retrying for a minute.
+
+Target layers (:func:`family_layer`)
+    timm: ViT-like models (ViT, DeiT, BEiT, EVA, ... : ``blocks`` with ``norm1``) the first
+    norm of the last block, ``blocks.{-1}.norm1``, tokens reshaped to the patch grid after
+    dropping ``num_prefix_tokens`` (class, distillation and register tokens); Swin the
+    first norm of the last block, ``layers.{-1}.blocks.{-1}.norm1``, channels-last maps
+    moved to (B,C,h,w); EfficientNet ``bn2`` (the 1x1 head conv's BN + activation, like
+    torchvision's ``features[-1]``); every other timm model the output of its last
+    feature stage, ``feature_info[-1]`` (ResNet ``layer4``, ConvNeXt ``stages.3``,
+    RegNet ``s4``, DenseNet ``features.norm5``, ...). Hugging Face: transformers (ViT,
+    DeiT, Swin, ...) the ``layernorm_before`` of their last layer, tokens reshaped
+    (prefix tokens counted from the embeddings: class, distillation, registers; Swin has
+    none); EfficientNet ``efficientnet.encoder.top_activation``; CNNs with
+    ``encoder.stages`` (ResNet, ConvNeXt, RegNet, ...) their last stage. Transformers get
+    ``relu_features=False``, every other family ``True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import importlib
+import math
+import os
+import pickle
+import re
+import socket
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from opticam.config import ModelSpec
+from opticam.errors import UserError
+from opticam.names import INTERPOLATIONS
+
+__all__ = [
+    "PROBE_TIMEOUT",
+    "FamilyLayer",
+    "HFClassifier",
+    "MissingPackageError",
+    "ZooModel",
+    "family_layer",
+    "hub_reachable",
+    "load_hf",
+    "load_timm",
+    "token_grid_reshape",
+]
+
+#: Seconds the Hub's host has to accept a TCP connection before it counts as unreachable.
+PROBE_TIMEOUT = 3.0
+
+# A Hub model id: NAME or ORG/NAME (letters, digits, '-', '_', '.').
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+# PIL's resampling filters by number (PIL.Image.Resampling, also transformers'
+# PILImageResampling) -> opticam's interpolation names.
+_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# timm's default eval crop_pct when a config has none.
+_TIMM_CROP_PCT = 0.875
+
+
+class MissingPackageError(UserError, ImportError):
+    """A model source needs a package that is not installed (the message says which extra)."""
+
+
+@dataclass
+class ZooModel:
+    """A zoo classifier and how to feed it (see the module doc).
+
+    Attributes:
+        net: takes normalized images (B,3,H,W) and returns logits (B, num_classes).
+        mean: per-channel mean for [0,1] images (3 values).
+        std: per-channel standard deviation for [0,1] images (3 values).
+        num_classes: number of logits.
+        input_size: side of the square model input.
+        resize_size: shorter side (``shorter``) or square side (``squash``) of the resize.
+        interpolation: one of :data:`opticam.names.INTERPOLATIONS`.
+        resize_mode: one of :data:`opticam.names.RESIZE_MODES`.
+        crop_rounding: one of :data:`opticam.names.CROP_ROUNDINGS`.
+        crop_fraction: ``input_size / resize_size`` as the zoo defines it (timm's
+            ``crop_pct``), to rescale the resize when the spec changes the input size.
+    """
+
+    net: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    input_size: int
+    resize_size: int
+    interpolation: str
+    resize_mode: str
+    crop_rounding: str
+    crop_fraction: float
+
+    def resize_for(self, input_size: int) -> int:
+        """The resize size for ``input_size``: the zoo's own, or in the same proportion."""
+        if input_size == self.input_size:
+            return self.resize_size
+        return max(1, math.floor(input_size / self.crop_fraction))
+
+
+@dataclass(frozen=True)
+class FamilyLayer:
+    """A family's default target layer and how to read its output as (B,C,h,w) maps."""
+
+    name: str
+    reshape_transform: Callable[[Tensor], Tensor] | None
+    relu_features: bool
+
+
+class HFClassifier(nn.Module):
+    """A transformers image classifier as a plain module: ``forward(x) = model(x).logits``.
+
+    Args:
+        model: e.g. ``ViTForImageClassification``; ``x`` is its ``pixel_values``
+            (B,3,H,W), normalized as its image processor does.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalized images (B,3,H,W) -> logits (B, num_labels)."""
+        return self.model(pixel_values=x).logits  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def _require(package: str, extra: str) -> ModuleType:
+    try:
+        return importlib.import_module(package)
+    except ImportError as err:
+        message = f"{extra}: models need the {package} package: pip install 'opticam[{extra}]'"
+        if getattr(err, "name", None) != package:  # installed, but something it needs is not
+            message += f" ({err})"
+        raise MissingPackageError(message) from err
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set now or when huggingface_hub loaded."""
+    if any(
+        os.environ.get(name, "").strip().upper() in _TRUE
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether downloads from the Hugging Face Hub may be tried (see the module doc).
+
+    False in offline mode, or when the endpoint's host (``HF_ENDPOINT``, default
+    huggingface.co) does not accept a TCP connection within ``timeout`` seconds. True
+    without probing where a proxy is configured for its scheme: the proxy decides.
+    """
+    if _hub_offline():
+        return False
+    try:
+        from huggingface_hub import constants
+
+        endpoint = str(constants.ENDPOINT)
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parts = urlsplit(endpoint)
+    if urllib.request.getproxies().get(parts.scheme):
+        return True
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def token_grid_reshape(
+    tokens: Tensor, prefix_tokens: int = 1, grid: tuple[int, int] | None = None
+) -> Tensor:
+    """Transformer tokens (B, prefix + h*w, C) -> feature maps (B, C, h, w).
+
+    The first ``prefix_tokens`` tokens (class, distillation, register tokens) are
+    dropped; the rest are patch tokens in row-major order on ``grid`` = (h, w), or on a
+    square grid when ``grid`` is None. Maps that are already 4-D (the output of a
+    convolution such as the patch embedding) are returned as they are.
+
+    Raises:
+        ValueError: the token count does not fit the grid (a wrong prefix count, or an
+            input size other than the model's).
+    """
+    if tokens.dim() == 4:
+        return tokens
+    if tokens.dim() != 3:
+        raise ValueError(f"expected tokens of shape (B, N, C), got {tuple(tokens.shape)}")
+    b, n, c = tokens.shape
+    patches = n - prefix_tokens
+    if grid is None:
+        side = math.isqrt(max(patches, 0))
+        grid = (side, side)
+    if patches <= 0 or grid[0] * grid[1] != patches:
+        raise ValueError(
+            f"cannot reshape {n} tokens ({prefix_tokens} prefix tokens dropped) to a "
+            f"{grid[0]}x{grid[1]} patch grid; pass a reshape_transform for this layer"
+        )
+    return tokens[:, prefix_tokens:, :].reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
+
+
+def _channels_last(features: Tensor) -> Tensor:
+    from opticam.models import channels_last_reshape_transform
+
+    return channels_last_reshape_transform(features)
+
+
+def _floats(value: Any, what: str) -> tuple[float, ...]:
+    values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != 3:
+        raise ValueError(f"expected 3 values of {what}, got {value!r}")
+    return tuple(values)
+
+
+# --------------------------------------------------------------------------- target layers
+
+
+def family_layer(model: nn.Module) -> FamilyLayer | None:
+    """The default target layer of a timm or transformers classifier (module doc), or None.
+
+    ``model`` is the unwrapped classifier (:func:`opticam.models.unwrap`); None for a
+    model from neither zoo, or one whose family has no rule here.
+    """
+    module = type(model).__module__
+    if module.startswith("timm."):
+        return _timm_layer(model)
+    if module.startswith("transformers."):
+        return _hf_layer(model)
+    return None
+
+
+def _timm_layer(model: nn.Module) -> FamilyLayer | None:
+    blocks = getattr(model, "blocks", None)
+    patch_embed = getattr(model, "patch_embed", None)
+    if (
+        isinstance(blocks, nn.Sequential | nn.ModuleList)
+        and len(blocks) > 0
+        and patch_embed is not None
+        and hasattr(blocks[-1], "norm1")
+    ):
+        prefix = getattr(model, "num_prefix_tokens", None)
+        if prefix is None:
+            prefix = int(getattr(model, "cls_token", None) is not None)
+        size = getattr(patch_embed, "grid_size", None)
+        grid = None
+        if size is not None and not getattr(model, "dynamic_img_size", False):
+            grid = (int(size[0]), int(size[1]))
+        reshape = functools.partial(token_grid_reshape, prefix_tokens=int(prefix), grid=grid)
+        return FamilyLayer(f"blocks.{len(blocks) - 1}.norm1", reshape, relu_features=False)
+    layers = getattr(model, "layers", None)
+    last_blocks = (
+        getattr(layers[-1], "blocks", None)
+        if isinstance(layers, nn.Sequential | nn.ModuleList) and len(layers)
+        else None
+    )
+    if (
+        isinstance(last_blocks, nn.Sequential | nn.ModuleList)
+        and len(last_blocks) > 0
+        and hasattr(last_blocks[-1], "norm1")
+    ):  # Swin (v1, v2): channels-last (B, H, W, C) maps
+        assert layers is not None
+        name = f"layers.{len(layers) - 1}.blocks.{len(last_blocks) - 1}.norm1"
+        return FamilyLayer(name, _channels_last, relu_features=False)
+    if type(model).__name__ == "EfficientNet" and hasattr(model, "bn2"):
+        return FamilyLayer("bn2", None, relu_features=True)
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, Sequence) and info and isinstance(info[-1], Mapping):
+        stage = info[-1].get("module")
+        if isinstance(stage, str) and stage:
+            return FamilyLayer(stage, None, relu_features=True)
+    return None
+
+
+def _hf_prefix_tokens(model: nn.Module) -> int:
+    base = getattr(model, "base_model", model)
+    embeddings = getattr(base, "embeddings", None)
+    count = sum(
+        getattr(embeddings, name, None) is not None for name in ("cls_token", "distillation_token")
+    )
+    registers = getattr(embeddings, "register_tokens", None)
+    if isinstance(registers, Tensor) and registers.dim() >= 2:
+        count += int(registers.shape[1])
+    return count
+
+
+def _hf_layer(model: nn.Module) -> FamilyLayer | None:
+    modules = list(model.named_modules())
+    norms = [name for name, _ in modules if name.endswith("layernorm_before")]
+    if norms:  # ViT, DeiT, Swin, ...: the last layer's first norm
+        reshape = functools.partial(token_grid_reshape, prefix_tokens=_hf_prefix_tokens(model))
+        return FamilyLayer(norms[-1], reshape, relu_features=False)
+    tops = [name for name, _ in modules if name.endswith("top_activation")]
+    if tops:  # EfficientNet: after the 1x1 head conv, BN and activation
+        return FamilyLayer(tops[-1], None, relu_features=True)
+    stages = [
+        (name, m)
+        for name, m in modules
+        if name.rsplit(".", 1)[-1] == "stages" and isinstance(m, nn.ModuleList) and len(m) > 0
+    ]
+    if stages:
+        name, stage_list = stages[-1]
+        return FamilyLayer(f"{name}.{len(stage_list) - 1}", None, relu_features=True)
+    return None
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def load_timm(
+    target: str,
+    spec: ModelSpec,
+    load_state: Callable[[nn.Module], None],
+) -> ZooModel:
+    """Build ``timm:target`` (``NAME``, ``NAME.TAG`` or ``NAME:TAG``), see the module doc.
+
+    Args:
+        target: the source after ``timm:``.
+        spec: the model spec (checkpoint, num_classes).
+        load_state: loads ``spec.checkpoint`` into a module (safe loading, mismatch
+            messages: :func:`opticam.models.load_model` passes its own).
+
+    Raises:
+        MissingPackageError: timm is not installed.
+        WeightsUnavailableError: no checkpoint and no pretrained weights to be had.
+        ValueError: unknown model or tag, non-square input, a crop mode opticam lacks.
+    """
+    from opticam.models import WeightsUnavailableError
+
+    timm = _require("timm", "timm")
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    arch, _, tag = target.replace(":", ".", 1).partition(".")
+    name = f"{arch}.{tag}" if tag else arch
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"close: {', '.join(close)}; " if close else ""
+        raise ValueError(f"unknown timm model {arch!r} ({hint}see timm.list_models())")
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        raise ValueError(
+            f"unknown tag {tag!r} for timm model {arch!r} (known: {', '.join(tags) or 'none'})"
+        ) from None
+
+    if spec.checkpoint is not None:
+        kwargs: dict[str, Any] = {}
+        if spec.num_classes is not None:
+            kwargs["num_classes"] = spec.num_classes
+        net = timm.create_model(name, pretrained=False, **kwargs)
+        load_state(net)
+    else:
+        cfg_classes = getattr(cfg, "num_classes", None)
+        if spec.num_classes is not None and cfg_classes and spec.num_classes != cfg_classes:
+            raise ValueError(
+                f"num_classes={spec.num_classes} contradicts timm:{name}, whose weights have "
+                f"{cfg_classes} classes (a checkpoint of yours goes with --checkpoint)"
+            )
+        how = (
+            f"Either download them once where a network exists (they are cached in "
+            f"$HF_HOME), or pass the state_dict yourself: --checkpoint <local path or "
+            f"s3://... URL> (ModelSpec(source='timm:{target}', checkpoint=...))"
+        )
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise WeightsUnavailableError(
+                f"timm has no pretrained weights for {name!r}; pass --checkpoint <state_dict "
+                "at any fsspec URL> to load your own"
+            )
+        kwargs = {}
+        if not hub_reachable():
+            cached = _timm_cached_weights(cfg)
+            if cached is None:
+                raise WeightsUnavailableError(
+                    f"timm weights for {name!r} are not cached and the Hugging Face Hub "
+                    f"cannot be reached (offline, or HF_HUB_OFFLINE=1). {how}"
+                )
+            kwargs["pretrained_cfg_overlay"] = {"file": cached}
+        try:
+            net = timm.create_model(name, pretrained=True, **kwargs)
+        except OSError as err:  # urllib's URLError and huggingface_hub's errors included
+            raise WeightsUnavailableError(
+                f"could not obtain timm weights for {name!r}: {err}. {how}"
+            ) from err
+        if not getattr(net, "num_classes", 1):
+            raise ValueError(f"timm:{name} has no classifier head (num_classes=0)")
+
+    data = resolve_data_config({}, model=net)
+    _, height, width = (int(v) for v in data["input_size"])
+    if height != width and spec.input_size is None:
+        raise ValueError(
+            f"timm:{name} takes {height}x{width} inputs; opticam needs a square input: "
+            "pass --input-size"
+        )
+    crop_pct = float(data.get("crop_pct") or _TIMM_CROP_PCT)
+    crop_mode = data.get("crop_mode") or "center"
+    if crop_mode not in ("center", "squash") and spec.resize_mode is None:
+        raise ValueError(
+            f"timm:{name} uses crop_mode={crop_mode!r}, which opticam cannot reproduce; "
+            "choose one with --resize-mode (and --resize-size)"
+        )
+    interpolation = str(data.get("interpolation") or "bilinear")
+    if interpolation not in INTERPOLATIONS:
+        interpolation = "bicubic" if interpolation == "random" else "bilinear"
+    return ZooModel(
+        net=net,
+        mean=_floats(data["mean"], "mean"),
+        std=_floats(data["std"], "std"),
+        num_classes=int(getattr(net, "num_classes", 0) or 0),
+        input_size=height,
+        resize_size=math.floor(height / crop_pct),
+        interpolation=interpolation,
+        resize_mode="squash" if crop_mode == "squash" else "shorter",
+        crop_rounding="round",
+        crop_fraction=crop_pct,
+    )
+
+
+def _timm_cached_weights(cfg: Any) -> str | None:
+    """A local file holding ``cfg``'s pretrained weights, without touching the network."""
+    if cfg.file and os.path.isfile(cfg.file):
+        return str(cfg.file)
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = str(cfg.hf_hub_id).partition("@")
+        filename = cfg.hf_hub_filename or "pytorch_model.bin"
+        names = [filename]
+        if filename.endswith(".bin"):  # timm's loader prefers the safetensors twin
+            names.insert(
+                0, filename[: -len(".bin")].replace("pytorch_model", "model") + ".safetensors"
+            )
+        for candidate in names:
+            found = try_to_load_from_cache(repo, candidate, revision=revision or None)
+            if isinstance(found, str):
+                return found
+    if cfg.url:
+        path = os.path.join(
+            torch.hub.get_dir(), "checkpoints", os.path.basename(urlsplit(cfg.url).path)
+        )
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def load_hf(
+    target: str,
+    spec: ModelSpec,
+    load_state: Callable[[nn.Module], None],
+) -> ZooModel:
+    """Build ``hf:target`` (a Hub model id or a local folder), see the module doc.
+
+    Args:
+        target: the source after ``hf:``.
+        spec: the model spec (checkpoint, trust_checkpoint, num_classes).
+        load_state: loads ``spec.checkpoint`` into a module (see :func:`load_timm`).
+
+    Raises:
+        MissingPackageError: transformers is not installed.
+        WeightsUnavailableError: a Hub model that is not cached and cannot be downloaded.
+        ValueError: no such folder or Hub model, not an image classifier, or an image
+            processor whose preprocessing opticam cannot reproduce.
+    """
+
+    transformers = _require("transformers", "hf")
+    folder = os.path.expanduser(target)
+    local = os.path.isdir(folder)
+    if not local and not _HUB_ID_RE.match(target):
+        raise ValueError(
+            f"hf:{target}: no such folder, and not a Hugging Face Hub model id (ORG/NAME)"
+        )
+    location = folder if local else target
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if not local and not hub_reachable():
+        kwargs["local_files_only"] = True
+    with _quiet_progress(transformers):
+        return _build_hf(transformers, target, folder, local, location, kwargs, spec, load_state)
+
+
+@contextlib.contextmanager
+def _quiet_progress(transformers: ModuleType) -> Iterator[None]:
+    """transformers' per-file progress bars off while loading (opticam shows its own)."""
+    logging: Any = getattr(getattr(transformers, "utils", None), "logging", None)
+    enabled = bool(getattr(logging, "is_progress_bar_enabled", lambda: False)())
+    if enabled:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def _build_hf(
+    transformers: ModuleType,
+    target: str,
+    folder: str,
+    local: bool,
+    location: str,
+    kwargs: dict[str, Any],
+    spec: ModelSpec,
+    load_state: Callable[[nn.Module], None],
+) -> ZooModel:
+    from opticam.models import WeightsUnavailableError
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(location, **kwargs)
+        processor = _image_processor(transformers, location, kwargs)
+        if spec.checkpoint is None:
+            if spec.num_classes is not None and spec.num_classes != config.num_labels:
+                raise ValueError(
+                    f"num_classes={spec.num_classes} contradicts hf:{target}, which has "
+                    f"{config.num_labels} labels (a checkpoint of yours goes with --checkpoint)"
+                )
+            model = transformers.AutoModelForImageClassification.from_pretrained(
+                location, config=config, **kwargs
+            )
+        else:
+            if spec.num_classes is not None and spec.num_classes != config.num_labels:
+                config.num_labels = spec.num_classes
+            model = transformers.AutoModelForImageClassification.from_config(config)
+            load_state(model)
+    except OSError as err:  # transformers' "not found", "offline", "no weights file" ...
+        text = " ".join(str(err).split())
+        if local:
+            raise ValueError(f"hf:{target}: cannot load the folder {folder!r}: {text}") from err
+        if kwargs.get("local_files_only"):
+            raise WeightsUnavailableError(
+                f"hf:{target} is no local folder, not in the Hugging Face cache, and the Hub "
+                "cannot be reached (offline, or HF_HUB_OFFLINE=1). Download it once where a "
+                "network exists, or "
+                f"save it with save_pretrained (model and image processor) into a folder and "
+                f"pass hf:<folder>. ({text})"
+            ) from err
+        if "not a valid model identifier" in text or "404" in text:
+            raise ValueError(
+                f"hf:{target}: no such folder, and no such model on the Hugging Face Hub ({text})"
+            ) from err
+        raise WeightsUnavailableError(f"could not obtain hf:{target}: {text}") from err
+    except pickle.UnpicklingError as err:
+        from opticam.models import CheckpointError
+
+        raise CheckpointError(
+            f"hf:{target}: its pytorch_model.bin holds Python objects that safe loading "
+            "(torch.load(weights_only=True)) refuses; transformers reads .bin files no other "
+            "way (trust_checkpoint does not change that), so convert the weights to "
+            "model.safetensors, or pass a plain state_dict with --checkpoint"
+        ) from err
+    except KeyError as err:  # an unknown model_type in an old transformers
+        raise ValueError(f"hf:{target}: transformers does not know this model ({err})") from err
+    model = model.float().eval()
+    num_classes = int(getattr(model.config, "num_labels", 0) or 0)
+    settings = _hf_preprocessing(processor, target)
+    _check_against_processor(processor, settings, target)
+    return ZooModel(net=HFClassifier(model), num_classes=num_classes, **settings)
+
+
+def _image_processor(transformers: ModuleType, location: str, kwargs: dict[str, Any]) -> Any:
+    """The model's image processor, PIL backend (the reference implementation)."""
+    major = int(str(transformers.__version__).split(".")[0])
+    backend = {"backend": "pil"} if major >= 5 else {"use_fast": False}
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(location, **kwargs, **backend)
+    except OSError as err:
+        if "preprocessor_config.json" in str(err) or "image processor" in str(err).lower():
+            raise ValueError(
+                f"hf:{location} has no image processor (preprocessor_config.json): save it "
+                "next to the model with AutoImageProcessor...save_pretrained(folder)"
+            ) from err
+        raise
+
+
+def _size_dict(value: Any) -> dict[str, int]:
+    """An image processor's ``size`` / ``crop_size`` (dict, SizeDict or int) as a dict."""
+    if value is None:
+        return {}
+    if isinstance(value, int):
+        return {"height": value, "width": value}
+    if isinstance(value, Mapping):
+        items = dict(value)
+    else:
+        keys = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
+        items = {k: getattr(value, k, None) for k in keys}
+    return {k: int(v) for k, v in items.items() if v is not None}
+
+
+def _hf_preprocessing(processor: Any, target: str) -> dict[str, Any]:
+    """ZooModel fields (all but net and num_classes) from an image processor."""
+    kind = type(processor).__name__
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(
+            f"hf:{target}: the image processor {kind} {why}, which opticam cannot reproduce"
+        )
+
+    if not getattr(processor, "do_resize", True):
+        raise refuse("does not resize")
+    resample = getattr(processor, "resample", None)
+    interpolation = _PIL_FILTERS.get(int(resample), "") if resample is not None else "bilinear"
+    if interpolation not in INTERPOLATIONS:
+        raise refuse(f"resamples with {resample!r}")
+    size = _size_dict(getattr(processor, "size", None))
+    crop = (
+        _size_dict(getattr(processor, "crop_size", None))
+        if getattr(processor, "do_center_crop", False)
+        else {}
+    )
+    out: tuple[int, int] | None = None
+    if set(size) == {"height", "width"}:
+        mode, resize, out = (
+            "squash",
+            (size["height"], size["width"]),
+            (size["height"], size["width"]),
+        )
+    elif set(size) == {"shortest_edge"}:
+        edge = size["shortest_edge"]
+        if kind.startswith("ConvNext"):
+            crop_pct = float(getattr(processor, "crop_pct", None) or 224 / 256)
+            if edge < 384:  # shorter side to edge / crop_pct, then centre crop
+                mode, resize, out = "shorter", (int(edge / crop_pct),) * 2, (edge, edge)
+            else:  # warped to edge x edge, no crop
+                mode, resize, out = "squash", (edge, edge), (edge, edge)
+            if crop:
+                raise refuse("crops twice (crop_pct and do_center_crop)")
+        else:
+            mode, resize = "shorter", (edge, edge)
+    else:
+        raise refuse(f"resizes to {size}")
+    if crop:
+        out = (crop["height"], crop["width"])
+    if out is None:
+        raise refuse("keeps the aspect ratio without a crop (no fixed input size)")
+    if out[0] != out[1] or resize[0] != resize[1]:
+        raise refuse(f"makes non-square inputs (resize {resize}, input {out})")
+    rescale = float(getattr(processor, "rescale_factor", 1 / 255))
+    scale = 255.0 * rescale if getattr(processor, "do_rescale", True) else 255.0
+    if getattr(processor, "do_normalize", True):
+        mean = _floats(processor.image_mean, "image_mean")
+        std = _floats(processor.image_std, "image_std")
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    # processor: (255 x * rescale - mean) / std = (x - mean / scale) / (std / scale)
+    return {
+        "mean": tuple(m / scale for m in mean),
+        "std": tuple(s / scale for s in std),
+        "input_size": out[0],
+        "resize_size": resize[0],
+        "interpolation": interpolation,
+        "resize_mode": mode,
+        "crop_rounding": "floor",
+        "crop_fraction": out[0] / resize[0],
+    }
+
+
+def _check_against_processor(processor: Any, settings: Mapping[str, Any], target: str) -> None:
+    """Raise ValueError unless Preprocess + normalization equals the processor's output.
+
+    Two synthetic images (a wide and a tall one, odd sizes so that crop margins are odd)
+    go through both; the largest difference, measured in [0,1] pixels, must stay below
+    1e-4 (float rounding: the processor rescales in float64, opticam divides in float32).
+    """
+    from opticam.data import Preprocess
+
+    preprocess = Preprocess(
+        settings["input_size"],
+        settings["resize_size"],
+        interpolation=settings["interpolation"],
+        resize_mode=settings["resize_mode"],
+        crop_rounding=settings["crop_rounding"],
+    )
+    rng = np.random.default_rng(0)
+    side = int(settings["input_size"])
+    worst = 0.0
+    std = torch.tensor(settings["std"]).view(3, 1, 1)
+    mean = torch.tensor(settings["mean"]).view(3, 1, 1)
+    for width, height in ((side * 3 // 2 + 7, side + 3), (side + 5, side * 4 // 3 + 3)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ours, _ = preprocess(image)
+        theirs = processor(images=image, return_tensors="pt")["pixel_values"][0].float()
+        if theirs.shape != ours.shape:
+            raise ValueError(
+                f"hf:{target}: the image processor {type(processor).__name__} makes "
+                f"{tuple(theirs.shape)} inputs, opticam's reading of it {tuple(ours.shape)}"
+            )
+        worst = max(worst, float((theirs * std + mean - ours).abs().max()))
+    if worst > 1e-4:
+        raise ValueError(
+            f"hf:{target}: opticam cannot reproduce the preprocessing of "
+            f"{type(processor).__name__} (pixels differ by up to {worst:.4f})"
+        )
