@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+# A shell that starts the tests in the background (`make test &`) leaves SIGINT ignored,
+# and an ignored signal stays ignored in every process they start, so the tests that
+# interrupt `opticam run` or `opticam worker` would wait for nothing. Caught signals are
+# reset to the default in a started process.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tests never touch real AWS: fake credentials before boto/s3fs are imported anywhere.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
