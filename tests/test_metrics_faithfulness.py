@@ -408,6 +408,31 @@ def test_batched_curves_match_the_plain_loop(seed: int) -> None:
                 torch.testing.assert_close(out[f"{mode}_auc"], curve_auc(curve))
 
 
+def test_the_default_chunk_is_small_on_the_cpu_and_changes_no_curve() -> None:
+    """``batch_size="auto"``: DEFAULT_CPU_BATCH_SIZE per forward pass on the CPU."""
+    from opticam.metrics import DEFAULT_BATCH_SIZE, DEFAULT_CPU_BATCH_SIZE
+
+    model = small_cnn(4)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(3, 3, 4, 5, generator=generator, dtype=torch.float64)
+    maps = torch.rand(3, 1, 4, 5, generator=generator, dtype=torch.float64)
+    classes = torch.tensor([0, 2, 1])
+    kwargs = {"steps": 20, "blur_kernel": 3, "blur_sigma": 1.0}
+    auto = insertion_deletion(model, images, maps, classes, **kwargs)  # type: ignore[arg-type]
+    states = 3 * (20 + 1)
+    assert DEFAULT_CPU_BATCH_SIZE < states < DEFAULT_BATCH_SIZE
+    assert max(seen) == DEFAULT_CPU_BATCH_SIZE and sum(seen) == 2 * states
+    seen.clear()
+    whole = insertion_deletion(model, images, maps, classes, batch_size=None, **kwargs)  # type: ignore[arg-type]
+    assert seen == [states, states]
+    for key, value in whole.items():
+        torch.testing.assert_close(auto[key], value)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer or None"):
+        insertion_deletion(model, images, maps, classes, batch_size="big", **kwargs)  # type: ignore[arg-type]
+
+
 def test_permuting_the_batch_permutes_the_output() -> None:
     model = small_cnn(3)
     torch.manual_seed(3)

@@ -17,6 +17,7 @@ from opticam.metrics.faithfulness import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BLUR_KERNEL,
     DEFAULT_BLUR_SIGMA,
+    DEFAULT_CPU_BATCH_SIZE,
     DEFAULT_STEPS,
     MAP_TOLERANCE,
     average_drop,
@@ -39,6 +40,7 @@ from opticam.metrics.localization import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CPU_BATCH_SIZE",
     "DEFAULT_BLUR_KERNEL",
     "DEFAULT_BLUR_SIGMA",
     "DEFAULT_STEPS",
