@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,6 +74,15 @@ def _machine_of(flow_run_pid: int) -> psutil.Process:
     machine = worker.parent()
     assert machine is not None and "opticam" in " ".join(machine.cmdline()), machine
     return machine
+
+
+def _machine_pid(run: dict[str, Any]) -> int | None:
+    """The pid of the ``opticam worker`` that runs this flow run (None: not known yet)."""
+    text = str(run.get("infrastructure_pid") or "")
+    try:
+        return _machine_of(int(text.rsplit(":", 1)[-1])).pid if text else None
+    except (ValueError, AssertionError, psutil.Error):
+        return None
 
 
 def _lose_machine(machine: psutil.Process, flow_run_pid: int) -> None:
@@ -138,11 +148,28 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
         except FileNotFoundError:  # s3fs, while the parent has not written run.json yet
             return None
         held = {p.rsplit("/", 1)[-1].split(".")[0] for p in leases}
-        for run in cluster.flow_runs("explain-shard"):
-            url = by_name.get(run["name"])
-            if run["state_type"] == "RUNNING" and url and store.shard_name(url) in held:
+        runs = cluster.flow_runs("explain-shard")
+        computing = [
+            run
+            for run in runs
+            if run["state_type"] == "RUNNING"
+            and run["name"] in by_name
+            and store.shard_name(by_name[run["name"]]) in held
+        ]
+        if not computing or time.monotonic() > choosy_until:
+            return dict(computing[0]) if computing else None
+        # Preferably a machine with no run still starting: a run lost before its first
+        # heartbeat stays Pending for ever (a documented limit: the automation watches
+        # runs that sent a heartbeat), and the parent would wait for it.
+        starting = [r for r in runs if r["state_type"] in ("PENDING", "RUNNING")]
+        starting = [r for r in starting if r not in computing]
+        busy = {_machine_pid(r) for r in starting}
+        for run in computing:
+            if _machine_pid(run) not in busy and None not in busy:
                 return dict(run)
         return None
+
+    choosy_until = time.monotonic() + 120
 
     victim = wait_for("a shard run holding its lease", computing, timeout=240, every=0.5)
     pid = int(str(victim["infrastructure_pid"]).rsplit(":", 1)[-1])
