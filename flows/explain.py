@@ -156,8 +156,9 @@ def shard_task(
         # Set by a Prefect worker for the flow-run processes it starts.
         worker=os.environ.get("PREFECT__WORKER_NAME", ""),
     )
-    get_run_logger().info("%s", shard_log_line(result.to_dict(), public))
-    return result.to_dict()
+    status = result.to_dict()
+    get_run_logger().info("%s", shard_log_line(status, public))
+    return status
 
 
 def shard_log_line(result: dict[str, Any], shard: str) -> str:
