@@ -54,6 +54,7 @@ from opticam.pipeline import (
     resolve_device,
     run_url_of,
 )
+from opticam.progress import duplicates_note
 from opticam.redact import redact_url
 
 from .events import ARTIFACT_PROGRESS, Tally, emit, progress_listener
@@ -287,12 +288,13 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
     pending = pending_shards(config, plan)
     skipped = len(plan) - len(pending)
     logger.info(
-        "run %s: %d shards planned, %d already done, %d to process on %s",
+        "run %s: %d shards planned, %d already done, %d to process on %s%s",
         redact_url(run),
         len(plan),
         skipped,
         len(pending),
         ", ".join(devices),
+        duplicates_note(plan.duplicates),
     )
     emit(
         "plan",
@@ -301,6 +303,7 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         total=len(plan),
         pending=len(pending),
         skipped=skipped,
+        duplicates=plan.duplicates,
         devices=devices,
         max_images=[p["max_images"] for p in pending],
     )

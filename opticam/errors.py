@@ -8,11 +8,64 @@ code that caught those before still does.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "OutputError", "UserError"]
+import reprlib
+from typing import Any
+
+__all__ = [
+    "MAX_MESSAGE_CHARS",
+    "MAX_QUOTED_CHARS",
+    "ConfigError",
+    "OutputError",
+    "UserError",
+    "shorten",
+    "short_repr",
+]
+
+#: Most characters of a user's value quoted in a message (:func:`short_repr`).
+MAX_QUOTED_CHARS = 200
+#: Most characters of any :class:`UserError` message: a backstop for values quoted
+#: by code that did not shorten them (a YAML alias bomb expands to megabytes).
+MAX_MESSAGE_CHARS = 2000
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = MAX_QUOTED_CHARS
+_REPR.maxother = MAX_QUOTED_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 8
+_REPR.maxlevel = 3
+
+
+def shorten(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``text`` cut to about ``limit`` characters: its start and end, and how much was cut."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 40, 20)
+    head, tail = text[: keep * 3 // 4], text[-(keep // 4) :]
+    return f"{head}...[{len(text) - len(head) - len(tail)} characters cut]...{tail}"
+
+
+def short_repr(value: Any, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``repr(value)`` bounded for a message: long strings, deep or long containers and
+    big numbers are cut (:mod:`reprlib`), and the whole is at most about ``limit``
+    characters. Never expands a shared structure more than once per element shown."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 160:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile __repr__ must not hide the real error
+        text = f"<{type(value).__name__}>"
+    return shorten(text, limit)
 
 
 class UserError(Exception):
-    """Bad input from the person running opticam: a value, a URL, a file, an option."""
+    """Bad input from the person running opticam: a value, a URL, a file, an option.
+
+    Its message is at most :data:`MAX_MESSAGE_CHARS` characters, whatever it quotes.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str):
+            args = (shorten(args[0], MAX_MESSAGE_CHARS), *args[1:])
+        super().__init__(*args)
 
 
 class ConfigError(UserError, ValueError):

@@ -13,7 +13,15 @@ import sys
 import threading
 from typing import Any, TextIO
 
-__all__ = ["RunProgress"]
+__all__ = ["RunProgress", "duplicates_note"]
+
+
+def duplicates_note(duplicates: int) -> str:
+    """The plan line's note on data-spec entries that named a shard already listed."""
+    if not duplicates:
+        return ""
+    entries = "entry" if duplicates == 1 else "entries"
+    return f" ({duplicates} more {entries} named a shard already listed, planned once)"
 
 
 class RunProgress:
@@ -54,7 +62,8 @@ class RunProgress:
         self._limits = list(d.get("max_images") or [])
         self._write(
             f"run {d['run_id']}: {d['total']} shards, {d['skipped']} already done, "
-            f"{d['pending']} to process on {', '.join(d['devices'])}\n"
+            f"{d['pending']} to process on {', '.join(d['devices'])}"
+            f"{duplicates_note(int(d.get('duplicates') or 0))}\n"
             f"output: {d['run_url']}\n"
         )
         if self.tty and self.pending:

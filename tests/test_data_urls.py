@@ -188,3 +188,70 @@ def test_pattern_problems_are_user_errors() -> None:
         with pytest.raises(ShardPatternError) as caught:
             expand_shards(bad)
         assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def test_one_local_file_spelled_many_ways_is_one_shard(
+    shard_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opticam.data.urls import expand_shard_list
+
+    monkeypatch.chdir(shard_dir.parent)
+    rel = f"{shard_dir.name}/shard-000000.tar"
+    (shard_dir / "sub").mkdir()
+    spellings = [
+        rel,
+        f"./{shard_dir.name}/./shard-000000.tar",
+        f"{shard_dir.name}//shard-000000.tar",
+        f"{shard_dir.name}/sub/../shard-000000.tar",
+        f"/{shard_dir}/shard-000000.tar",  # a doubled leading slash
+        f"file://{shard_dir}/sub/..//shard-000000.tar",
+        str(shard_dir / "shard-{000000..000001}.tar"),  # overlaps the file above
+    ]
+    listed = expand_shard_list(spellings)
+    assert listed.urls == [str(shard_dir / "shard-000000.tar"), str(shard_dir / "shard-000001.tar")]
+    assert listed.duplicates == 6
+    assert expand_shards(spellings) == listed.urls
+
+
+def test_a_symlink_before_dotdot_is_resolved_not_folded(tmp_path: Path) -> None:
+    # a/link -> z/inner, so the filesystem reads a/link/../x.tar as z/x.tar; folding the
+    # text instead would give a/x.tar, another file.
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "x.tar").write_bytes(b"")
+    (tmp_path / "a" / "x.tar").write_bytes(b"")
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "z" / "inner", target_is_directory=True)
+    (tmp_path / "z" / "inner").mkdir()
+    # a/link/.. is z (the link's target's parent), not a: text folding would be wrong.
+    got = expand_shards([str(tmp_path / "a/link/../x.tar"), str(tmp_path / "z/x.tar")])
+    assert got == [str(tmp_path / "z/x.tar")]
+    assert expand_shards(str(tmp_path / "a/x.tar")) == [str(tmp_path / "a/x.tar")]
+
+
+def test_on_s3_a_doubled_slash_or_dot_segment_is_another_key(
+    s3_bucket: str, s3_storage_options: dict[str, Any]
+) -> None:
+    # Found with moto (and S3 does the same): keys are stored as given, so 'd//a.tar',
+    # 'd/./a.tar' and 'd/x/../a.tar' are four objects with 'd/a.tar', each read back as
+    # its own bytes; a trailing slash and the s3a:// protocol name the same key.
+    from opticam.data.urls import expand_shard_list, shard_identity
+
+    s3 = fsspec.filesystem("s3", **s3_storage_options)
+    keys = ["d/a.tar", "d//a.tar", "d/./a.tar", "d/x/../a.tar"]
+    for key in keys:
+        s3.pipe(f"{s3_bucket}/{key}", key.encode())
+    assert [s3.cat_file(f"{s3_bucket}/{key}") for key in keys] == [k.encode() for k in keys]
+    urls = [f"{s3_bucket}/{key}" for key in keys]
+    listed = expand_shard_list([*urls, f"{s3_bucket}/d/a.tar/"], s3_storage_options)
+    assert listed.urls == urls and listed.duplicates == 1
+    bucket = s3_bucket.removeprefix("s3://")
+    assert shard_identity(f"s3a://{bucket}/d/a.tar", s3_storage_options) == shard_identity(
+        urls[0], s3_storage_options
+    )
+    # Only 'd/a.tar' stored: the other spellings name keys that do not exist.
+    s3.rm([f"{s3_bucket}/{key}" for key in keys[1:]])
+    with pytest.raises(NoShardsError, match="matched no files"):
+        expand_shards(f"{s3_bucket}/d//a.tar", s3_storage_options)

@@ -8,6 +8,7 @@ iterations + Grad-CAM + Fake-CAM, 8 insertion/deletion steps.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import uuid
@@ -217,6 +218,39 @@ def test_a_changed_job_never_shares_the_run_folder(
     assert folders == sorted([config.run_id, changed.run_id])
     # The first run is untouched.
     assert store.read_rows(pipeline.run_url_of(config), ["key"]).num_rows == 36
+
+
+def test_one_tar_named_many_ways_is_planned_computed_and_counted_once(
+    flows: Any, shards: list[str], tmp_path: Path
+) -> None:
+    # 2 tars of 6 images, 5 spellings: doubled slashes, '.', '..', file:// and a glob.
+    folder = Path(shards[0]).parent
+    (folder / "sub").mkdir(exist_ok=True)
+    first, second = (Path(s).name for s in shards)
+    spellings = [
+        f"{folder}//{first}",
+        f"{folder}/./{second}",
+        f"{folder}/sub/../{first}",
+        f"file://{folder}/{second}",
+        f"{folder}/demo-*.tar",
+    ]
+    config = make_config(shards, str(tmp_path), data=spellings, methods=["fakecam"])
+    events: list[tuple[str, dict[str, Any]]] = []
+    with flows.progress_listener(lambda e, d: events.append((e, d))):
+        result, _ = run_flow(flows, config)
+    assert (result["shards_total"], result["images"], result["rows"]) == (2, 12, 12)
+    run = Path(pipeline.run_url_of(config))
+    assert len(list((run / "shards").iterdir())) == 2
+    assert store.read_rows(str(run), ["key"]).num_rows == 12
+    assert sum(r["images"] for r in result["summary"]) == 12
+    plan = next(d for e, d in events if e == "plan")
+    assert (plan["total"], plan["duplicates"]) == (2, 4)
+    from opticam.progress import RunProgress
+
+    shown = io.StringIO()
+    RunProgress(shown)("plan", plan)
+    assert "2 shards" in shown.getvalue()
+    assert "4 more entries named a shard already listed" in shown.getvalue()
 
 
 @pytest.fixture

@@ -13,20 +13,24 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
 from braceexpand import braceexpand
 from fsspec.core import split_protocol, url_to_fs
 
-from opticam.errors import UserError
+from opticam.errors import UserError, short_repr
 
 __all__ = [
     "MAX_BRACE_EXPANSION",
     "NoShardsError",
+    "ShardList",
     "ShardPatternError",
     "expand_braces",
+    "expand_shard_list",
     "expand_shards",
+    "shard_identity",
     "refuse_pipe",
     "storage_options_for",
 ]
@@ -181,11 +185,52 @@ def _protocols(fs: Any) -> tuple[str, ...]:
     return tuple(fs.protocol) if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
 
 
+def _is_local(fs: Any) -> bool:
+    return bool({"file", "local"} & set(_protocols(fs)))
+
+
+def _local_url(path: str) -> str:
+    """A local path as it is planned: absolute, with ``//``, ``.`` and ``..`` folded away.
+
+    Folding ``..`` by text is only right when no symlink sits before it
+    (``link/../x`` is the link target's sibling); then the resolved path is used.
+    """
+    folded = os.path.normpath(path)
+    if folded.startswith("//"):  # POSIX keeps a leading '//'; Linux treats it as '/'
+        folded = "/" + folded.lstrip("/")
+    if ".." in path.split("/") and os.path.realpath(folded) != os.path.realpath(path):
+        return os.path.realpath(path)
+    return folded
+
+
 def _display_url(fs: Any, path: str) -> str:
-    """The URL reported for a path: plain absolute path locally, protocol URL otherwise."""
-    if {"file", "local"} & set(_protocols(fs)):
-        return str(path)
+    """The URL planned for a path: a folded absolute path locally, a protocol URL otherwise.
+
+    Only local paths are rewritten: on an object store ``a//b``, ``a/./b`` and ``a/b``
+    are three different keys (S3 stores the key's text as given), so they stay apart.
+    """
+    if _is_local(fs):
+        return _local_url(str(path))
     return str(fs.unstrip_protocol(path))
+
+
+def shard_identity(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """What a shard URL names, whatever its spelling: the object that would be read.
+
+    - a local path or ``file://`` URL: the path the filesystem resolves (symlinks,
+      ``//``, ``.`` and ``..`` resolved: :func:`os.path.realpath`);
+    - an object store or other fsspec protocol: the protocol family plus the path the
+      filesystem would request (``s3://b/k`` and ``s3a://b/k``, or ``s3://b/k/``, are
+      one object; ``s3://b/a//k`` is another key than ``s3://b/a/k``, as S3 keeps a key's
+      text as given);
+    - ``pipe:`` commands and chained ``a::b`` URLs: the text.
+    """
+    if url.startswith("pipe:") or "::" in url:
+        return url
+    fs, path = url_to_fs(url, **storage_options_for(url, storage_options))
+    if _is_local(fs):
+        return "file://" + os.path.realpath(path)
+    return f"{_protocols(fs)[0]}://{fs._strip_protocol(path)}"
 
 
 def _existing_files(fs: Any, paths: list[str]) -> set[str]:
@@ -265,6 +310,66 @@ def _expand_one(
     return urls
 
 
+@dataclass
+class ShardList:
+    """The shards a data spec names, in order, each object once.
+
+    Attributes:
+        urls: shard URLs in the order given (first spelling of each object kept).
+        duplicates: entries dropped because they named a shard already listed (the
+            same file spelled another way, overlapping ranges or globs).
+        duplicate_examples: a few of the dropped spellings, for messages.
+    """
+
+    urls: list[str]
+    duplicates: int = 0
+    duplicate_examples: list[str] = field(default_factory=list)
+
+
+def expand_shard_list(
+    spec: str | Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    allow_pipe: bool = False,
+    must_exist: bool = True,
+) -> ShardList:
+    """:func:`expand_shards`, also saying how many entries named a shard already listed.
+
+    Shards are told apart by :func:`shard_identity` (the object read), never by their
+    text: ``/d/a.tar``, ``/d//a.tar``, ``./d/./a.tar`` and ``file:///d/x/../a.tar`` are
+    one shard.
+
+    Args and raises: as :func:`expand_shards`.
+    """
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    if not patterns:
+        raise NoShardsError("no shard patterns given (empty list)")
+    urls: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ShardPatternError(
+                f"shard pattern must be a non-empty string, got {short_repr(pattern)}"
+            )
+        if pattern.startswith("pipe:"):
+            if not allow_pipe:
+                refuse_pipe(pattern)
+            urls.append(pattern)
+            continue
+        urls.extend(_expand_one(pattern, storage_options, must_exist))
+    seen: set[str] = set()
+    result = ShardList(urls=[])
+    for url in urls:
+        identity = shard_identity(url, storage_options)
+        if identity in seen:
+            result.duplicates += 1
+            if len(result.duplicate_examples) < 3:
+                result.duplicate_examples.append(url)
+            continue
+        seen.add(identity)
+        result.urls.append(url)
+    return result
+
+
 def expand_shards(
     spec: str | Sequence[str],
     storage_options: Mapping[str, Any] | None = None,
@@ -293,8 +398,10 @@ def expand_shards(
             per folder); ``False`` skips the check (globs are always listed).
 
     Returns:
-        Shard URLs in the order given, duplicates removed (first occurrence kept).
-        Local shards are absolute paths; others keep their protocol (``s3://...``).
+        Shard URLs in the order given, each object once (first occurrence kept; see
+        :func:`shard_identity` for when two spellings name one object). Local shards
+        are absolute paths with ``//``, ``.`` and ``..`` folded; others keep their
+        protocol (``s3://...``) and their text.
 
     Raises:
         NoShardsError: a pattern, or any element of the list, matched nothing, or
@@ -303,17 +410,6 @@ def expand_shards(
             unbalanced braces, or a brace expression naming more than
             :data:`MAX_BRACE_EXPANSION` names.
     """
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    if not patterns:
-        raise NoShardsError("no shard patterns given (empty list)")
-    urls: list[str] = []
-    for pattern in patterns:
-        if not isinstance(pattern, str) or not pattern.strip():
-            raise ShardPatternError(f"shard pattern must be a non-empty string, got {pattern!r}")
-        if pattern.startswith("pipe:"):
-            if not allow_pipe:
-                refuse_pipe(pattern)
-            urls.append(pattern)
-            continue
-        urls.extend(_expand_one(pattern, storage_options, must_exist))
-    return list(dict.fromkeys(urls))
+    return expand_shard_list(
+        spec, storage_options, allow_pipe=allow_pipe, must_exist=must_exist
+    ).urls

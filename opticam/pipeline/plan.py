@@ -22,6 +22,7 @@ __all__ = [
     "clear_model_cache",
     "explainers",
     "get_loaded_model",
+    "ShardPlan",
     "pending_shards",
     "plan_shards",
     "preflight",
@@ -86,13 +87,28 @@ def run_url_of(config: RunConfig) -> str:
     return store.run_url(config.output, config.run_id)
 
 
-def plan_shards(config: RunConfig) -> list[dict[str, Any]]:
+class ShardPlan(list[dict[str, Any]]):
+    """The planned shards (one dict each, see :func:`plan_shards`), in order.
+
+    Attributes:
+        duplicates: entries of the data spec that named a shard already listed (the
+            same object spelled another way: :func:`opticam.data.shard_identity`).
+    """
+
+    duplicates: int = 0
+
+
+def plan_shards(config: RunConfig) -> ShardPlan:
     """Expand the data spec and split ``max_images`` over the shards.
 
     With ``max_images = N`` over ``S`` shards, shard ``i`` (in expansion order) may read
     ``N // S + (1 if i < N % S else 0)`` images, so the run reads ``N`` images when every
     shard holds enough, spread over the dataset instead of the first shards only; shards
     with a zero share are left out of the plan.
+
+    Each object is planned once, however many entries name it
+    (:func:`opticam.data.expand_shard_list`); :attr:`ShardPlan.duplicates` counts the
+    others.
 
     Returns:
         One dict per shard: ``url``, ``name`` (:func:`opticam.store.shard_name`),
@@ -101,10 +117,12 @@ def plan_shards(config: RunConfig) -> list[dict[str, Any]]:
     Raises:
         opticam.data.NoShardsError: the data spec matches no shard.
     """
-    from opticam.data import expand_shards
+    from opticam.data.urls import expand_shard_list
 
-    urls = expand_shards(config.data, storage_options=config.data_options())
-    plan: list[dict[str, Any]] = []
+    listed = expand_shard_list(config.data, storage_options=config.data_options())
+    urls = listed.urls
+    plan = ShardPlan()
+    plan.duplicates = listed.duplicates
     n, s = config.max_images, len(urls)
     for i, url in enumerate(urls):
         limit = None if n is None else n // s + (1 if i < n % s else 0)
@@ -120,7 +138,7 @@ def pending_shards(config: RunConfig, plan: Sequence[dict[str, Any]]) -> list[di
     return [p for p in plan if p["name"] not in done]
 
 
-def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], list[str]]:
+def preflight(config: RunConfig) -> tuple[ShardPlan, list[str]]:
     """Every check that can fail on bad input, before any work or orchestration starts.
 
     Cheap checks first: expands the data spec (:func:`plan_shards`), resolves the devices,
