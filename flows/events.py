@@ -91,6 +91,8 @@ class Tally:
         self.skipped = skipped
         self.results: list[dict[str, Any]] = []
         self.failed: dict[str, str] = {}
+        #: The one line of a storage failure that ended the run, or None.
+        self.storage_failed: str | None = None
         self.held: dict[str, str] = {}
         self._logger = get_run_logger()
         self._progress_id: Any = create_progress_artifact(
@@ -120,6 +122,15 @@ class Tally:
         else:
             self.results.append(result)
             emit("shard_done", **result)
+        self._advance()
+
+    def storage_failure(self, shard_url: str, message: str) -> None:
+        """The output storage failed for good while this shard was written: the run ends
+        (no further shard starts) and says so once."""
+        if self.storage_failed is None:
+            self.storage_failed = redact_text(message)
+            self._logger.error("%s; stopping the run", self.storage_failed)
+        self.failed[redact_url(shard_url)] = redact_text(message)
         self._advance()
 
     def failure(self, shard_url: str, message: str) -> None:

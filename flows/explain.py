@@ -45,6 +45,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from opticam import store
 from opticam.config import RunConfig
 from opticam.data import ShardStreamError
+from opticam.errors import StorageFailedError
 from opticam.pipeline import (
     done_status,
     local_devices,
@@ -74,6 +75,9 @@ ARTIFACT_SUMMARY = "opticam-summary"
 ARTIFACT_TABLE = "opticam-summary-table"
 ARTIFACT_LINK = "opticam-report"
 
+#: Key of a task result that says the output storage failed for good (its one line).
+STORAGE_FAILED = "storage_failed"
+
 # Retry delays for transient storage errors (seconds); three retries in all.
 RETRY_DELAYS: list[float] = [2.0, 10.0, 30.0]
 
@@ -85,12 +89,14 @@ def is_transient_error(exc: BaseException) -> bool:
 
     Retried: ``ConnectionError``, ``TimeoutError``, other ``OSError`` (s3fs and fsspec
     raise those for failed requests) and botocore / aiohttp / urllib3 errors. Not retried:
-    missing files and permission errors, a shard whose stream kept failing
+    missing files and permission errors, a storage that failed for good
+    (:class:`opticam.errors.StorageFailedError`: no space, a quota, a read-only file
+    system, a missing bucket), a shard whose stream kept failing
     (:class:`opticam.data.ShardStreamError`: :func:`opticam.pipeline.process_shard` has
     already read it again several times), and everything else (bad data, bad options,
     bugs).
     """
-    if isinstance(exc, ShardStreamError):
+    if isinstance(exc, ShardStreamError | StorageFailedError):
         return False
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
@@ -148,15 +154,19 @@ def shard_task(
     """
     public = redact_url(shard_url)
     emit("shard_start", shard=public, device=device, max_images=max_images)
-    result = process_shard(
-        config,
-        shard_url,
-        device,
-        max_images=max_images,
-        on_progress=lambda n: emit("images", shard=public, n=n),
-        # Set by a Prefect worker for the flow-run processes it starts.
-        worker=os.environ.get("PREFECT__WORKER_NAME", ""),
-    )
+    try:
+        result = process_shard(
+            config,
+            shard_url,
+            device,
+            max_images=max_images,
+            on_progress=lambda n: emit("images", shard=public, n=n),
+            # Set by a Prefect worker for the flow-run processes it starts.
+            worker=os.environ.get("PREFECT__WORKER_NAME", ""),
+        )
+    except StorageFailedError as exc:
+        # Returned, not raised: nothing to retry, no traceback; the parent says it once.
+        return {"shard": public, STORAGE_FAILED: str(exc)}
     status = result.to_dict()
     get_run_logger().info("%s", shard_log_line(status, public))
     return status
@@ -189,11 +199,14 @@ def report_task(config: RunConfig) -> dict[str, Any]:
     """Aggregate the run's rows and render the report (:func:`opticam.report.build_report`)."""
     from opticam.report import build_report
 
-    report = build_report(
-        run_url_of(config),
-        storage_options=config.output_options(),
-        data_storage_options=config.data_options(),
-    )
+    try:
+        report = build_report(
+            run_url_of(config),
+            storage_options=config.output_options(),
+            data_storage_options=config.data_options(),
+        )
+    except StorageFailedError as exc:
+        return {STORAGE_FAILED: str(exc)}
     return {
         "summary": list(report.summary),
         "summary_markdown": report.summary_markdown,
@@ -229,9 +242,10 @@ def _run_local(
     queue = deque(pending)
     free = list(devices)
     running: dict[PrefectFuture[Any], tuple[str, dict[str, Any]]] = {}
-    while queue or running:
-        # The device is handed back when its shard ends.
-        while free and queue:
+    while (queue and tally.storage_failed is None) or running:
+        # The device is handed back when its shard ends; no shard starts once the output
+        # storage has failed for good.
+        while free and queue and tally.storage_failed is None:
             item = queue.popleft()
             device = free.pop(0)
             future = shard_task.submit(config, item["url"], device, item["max_images"])
@@ -244,7 +258,10 @@ def _run_local(
         except Exception as exc:
             tally.failure(item["url"], f"{type(exc).__name__}: {exc}")
         else:
-            tally.finished(result)
+            if STORAGE_FAILED in result:
+                tally.storage_failure(item["url"], result[STORAGE_FAILED])
+            else:
+                tally.finished(result)
 
 
 @flow(
@@ -284,9 +301,20 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
 
         check_config(config)
         devices = [f"work pool {config.pool} ({shard_deployment(config.pool or '')})"]
-    store.write_run_json(run, config, plan, config.output_options())
-    pending = pending_shards(config, plan)
+    try:
+        store.write_run_json(run, config, plan, config.output_options())
+        pending = pending_shards(config, plan)
+    except StorageFailedError as exc:
+        logger.error("%s; stopping the run", exc)
+        return Failed(message=str(exc), data=_ended_early(config, run, len(plan), str(exc)))
     skipped = len(plan) - len(pending)
+    for name, (why, moved) in pending.damaged.items():
+        logger.warning(
+            "shard %s: its rows file is damaged (%s); moved to %s, computing the shard again",
+            name,
+            why,
+            redact_url(moved),
+        )
     logger.info(
         "run %s: %d shards planned, %d already done, %d to process on %s%s",
         redact_url(run),
@@ -304,6 +332,7 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         pending=len(pending),
         skipped=skipped,
         duplicates=plan.duplicates,
+        damaged={name: [why, redact_url(moved)] for name, (why, moved) in pending.damaged.items()},
         devices=devices,
         max_images=[p["max_images"] for p in pending],
     )
@@ -316,9 +345,16 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         _run_local(config, pending, devices, tally)
         most_in_flight = min(len(devices), len(pending))
 
-    report = report_task(config)
-    _publish(config, report)
-    emit("report", **report)
+    report: dict[str, Any] = {"summary": [], "index_url": "", "summary_markdown": "", "files": []}
+    if tally.storage_failed is None:
+        built = report_task(config)
+        if STORAGE_FAILED in built:
+            tally.storage_failed = built[STORAGE_FAILED]
+            logger.error("%s; no report", tally.storage_failed)
+        else:
+            report = built
+            _publish(config, report)
+            emit("report", **report)
     results = tally.results
     summary = {
         "run_id": config.run_id,
@@ -338,6 +374,7 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         "report_url": report["index_url"],
         "summary": report["summary"],
         "most_in_flight": most_in_flight,
+        STORAGE_FAILED: tally.storage_failed,
     }
     elapsed = time.monotonic() - started
     logger.info(
@@ -351,8 +388,10 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         summary["errors"],
         elapsed,
         summary["images"] / elapsed if elapsed > 0 else 0.0,
-        redact_url(report["index_url"]),
+        redact_url(report["index_url"]) or "not written",
     )
+    if tally.storage_failed is not None:
+        return Failed(message=tally.storage_failed, data=summary)
     if tally.failed:
         message = (
             f"{len(tally.failed)} of {len(plan)} shards failed; rerun the same job to retry them"
@@ -360,6 +399,30 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         logger.error(message)
         return Failed(message=message, data=summary)
     return Completed(message=f"{len(plan)} shards done", data=summary)
+
+
+def _ended_early(config: RunConfig, run: str, planned: int, message: str) -> dict[str, Any]:
+    """The run's result when the output storage failed before any shard started."""
+    return {
+        "run_id": config.run_id,
+        "run_url": run,
+        "executor": config.executor,
+        "shards_total": planned,
+        "shards_processed": 0,
+        "shards_skipped": 0,
+        "shards_failed": 0,
+        "failed": {},
+        "shards_held": 0,
+        "held": {},
+        "images": 0,
+        "rows": 0,
+        "errors": 0,
+        "incomplete": [],
+        "report_url": "",
+        "summary": [],
+        "most_in_flight": 0,
+        STORAGE_FAILED: message,
+    }
 
 
 def _publish(config: RunConfig, report: dict[str, Any]) -> None:

@@ -56,7 +56,19 @@ from opticam.config import (
 from opticam.demo.cache import DEMO_METHODS, DEMO_STEPS
 from opticam.errors import UserError
 
-__all__ = ["CLIError", "Flag", "build_parser", "config_from_args", "main", "parse_storage_options"]
+__all__ = [
+    "EXIT_STORAGE_FAILED",
+    "CLIError",
+    "Flag",
+    "build_parser",
+    "config_from_args",
+    "main",
+    "parse_storage_options",
+]
+
+#: Exit status of ``opticam run`` when the output storage failed for good mid-run (no
+#: space, a quota, permission denied, a read-only file system, a missing bucket).
+EXIT_STORAGE_FAILED = 3
 
 
 class CLIError(UserError):
@@ -440,7 +452,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             out.write(
                 f"shard runs on pool {config.pool}: at most {result['most_in_flight']} in flight\n"
             )
-        out.write(f"report: {_local_path(result['report_url'])}\n")
+        if result["report_url"]:
+            out.write(f"report: {_local_path(result['report_url'])}\n")
+        else:
+            out.write("report: not written\n")
+    failed_storage = result.get("storage_failed")
+    if failed_storage:
+        # One line, no traceback; what was written before stays (every write is atomic).
+        sys.stderr.write(
+            f"opticam run: error: {failed_storage}. Nothing already written is lost: "
+            "fix the storage, then rerun the same command to finish the run\n"
+        )
+        return EXIT_STORAGE_FAILED
     for url in result["incomplete"]:
         sys.stderr.write(
             f"incomplete shard {url}: the tar is truncated in storage; its rows hold the "

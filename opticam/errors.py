@@ -16,6 +16,7 @@ __all__ = [
     "MAX_QUOTED_CHARS",
     "ConfigError",
     "OutputError",
+    "StorageFailedError",
     "UserError",
     "shorten",
     "short_repr",
@@ -77,3 +78,21 @@ class OutputError(UserError, OSError):
 
     Also an S3 endpoint that does not answer, or no credentials to write with.
     """
+
+
+class StorageFailedError(OutputError):
+    """The output storage refused a write for a reason that will not go away by waiting:
+    no space left, a quota, permission denied, a read-only file system, a bucket or
+    folder that no longer exists. Never retried: the run ends with one line naming the
+    storage and the cause (exit status 3 for ``opticam run``).
+
+    Attributes:
+        url: the output URL whose write failed (credentials removed).
+        cause: the cause in a few words (``"no space left on device"``).
+    """
+
+    def __init__(self, url: str, cause: str, detail: str = "") -> None:
+        self.url = url
+        self.cause = cause
+        extra = f" ({shorten(detail)})" if detail and detail != cause else ""
+        super().__init__(f"the output storage failed for good: {cause}, writing {url}{extra}")

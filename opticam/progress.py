@@ -64,7 +64,11 @@ class RunProgress:
             f"run {d['run_id']}: {d['total']} shards, {d['skipped']} already done, "
             f"{d['pending']} to process on {', '.join(d['devices'])}"
             f"{duplicates_note(int(d.get('duplicates') or 0))}\n"
-            f"output: {d['run_url']}\n"
+            + "".join(
+                f"shard {name}: rows file damaged ({why}); moved to {moved}, computing it again\n"
+                for name, (why, moved) in (d.get("damaged") or {}).items()
+            )
+            + f"output: {d['run_url']}\n"
         )
         if self.tty and self.pending:
             from rich.console import Console

@@ -532,3 +532,52 @@ def test_exit_status_says_whether_images_were_lost(
     assert "1 held by another run" in out
     if line is not None:
         assert line in err
+
+
+def test_a_disk_that_fills_up_mid_run_ends_it_in_one_line_with_the_summary(
+    tmp_path: Path,
+) -> None:
+    shards = make_shards(str(tmp_path / "data"), 3, 2, seed=4)
+    output = tmp_path / "runs"
+    argv = [
+        "run", "--data", f"{tmp_path}/data/demo-*.tar", "--output", str(output),
+        "--model", tiny.FACTORY, "--methods", "fakecam", "--device", "cpu",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), str(REPO / "tests/faults")]),
+        # Two output probes (the command's and the flow's), run.json, then the errors and
+        # rows files of the first shard; then the disk is full.
+        "OPTICAM_TEST_ENOSPC_AFTER": "5",
+    }
+    env.pop("PREFECT_API_URL", None)
+    full = subprocess.run(
+        [sys.executable, "-m", "opticam", *argv],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert full.returncode == cli.EXIT_STORAGE_FAILED, full.stderr
+    assert "Traceback" not in full.stderr + full.stdout
+    errors = [line for line in full.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "no space left on device" in errors[0], full.stderr
+    assert "rerun the same command" in errors[0]
+    assert "1 shards processed" in full.stdout and "report: not written" in full.stdout
+    assert len(full.stderr.splitlines()) + len(full.stdout.splitlines()) < 25
+    [run] = output.iterdir()
+    assert len(list((run / "shards").iterdir())) == 1  # the first shard is kept whole
+    assert not [p for p in (run / "shards").iterdir() if p.name.startswith(".")]
+
+    del env["OPTICAM_TEST_ENOSPC_AFTER"]
+    again = run_subprocess_env(argv, tmp_path, env)
+    assert again.returncode == 0, again.stderr
+    assert "3 shards, 1 already done" in again.stderr
+    assert len(list((run / "shards").iterdir())) == 3 and len(shards) == 3
+
+
+def run_subprocess_env(
+    argv: list[str], tmp_path: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "opticam", *argv],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip

@@ -253,6 +253,25 @@ def test_one_tar_named_many_ways_is_planned_computed_and_counted_once(
     assert "4 more entries named a shard already listed" in shown.getvalue()
 
 
+def test_a_damaged_rows_file_is_moved_aside_and_its_shard_computed_again(
+    flows: Any, shards: list[str], tmp_path: Path
+) -> None:
+    config = make_config(shards, str(tmp_path), methods=["fakecam"])
+    first, _ = run_flow(flows, config)
+    run = Path(pipeline.run_url_of(config))
+    damaged = run / "shards" / f"{store.shard_name(shards[0])}.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a copy that stopped early
+    events: list[tuple[str, dict[str, Any]]] = []
+    with flows.progress_listener(lambda e, d: events.append((e, d))):
+        again, _ = run_flow(flows, config)
+    assert (again["shards_processed"], again["shards_skipped"], again["shards_failed"]) == (1, 1, 0)
+    assert again["summary"][0]["images"] == first["summary"][0]["images"] == 12
+    plan = next(d for e, d in events if e == "plan")
+    assert list(plan["damaged"]) == [store.shard_name(shards[0])]
+    [moved] = (run / "damaged").iterdir()
+    assert moved.stat().st_size == 100 and damaged.stat().st_size > 100
+
+
 @pytest.fixture
 def bucket(s3_endpoint: str) -> str:
     """A fresh bucket, created without a LocationConstraint (moto rejects us-east-1's)."""

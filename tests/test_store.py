@@ -431,3 +431,61 @@ def test_is_done_checks_one_rows_file(tmp_path: Path) -> None:
     table = store.rows_to_table([lowres_row(shard, "k", "gradcam", np.ones((2, 2)), 8)])
     store.write_shard(run, table, status_for(shard))
     assert store.is_done(run, shard) and not store.is_done(run, "s3://b/data/other.tar")
+
+
+@pytest.mark.parametrize(
+    ("code", "cause"),
+    [
+        (28, "no space left on device"),
+        (122, "disk quota exceeded"),
+        (30, "read-only file system"),
+        (13, "permission denied"),
+    ],
+)
+def test_errors_that_stay_are_told_from_hiccups(code: int, cause: str) -> None:
+    from opticam.store.layout import permanent_cause
+
+    assert permanent_cause(OSError(code, os.strerror(code))) == cause
+    assert permanent_cause(OSError(code, "x").with_traceback(None)) == cause
+    # Hiccups are retried: a reset connection, a timeout, a 503.
+    assert permanent_cause(ConnectionResetError(104, "Connection reset by peer")) is None
+    assert permanent_cause(TimeoutError("read timed out")) is None
+    assert permanent_cause(OSError("503 Service Unavailable")) is None
+
+
+def test_a_write_to_a_missing_bucket_fails_for_good_in_one_line(
+    s3_bucket: str, s3_storage_options: dict[str, Any]
+) -> None:
+    import s3fs
+
+    from opticam.errors import StorageFailedError
+
+    url = f"{s3_bucket}/run/shards/x.parquet"
+    s3fs.S3FileSystem(**s3_storage_options).rm(s3_bucket, recursive=True)
+    with pytest.raises(StorageFailedError) as caught:
+        store.atomic_write_bytes(url, b"data", s3_storage_options)
+    message = str(caught.value)
+    assert caught.value.cause == "the bucket does not exist" and url in message
+    assert "\n" not in message and len(message) < 400
+    from opticam_flows.explain import is_transient_error
+
+    assert not is_transient_error(caught.value)
+
+
+def test_a_disk_full_error_on_a_local_write_names_the_file_and_keeps_the_old_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from opticam.errors import StorageFailedError
+
+    target = tmp_path / "run" / "run.json"
+    store.atomic_write_bytes(str(target), b"old")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageFailedError, match="no space left on device, writing .*run.json"):
+        store.atomic_write_bytes(str(target), b"new")
+    assert target.read_bytes() == b"old" and sorted(os.listdir(target.parent)) == ["run.json"]

@@ -8,6 +8,7 @@ work or orchestration starts.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -16,18 +17,22 @@ from opticam import store
 from opticam.config import RunConfig
 from opticam.errors import ConfigError, UserError
 from opticam.pipeline.devices import resolve_device
+from opticam.redact import redact_url
 
 __all__ = [
     "check_methods",
     "clear_model_cache",
     "explainers",
     "get_loaded_model",
+    "PendingShards",
     "ShardPlan",
     "pending_shards",
     "plan_shards",
     "preflight",
     "run_url_of",
 ]
+
+logger = logging.getLogger("opticam.pipeline")
 
 _MODELS: dict[tuple[str, str], Any] = {}
 _MODELS_LOCK = threading.Lock()
@@ -132,10 +137,50 @@ def plan_shards(config: RunConfig) -> ShardPlan:
     return plan
 
 
-def pending_shards(config: RunConfig, plan: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The planned shards whose rows file does not exist yet."""
-    done = set(store.list_done_shards(run_url_of(config), config.output_options()))
-    return [p for p in plan if p["name"] not in done]
+class PendingShards(list[dict[str, Any]]):
+    """The planned shards still to compute (dicts of :func:`plan_shards`), in order.
+
+    Attributes:
+        damaged: ``{shard name: (why its rows file could not count as done, the URL it
+            was moved to)}`` for rows files that :func:`pending_shards` set aside.
+    """
+
+    damaged: dict[str, tuple[str, str]]
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.damaged = {}
+
+
+def pending_shards(config: RunConfig, plan: Sequence[dict[str, Any]]) -> PendingShards:
+    """The planned shards without a sound rows file; damaged rows files are set aside.
+
+    A rows file counts as done only when it passes :func:`opticam.store.check_done_rows`
+    (its size as recorded, a footer that parses and names this shard, the row count its
+    status says). A planned shard's damaged file is moved to ``<run>/damaged/``
+    (:func:`opticam.store.set_aside`), logged, and the shard is computed again.
+
+    Raises:
+        OSError: a damaged file could not be moved aside (the output storage failing).
+    """
+    run = run_url_of(config)
+    options = config.output_options()
+    checked = store.check_done_rows(run, options)
+    planned = {p["name"] for p in plan}
+    pending = PendingShards()
+    for name, why in sorted(checked.damaged.items()):
+        if name in planned:
+            moved = store.set_aside(run, name, options)
+            logger.warning(
+                "rows file of shard %s is damaged (%s): moved to %s; computing the shard again",
+                name,
+                why,
+                redact_url(moved),
+            )
+            pending.damaged[name] = (why, moved)
+    done = set(checked.done)
+    pending.extend(p for p in plan if p["name"] not in done)
+    return pending
 
 
 def preflight(config: RunConfig) -> tuple[ShardPlan, list[str]]:

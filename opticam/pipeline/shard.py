@@ -29,6 +29,7 @@ an orchestrator may retry), and a shard that holds no tar at all
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -208,6 +209,13 @@ def write_outputs(
     status.n_errors = len(errors)
     status.finished = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     status.rows_url = store.rows_url(run, status.shard)
+    data = b""
+    if readable:
+        # Built before either file is written, so that the errors file (written first)
+        # records what the rows file holds: the planner checks a done shard against it.
+        data = store.rows_file_bytes(store.rows_to_table(rows), status)
+        status.rows_bytes = len(data)
+        status.rows_sha256 = hashlib.sha256(data).hexdigest()
     status.errors_url = store.write_errors(run, config.run_id, errors, status, out_options)
     if not readable:
         opened = [e.message for e in errors if e.stage == STAGE_OPEN]
@@ -216,7 +224,7 @@ def write_outputs(
             raise ShardUnavailableError(f"shard {status.shard!r} could not be opened: {reason}")
         reason = next((e.message for e in errors if e.stage == STAGE_NOT_TAR), "no tar header")
         raise ShardNotATarError(f"shard {status.shard!r} holds no tar: {redact_text(reason)}")
-    store.write_shard(run, store.rows_to_table(rows), status, out_options)
+    store.write_shard(run, data, status, out_options)
     return status
 
 

@@ -402,8 +402,9 @@ def build_report(
         data_storage_options = storage_options
 
     run_json = store.read_run_json(run_url, storage_options)
-    rows = store.read_rows(run_url, _ROW_COLUMNS, storage_options)
-    errors = store.read_errors(run_url, storage_options)
+    unreadable: dict[str, str] = {}
+    rows = store.read_rows(run_url, _ROW_COLUMNS, storage_options, unreadable=unreadable)
+    errors = store.read_errors(run_url, storage_options, unreadable=unreadable)
     done = store.list_done_shards(run_url, storage_options)
     statuses = store.read_shard_status(run_url, storage_options)
     run_id = (run_json or {}).get("run_id")
@@ -429,6 +430,11 @@ def build_report(
         preprocess_options=_preprocess_options(run_json, statuses),
     )
     counts, notes = _counts(rows, errors, run_json, done, statuses)
+    notes += [
+        f"Left out: {url} could not be read ({why}). Rerun the job to compute its shard "
+        "again (the damaged file is moved to damaged/)."
+        for url, why in sorted(unreadable.items())
+    ]
     stage_counts = errors.group_by("stage").aggregate([("stage", "count")]).to_pylist()
     content = PageContent(
         run_id=run_id,

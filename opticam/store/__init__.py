@@ -15,6 +15,7 @@ Every name is also importable from :mod:`opticam.store` itself.
 """
 
 from opticam.names import MAP_FORMATS
+from opticam.store.checks import DoneCheck, check_done_rows, readable_files, set_aside
 from opticam.store.layout import (
     atomic_write_bytes,
     errors_url,
@@ -52,12 +53,18 @@ from opticam.store.tables import (
     read_rows,
     read_shard_status,
     read_status,
+    rows_file_bytes,
     rows_to_table,
     write_errors,
     write_shard,
 )
 
 __all__ = [
+    "DoneCheck",
+    "check_done_rows",
+    "readable_files",
+    "rows_file_bytes",
+    "set_aside",
     "ERRORS_SCHEMA",
     "MAP_COLUMNS",
     "MAP_FORMATS",

@@ -21,6 +21,7 @@ partial file and a writer that fails midway leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -31,10 +32,14 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from opticam.redact import redact_url
+from opticam.errors import StorageFailedError
+from opticam.redact import redact_text, redact_url
 
 __all__ = [
     "atomic_write_bytes",
+    "failing_for_good",
+    "permanent_cause",
+    "storage_failure",
     "invalidate",
     "errors_url",
     "filesystem",
@@ -140,6 +145,78 @@ def list_parquet(folder: str, storage_options: Mapping[str, Any] | None) -> tupl
     return fs, sorted(files)
 
 
+_PERMANENT_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large for the storage",
+}
+# What object stores (s3fs, gcsfs, adlfs) put in the messages of errors that stay.
+_PERMANENT_WORDS = (
+    ("NoSuchBucket", "the bucket does not exist"),
+    ("bucket does not exist", "the bucket does not exist"),
+    ("AccessDenied", "permission denied"),
+    ("Access Denied", "permission denied"),
+    ("QuotaExceeded", "a storage quota is exceeded"),
+    ("quota", "a storage quota is exceeded"),
+    ("InvalidAccessKeyId", "the credentials are refused"),
+    ("SignatureDoesNotMatch", "the credentials are refused"),
+    ("No space left", "no space left on device"),
+    ("Read-only file system", "read-only file system"),
+)
+
+
+def permanent_cause(exc: BaseException) -> str | None:
+    """Why a failed write will fail again however long one waits, or None (retry it).
+
+    Errors that stay: no space, a quota, permission denied, a read-only file system
+    (by ``errno``), and an object store's missing bucket, refused access or
+    credentials, or quota (by the error code in the message). A missing folder is one
+    too: writes create their folders, so it was removed while the run went on.
+    """
+    if isinstance(exc, StorageFailedError):
+        return exc.cause
+    for error in (exc, exc.__cause__, exc.__context__):
+        if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
+            return _PERMANENT_ERRNOS[error.errno]
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    text = str(exc)
+    for word, cause in _PERMANENT_WORDS:
+        if word.lower() in text.lower():
+            return cause
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return "the output folder or bucket no longer exists"
+    return None
+
+
+def storage_failure(exc: BaseException, url: str) -> StorageFailedError | None:
+    """The :class:`~opticam.errors.StorageFailedError` for a failed write of ``url``, or
+    None when the error may go away (a network hiccup: retry it)."""
+    if isinstance(exc, StorageFailedError):
+        return exc
+    cause = permanent_cause(exc)
+    if cause is None:
+        return None
+    detail = redact_text(" ".join(str(exc).split()))
+    return StorageFailedError(redact_url(url), cause, detail)
+
+
+@contextlib.contextmanager
+def failing_for_good(url: str) -> Any:
+    """Turn an error that will not go away, raised in the block, into a
+    :class:`~opticam.errors.StorageFailedError` naming ``url``; others pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        failure = storage_failure(exc, url)
+        if failure is None or failure is exc:
+            raise
+        raise failure from exc
+
+
 def atomic_write_bytes(
     url: str, data: bytes, storage_options: Mapping[str, Any] | None = None
 ) -> None:
@@ -150,7 +227,17 @@ def atomic_write_bytes(
     filesystem); on any error the temporary file is removed and the destination keeps its
     previous content (or stays absent). Other filesystems: one ``pipe_file`` call with the
     complete bytes, i.e. one PUT (or one completed multipart upload) on S3.
+
+    Raises:
+        opticam.errors.StorageFailedError: the storage refused the write for good (no
+            space, a quota, permission, a read-only file system, a missing bucket).
+        OSError: a failure that may go away (worth retrying).
     """
+    with failing_for_good(url):
+        _atomic_write(url, data, storage_options)
+
+
+def _atomic_write(url: str, data: bytes, storage_options: Mapping[str, Any] | None) -> None:
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         folder = os.path.dirname(path) or "."

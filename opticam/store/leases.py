@@ -32,7 +32,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from opticam.store.layout import filesystem, invalidate, join, shard_name
+from opticam.store.layout import failing_for_good, filesystem, invalidate, join, shard_name
 
 __all__ = [
     "DEFAULT_TTL",
@@ -108,7 +108,16 @@ def _lease_url(run: str, name: str, generation: int) -> str:
 
 
 def _create_exclusive(url: str, data: bytes, storage_options: Mapping[str, Any] | None) -> bool:
-    """Create ``url`` with ``data`` unless it exists; True when this call created it."""
+    """Create ``url`` with ``data`` unless it exists; True when this call created it.
+
+    Raises:
+        opticam.errors.StorageFailedError: the storage refused the write for good.
+    """
+    with failing_for_good(url):
+        return _create(url, data, storage_options)
+
+
+def _create(url: str, data: bytes, storage_options: Mapping[str, Any] | None) -> bool:
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         folder = os.path.dirname(path)

@@ -141,10 +141,12 @@ def _check_local(url: str, path: str, storage_options: Mapping[str, Any] | None)
         atomic_write_bytes(probe, b"opticam output probe\n", storage_options)
         os.unlink(probe)
     except OSError as err:
-        mapped = _local_error(url, path, err)
+        # The writer names errors that stay; the probe explains the first write's own.
+        raw = err.__cause__ if isinstance(err.__cause__, OSError) else err
+        mapped = _local_error(url, path, raw)
         if mapped is None:
             raise
-        raise mapped from err
+        raise mapped from raw
 
 
 def _local_error(url: str, path: str, err: OSError) -> OutputError | None:

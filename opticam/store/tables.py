@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -29,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from opticam.errors import shorten
 from opticam.redact import redact_text, redact_url
 from opticam.store.layout import (
     atomic_write_bytes,
@@ -52,10 +54,13 @@ __all__ = [
     "read_errors",
     "read_rows",
     "read_shard_status",
+    "rows_file_bytes",
     "rows_to_table",
     "write_errors",
     "write_shard",
 ]
+
+logger = logging.getLogger("opticam.store")
 
 #: Version of the layout and of :data:`SCHEMA`; stored in run.json and file metadata.
 SCHEMA_VERSION = "2"
@@ -151,6 +156,9 @@ class ShardStatus:
         held_by: the lease owner that kept this call from computing the shard.
         worker: the Prefect worker whose flow run computed the shard (executor
             ``deployments``); empty for a local run.
+        rows_bytes: size of the rows file as written; recorded in the errors file's
+            status (a file cannot hold its own size), None before it was recorded.
+        rows_sha256: SHA-256 (hex) of the rows file as written; like ``rows_bytes``.
         schema_version: :data:`SCHEMA_VERSION` of the files.
     """
 
@@ -175,6 +183,8 @@ class ShardStatus:
     skipped: bool = False
     held_by: str = ""
     worker: str = ""
+    rows_bytes: int | None = None
+    rows_sha256: str = ""
     schema_version: str = field(default=SCHEMA_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,8 +203,20 @@ class ShardStatus:
 
 def _table_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    # Page checksums: a reader that verifies them finds bytes changed in storage.
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
     return sink.getvalue()
+
+
+def rows_file_bytes(table: pa.Table, status: ShardStatus) -> bytes:
+    """The bytes of a shard's rows file: ``table`` (schema :data:`SCHEMA`) and its status.
+
+    Raises:
+        ValueError: the table does not have the opticam schema.
+    """
+    if not table.schema.equals(SCHEMA, check_metadata=False):
+        raise ValueError(f"shard table does not have the opticam schema:\n{table.schema}")
+    return _table_bytes(_with_status(table, status))
 
 
 def _with_status(table: pa.Table, status: ShardStatus) -> pa.Table:
@@ -227,15 +249,23 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 
 def write_shard(
     run: str,
-    table: pa.Table,
+    table: pa.Table | bytes,
     status: ShardStatus,
     storage_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write the rows of one shard (marks the shard done); returns the rows URL."""
-    if not table.schema.equals(SCHEMA, check_metadata=False):
-        raise ValueError(f"shard table does not have the opticam schema:\n{table.schema}")
+    """Write the rows of one shard (marks the shard done); returns the rows URL.
+
+    Args:
+        run: run folder URL.
+        table: the rows (schema :data:`SCHEMA`), or the file's bytes from
+            :func:`rows_file_bytes` (so that their size and checksum could be recorded
+            first).
+        status: the shard status stored in the file metadata (``table`` given).
+        storage_options: fsspec options of the output.
+    """
+    data = table if isinstance(table, bytes) else rows_file_bytes(table, status)
     url = rows_url(run, status.shard)
-    atomic_write_bytes(url, _table_bytes(_with_status(table, status)), storage_options)
+    atomic_write_bytes(url, data, storage_options)
     return url
 
 
@@ -293,9 +323,58 @@ def list_done_shards(run: str, storage_options: Mapping[str, Any] | None = None)
 def _dataset(files: list[str], fs: Any, schema: pa.Schema) -> pads.Dataset:
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    return pads.dataset(
-        files, schema=schema, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs))
+    # Page checksums verified: bytes changed in storage fail the read of that file.
+    parquet = pads.ParquetFileFormat(
+        default_fragment_scan_options=pads.ParquetFragmentScanOptions(
+            page_checksum_verification=True
+        )
     )
+    return pads.dataset(
+        files, schema=schema, format=parquet, filesystem=PyFileSystem(FSSpecHandler(fs))
+    )
+
+
+def _read_table(
+    files: list[str],
+    fs: Any,
+    schema: pa.Schema,
+    unreadable: dict[str, str] | None,
+    columns: list[str] | None = None,
+    filter: Any = None,
+) -> pa.Table:
+    """The files' rows as one table; files that cannot be read are left out, logged,
+    and named in ``unreadable`` (``{URL: why}``) when the caller passes a dict."""
+    from opticam.store.checks import readable_files
+
+    good, bad = readable_files(fs, files)
+
+    def left_out(path: str, why: str) -> None:
+        url = path if _is_local_fs(fs) else str(fs.unstrip_protocol(path))
+        logger.warning("left out of what was read: %s: %s", redact_url(url), why)
+        if unreadable is not None:
+            unreadable[redact_url(url)] = why
+
+    for path, why in bad.items():
+        left_out(path, why)
+    empty = schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    if not good:
+        return empty
+    try:
+        return _dataset(good, fs, schema).to_table(columns=columns, filter=filter)
+    except (OSError, pa.ArrowException):
+        pass  # a damaged page somewhere: read file by file to keep the others
+    tables = []
+    for path in good:
+        try:
+            tables.append(_dataset([path], fs, schema).to_table(columns=columns, filter=filter))
+        except (OSError, pa.ArrowException) as exc:
+            left_out(path, shorten(f"its data could not be read ({type(exc).__name__}: {exc})"))
+    return pa.concat_tables(tables) if tables else empty
+
+
+def _is_local_fs(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
 
 
 # What rows files of every version are read with: the current columns (nullable, since a
@@ -313,17 +392,21 @@ def read_rows(
     columns: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     filter: Any = None,
+    *,
+    unreadable: dict[str, str] | None = None,
 ) -> pa.Table:
     """All rows of the run's finished shards (an empty table with the schema if none).
 
     Runs written with schema version 1 are read too: their renamed columns come back
     under the current names (a ``filter`` on a renamed column sees null in such files).
+    A rows file that cannot be read (damaged in storage) is left out and logged.
 
     Args:
         run: run folder URL.
         columns: subset of :data:`SCHEMA` columns (skipping ``saliency`` is much faster).
         storage_options: fsspec options of the output.
         filter: optional ``pyarrow.dataset`` expression, e.g. ``pc.field("method") == "opticam"``.
+        unreadable: a dict that receives ``{file URL: why}`` for each file left out.
 
     Raises:
         KeyError: a column that is not in :data:`SCHEMA`.
@@ -337,7 +420,7 @@ def read_rows(
         return SCHEMA.empty_table().select(wanted)
     old_names = {new: old for old, new in _RENAMED.items()}
     read = wanted + [old_names[c] for c in wanted if c in old_names]
-    table = _dataset(files, fs, _READ_SCHEMA).to_table(columns=read, filter=filter)
+    table = _read_table(files, fs, _READ_SCHEMA, unreadable, columns=read, filter=filter)
     for new, old in old_names.items():
         if new in wanted:
             merged = pc.coalesce(table.column(new), table.column(old))
@@ -346,12 +429,18 @@ def read_rows(
     return table.cast(pa.schema([SCHEMA.field(c) for c in wanted], metadata=SCHEMA.metadata))
 
 
-def read_errors(run: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """All error rows of the run (schema :data:`ERRORS_SCHEMA`)."""
+def read_errors(
+    run: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    unreadable: dict[str, str] | None = None,
+) -> pa.Table:
+    """All error rows of the run (schema :data:`ERRORS_SCHEMA`); damaged files are left
+    out, logged, and named in ``unreadable`` as in :func:`read_rows`."""
     fs, files = list_parquet(join(run, "errors"), storage_options)
     if not files:
         return ERRORS_SCHEMA.empty_table()
-    return _dataset(files, fs, ERRORS_SCHEMA).to_table()
+    return _read_table(files, fs, ERRORS_SCHEMA, unreadable)
 
 
 def read_status(
@@ -389,7 +478,11 @@ def read_shard_status(
     done = set(list_done_shards(run, storage_options))
     out = []
     for path in files:
-        status = _stored_status(fs, path) or {"name": path.rsplit("/", 1)[-1][:-8]}
+        try:
+            stored = _stored_status(fs, path)
+        except Exception:  # a damaged errors file: the shard is known by its name only
+            stored = None
+        status = stored or {"name": path.rsplit("/", 1)[-1][:-8]}
         status["done"] = status.get("name") in done
         out.append(status)
     return out
