@@ -54,7 +54,7 @@ from opticam.config import (
     method_options_model,
 )
 from opticam.demo.cache import DEMO_METHODS, DEMO_STEPS
-from opticam.errors import UserError
+from opticam.errors import MAX_MESSAGE_CHARS, UserError, short_repr, shorten
 
 __all__ = [
     "EXIT_STORAGE_FAILED",
@@ -254,13 +254,13 @@ def parse_storage_options(pairs: Sequence[str], s3_endpoint: str | None = None) 
     for pair in items:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise CLIError(f"storage option {pair!r} is not KEY=VALUE")
+            raise CLIError(f"storage option {short_repr(pair)} is not KEY=VALUE")
         node = options
         parts = key.strip().split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise CLIError(f"storage option {key!r} conflicts with an earlier value")
+                raise CLIError(f"storage option {short_repr(key)} conflicts with an earlier value")
             node = child
         node[parts[-1]] = raw if parts[-1] == "endpoint_url" else _json_or_text(raw)
     return options
@@ -298,7 +298,7 @@ def _method_entries(value: Any) -> list[dict[str, Any]]:
                 }
             )
         else:
-            raise CLIError(f"a method must be a name or {{name, options}}, got {item!r}")
+            raise CLIError(f"a method must be a name or {{name, options}}, got {short_repr(item)}")
     return entries
 
 
@@ -330,7 +330,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if given:
             base = fields.get(group) or {}
             if not isinstance(base, dict):
-                raise CLIError(f"{group!r} in the job file must be a mapping, got {base!r}")
+                raise CLIError(
+                    f"{short_repr(group)} in the job file must be a mapping, got {short_repr(base)}"
+                )
             fields[group] = {**base, **given}
     if demo:
         fields.setdefault("metrics", {}).setdefault("steps", DEMO_STEPS)
@@ -498,7 +500,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     run = args.run_url.rstrip("/")
     options = _storage(args) or None
     if store.read_run_json(run, options) is None and not store.list_done_shards(run, options):
-        raise CLIError(f"no opticam run at {run!r} (no run.json, no shards)")
+        raise CLIError(f"no opticam run at {short_repr(run)} (no run.json, no shards)")
     report = build_report(run, storage_options=options)
     sys.stdout.write(format_table(report.summary) + "\n")
     sys.stdout.write(f"report: {_local_path(report.index_url)}\n")
@@ -526,9 +528,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
             with fsspec.open(url, "rb", **storage) as f:
                 pictures.append(decode_image(f.read()))
         except FileNotFoundError:
-            raise CLIError(f"image {url!r} not found") from None
+            raise CLIError(f"image {short_repr(url)} not found") from None
         except (OSError, ValueError) as err:
-            raise CLIError(f"cannot read image {url!r}: {err}") from err
+            raise CLIError(f"cannot read image {short_repr(url)}: {err}") from err
         stems.append(Path(url.rstrip("/").rsplit("/", 1)[-1]).stem)
     methods = [m.strip().lower() for m in args.method.split(",") if m.strip()]
     if opticam_options and "opticam" not in methods:
@@ -606,9 +608,11 @@ def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {short_repr(text)}"
+        ) from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {short_repr(text)}")
     return value
 
 
@@ -780,15 +784,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_workers(plan_workers(args.pool, slots=args.slots, name=args.name))
 
 
+#: Problems of one invalid configuration named in its message (the rest are counted).
+_MAX_PROBLEMS = 5
+
+
 def _one_line(exc: BaseException) -> str:
+    """One line for a user's error, at most :data:`opticam.errors.MAX_MESSAGE_CHARS`
+    characters whatever it quotes (values are also shortened where they are quoted)."""
     if isinstance(exc, ValidationError):
         parts = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err.get("loc", ()))
-            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        problems = exc.errors()
+        for err in problems[:_MAX_PROBLEMS]:
+            loc = shorten(".".join(str(p) for p in err.get("loc", ())))
+            msg = shorten(str(err.get("msg", "")).removeprefix("Value error, "), 400)
             parts.append(f"{loc}: {msg}" if loc else msg)
-        return "invalid configuration: " + "; ".join(parts)
-    return " ".join((str(exc) or type(exc).__name__).split())
+        if len(problems) > _MAX_PROBLEMS:
+            parts.append(f"and {len(problems) - _MAX_PROBLEMS} more problems")
+        text = "invalid configuration: " + "; ".join(parts)
+    else:
+        text = str(exc) or type(exc).__name__
+    return shorten(" ".join(text.split()), MAX_MESSAGE_CHARS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

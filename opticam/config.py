@@ -46,6 +46,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from opticam.errors import short_repr, shorten
 from opticam.names import (
     INTERPOLATIONS,
     KNOWN_METHODS,
@@ -119,14 +120,14 @@ def check_pool_name(value: str) -> str:
     """``value`` if it is a usable work pool name, else ValueError naming it."""
     if not _POOL_RE.match(value):
         raise ValueError(
-            f"pool must be a work pool name (letters, digits, '-', '_', '.'), got {value!r}"
+            f"pool must be a work pool name (letters, digits, '-', '_', '.'), got {short_repr(value)}"
         )
     return value
 
 
 def _one_of(value: str, known: tuple[str, ...], what: str) -> str:
     if value not in known:
-        raise ValueError(f"unknown {what} {value!r} (known: {', '.join(known)})")
+        raise ValueError(f"unknown {what} {short_repr(value)} (known: {', '.join(known)})")
     return value
 
 
@@ -208,7 +209,7 @@ class ModelSpec(BaseModel):
     def _check_source(cls, value: str) -> str:
         if not _SOURCE_RE.match(value):
             raise ValueError(
-                f"unknown model source {value!r} (accepted: 'demo', "
+                f"unknown model source {short_repr(value)} (accepted: 'demo', "
                 "'torchvision:NAME[:WEIGHTS]' e.g. 'torchvision:resnet50:IMAGENET1K_V2', "
                 "'factory:package.module:function', 'timm:NAME[:TAG]' e.g. "
                 "'timm:resnet50:a1_in1k', 'hf:ORG/NAME' e.g. 'hf:google/vit-base-patch16-224' "
@@ -414,7 +415,7 @@ class MethodSpec(BaseModel):
         unknown = sorted(set(value) - set(model.model_fields))
         if unknown:
             raise ValueError(
-                f"unknown option(s) {', '.join(map(repr, unknown))} for method {name!r} "
+                f"unknown option(s) {shorten(', '.join(map(short_repr, unknown)))} for method {short_repr(name)} "
                 f"(accepted: {', '.join(model.model_fields) or 'none'})"
             )
         try:
@@ -424,7 +425,7 @@ class MethodSpec(BaseModel):
                 f"{'.'.join(map(str, e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
                 for e in err.errors()
             )
-            raise ValueError(f"bad option for method {name!r}: {problems}") from None
+            raise ValueError(f"bad option for method {short_repr(name)}: {problems}") from None
         # The given keys with their checked values ("1e-10" from a YAML file is a float).
         return {key: getattr(checked, key) for key in value}
 
@@ -596,7 +597,7 @@ class RunConfig(BaseModel):
         items = [value] if isinstance(value, str) else value
         if not items or any(not isinstance(v, str) or not v.strip() for v in items):
             raise ValueError(
-                f"data must be a non-empty shard URL/pattern or a list of them, got {value!r}"
+                f"data must be a non-empty shard URL/pattern or a list of them, got {short_repr(value)}"
             )
         return value
 
@@ -638,7 +639,9 @@ class RunConfig(BaseModel):
     def _check_device(cls, value: str) -> str:
         device = value.strip().lower()
         if not _DEVICE_RE.match(device):
-            raise ValueError(f"unknown device {value!r} (accepted: auto, cpu, cuda, cuda:N, mps)")
+            raise ValueError(
+                f"unknown device {short_repr(value)} (accepted: auto, cpu, cuda, cuda:N, mps)"
+            )
         return device
 
     @field_validator("pool")

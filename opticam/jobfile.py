@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from opticam.config import OptiCAMOptions, RunConfig
-from opticam.errors import UserError
+from opticam.errors import UserError, short_repr
 
 __all__ = ["SECRET_FIELDS", "example_yaml", "read_job_file"]
 
@@ -37,24 +37,24 @@ def read_job_file(path: str) -> dict[str, Any]:
         with fsspec.open(path, "rt", encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise UserError(f"job file {path!r} not found") from None
+        raise UserError(f"job file {short_repr(path)} not found") from None
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read job file {path!r}: {err}") from err
+        raise UserError(f"cannot read job file {short_repr(path)}: {err}") from err
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as err:
         first = " ".join(str(err).split())
-        raise UserError(f"job file {path!r} is not valid YAML/JSON: {first}") from err
+        raise UserError(f"job file {short_repr(path)} is not valid YAML/JSON: {first}") from err
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(
-            f"job file {path!r} must hold a mapping of RunConfig fields, got {type(data).__name__}"
+            f"job file {short_repr(path)} must hold a mapping of RunConfig fields, got {type(data).__name__}"
         )
     secret = sorted(set(data) & set(SECRET_FIELDS))
     if secret:
         raise UserError(
-            f"job file {path!r} sets {', '.join(secret)}: credentials are not read from job "
+            f"job file {short_repr(path)} sets {', '.join(secret)}: credentials are not read from job "
             "files; use the environment (AWS_*), an instance role, or --storage-option"
         )
     return data

@@ -581,3 +581,67 @@ def run_subprocess_env(
         [sys.executable, "-m", "opticam", *argv],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+ALIAS_BOMB = """\
+a: &a ["xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+{field}: [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+"""
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        ALIAS_BOMB.format(field="methods"),
+        ALIAS_BOMB.format(field="data"),
+        ALIAS_BOMB.format(field="device"),
+        ALIAS_BOMB.format(field="model"),
+        "methods:\n  - name: opticam\n    options: {iterations: '" + "9" * 100_000 + "'}\n",
+        "methods:\n  - name: opticam\n    options: {" + "k" * 100_000 + ": 1}\n",
+        "data: '" + "/x" * 100_000 + ".tar'\n",
+        "output: {" + ", ".join(f"k{i}: 1" for i in range(20_000)) + "}\n",
+    ],
+    ids=["bomb-methods", "bomb-data", "bomb-device", "bomb-model", "long-value", "long-key",
+         "long-data", "many-keys"],
+)  # fmt: skip
+def test_messages_quote_a_job_file_value_in_a_few_hundred_characters(
+    job: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: str
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(job)
+    assert path.stat().st_size < 1_000_000
+    code, out, err = run_main(["run", "--config", str(path), "--model", tiny_model], capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and len(err) < 2_100, err[:300]
+    assert err.startswith("opticam run: error: ")
+
+
+def test_library_errors_quote_values_in_a_few_hundred_characters() -> None:
+    from pydantic import ValidationError
+
+    from opticam.config import MethodSpec, RunConfig
+    from opticam.data import expand_shards
+    from opticam.errors import MAX_QUOTED_CHARS, UserError, short_repr
+
+    huge = "q" * 1_000_000
+    shared: list[Any] = ["x" * 100] * 10
+    for _ in range(5):
+        shared = [shared] * 10  # 10^6 leaves, a few kilobytes in memory
+    with pytest.raises(UserError) as caught:
+        expand_shards([huge])
+    assert len(str(caught.value)) < 2 * MAX_QUOTED_CHARS + 200
+    for bad in (huge, shared, 10**5000):
+        with pytest.raises((ValidationError, ValueError)) as failed:
+            RunConfig(data="d.tar", device=bad)
+        assert len(str(failed.value)) < 3_000
+        with pytest.raises((ValidationError, ValueError)) as failed:
+            key = bad if isinstance(bad, str | int) else "k"
+            RunConfig(data="d.tar", methods=[MethodSpec(name="opticam", options={key: bad})])
+        assert len(str(failed.value)) < 3_000
+    assert len(short_repr(shared)) <= MAX_QUOTED_CHARS + 60
+    assert short_repr(10**5000) == "<an integer of 16610 bits>"
+    assert len(str(UserError(huge))) < 2_100

@@ -44,6 +44,7 @@ from opticam.data.reader import parse_boxes
 from opticam.data.types import Box
 from opticam.data.urls import storage_options_for
 from opticam.data.writer import ShardWriter
+from opticam.errors import short_repr
 
 __all__ = ["PackItem", "collect_csv", "collect_image_folder", "make_key", "pack"]
 
@@ -91,7 +92,7 @@ def _extension(path: str) -> str:
 
 def _unsupported(path: str) -> ValueError:
     return ValueError(
-        f"unsupported image file {path!r} (extension {_extension(path)!r}); "
+        f"unsupported image file {short_repr(path)} (extension {short_repr(_extension(path))}); "
         f"accepted: {', '.join('.' + e for e in IMAGE_EXTENSIONS)}"
     )
 
@@ -122,7 +123,9 @@ def collect_image_folder(
     fs, base = url_to_fs(root, **storage_options_for(root, storage_options))
     base = base.rstrip("/")
     if not fs.isdir(base):
-        raise FileNotFoundError(f"image folder {root!r} does not exist or is not a folder")
+        raise FileNotFoundError(
+            f"image folder {short_repr(root)} does not exist or is not a folder"
+        )
     entries = fs.ls(base, detail=True)
     classes = sorted(
         posixpath.basename(e["name"].rstrip("/"))
@@ -137,12 +140,12 @@ def collect_image_folder(
     ]
     if loose:
         raise ValueError(
-            f"image folder {root!r} has images directly in it (e.g. {loose[0]!r}); "
+            f"image folder {short_repr(root)} has images directly in it (e.g. {loose[0]!r}); "
             "the ImageFolder layout needs root/<class_name>/<image> (or use a CSV source)"
         )
     if not classes:
         raise ValueError(
-            f"image folder {root!r} has no class sub-folders; expected root/<class_name>/<image>"
+            f"image folder {short_repr(root)} has no class sub-folders; expected root/<class_name>/<image>"
         )
     items: list[PackItem] = []
     for label, class_name in enumerate(classes):
@@ -169,7 +172,9 @@ def collect_image_folder(
             )
             count += 1
         if count == 0:
-            raise ValueError(f"class folder {class_name!r} in {root!r} contains no images")
+            raise ValueError(
+                f"class folder {short_repr(class_name)} in {short_repr(root)} contains no images"
+            )
     return items
 
 
@@ -202,7 +207,9 @@ def collect_csv(csv_url: str, storage_options: Mapping[str, Any] | None = None) 
         (number, row) for number, row in enumerate(lines, start=1) if any(c.strip() for c in row)
     ]
     if not rows:
-        raise ValueError(f"CSV {csv_url!r} has no rows; expected 'path,label[,boxes]' lines")
+        raise ValueError(
+            f"CSV {short_repr(csv_url)} has no rows; expected 'path,label[,boxes]' lines"
+        )
     columns = ["path", "label", "boxes"]
     first = [cell.strip().lower() for cell in rows[0][1]]
     if "path" in first:
@@ -211,12 +218,12 @@ def collect_csv(csv_url: str, storage_options: Mapping[str, Any] | None = None) 
         unknown = set(columns) - {"path", "label", "boxes", "class_name"}
         if unknown or "label" not in columns:
             raise ValueError(
-                f"CSV {csv_url!r} header {first}: columns must be path, label "
+                f"CSV {short_repr(csv_url)} header {first}: columns must be path, label "
                 f"and optionally boxes, class_name (unknown: {sorted(unknown)})"
             )
     items: list[PackItem] = []
     for number, row in rows:
-        where = f"CSV {csv_url!r} line {number} ({','.join(row)!r})"
+        where = f"CSV {short_repr(csv_url)} line {number} ({','.join(row)!r})"
         if len(row) > len(columns) or len(row) < 2:
             raise ValueError(
                 f"{where}: expected columns {', '.join(columns)}, got {len(row)} fields"
@@ -235,7 +242,7 @@ def collect_csv(csv_url: str, storage_options: Mapping[str, Any] | None = None) 
                 label = int(label_text)
             except ValueError:
                 raise ValueError(
-                    f"{where}: label must be an integer or empty, got {label_text!r}"
+                    f"{where}: label must be an integer or empty, got {short_repr(label_text)}"
                 ) from None
             if label < 0:
                 raise ValueError(
@@ -277,7 +284,7 @@ def _check_image(data: bytes, item: PackItem) -> None:
             image.size  # noqa: B018 - reading the header is the check
     except Exception as exc:
         raise ValueError(
-            f"{item.url!r} is not a readable image: {type(exc).__name__}: {exc}"
+            f"{short_repr(item.url)} is not a readable image: {type(exc).__name__}: {exc}"
         ) from exc
 
 
@@ -345,7 +352,9 @@ def pack(
                     data = handle.read()
             except OSError as exc:
                 origin = f" ({item.origin})" if item.origin else ""
-                raise ValueError(f"cannot read image {item.url!r}{origin}: {exc}") from exc
+                raise ValueError(
+                    f"cannot read image {short_repr(item.url)}{origin}: {exc}"
+                ) from exc
             _check_image(data, item)
             meta: dict[str, Any] = {"path": item.relpath}
             sample: dict[str, Any] = {"__key__": key, item.extension: data}

@@ -116,7 +116,7 @@ def _check_range_sizes(pattern: str) -> None:
         count = abs(last - first) // step + 1
         if count > MAX_BRACE_EXPANSION:
             raise ShardPatternError(
-                f"shard pattern {pattern!r}: brace range {match[0]} names {count} items "
+                f"shard pattern {short_repr(pattern)}: brace range {match[0]} names {count} items "
                 f"(at most {MAX_BRACE_EXPANSION} accepted)"
             )
 
@@ -152,12 +152,12 @@ def expand_braces(pattern: str) -> list[str]:
         names = list(islice(braceexpand(pattern), MAX_BRACE_EXPANSION + 1))
     except ValueError:  # braceexpand.UnbalancedBracesError, its only error (not in its stub)
         raise ShardPatternError(
-            f"shard pattern {pattern!r} has unbalanced braces; every '{{' needs a "
+            f"shard pattern {short_repr(pattern)} has unbalanced braces; every '{{' needs a "
             "matching '}' (write \\{ or \\} for a literal brace)"
         ) from None
     if len(names) > MAX_BRACE_EXPANSION:
         raise ShardPatternError(
-            f"shard pattern {pattern!r} expands to more than {MAX_BRACE_EXPANSION} names "
+            f"shard pattern {short_repr(pattern)} expands to more than {MAX_BRACE_EXPANSION} names "
             f"(at most {MAX_BRACE_EXPANSION} accepted)"
         )
     return names
@@ -176,7 +176,7 @@ def refuse_pipe(url: str) -> None:
         ValueError: always.
     """
     raise ShardPatternError(
-        f"refusing shard URL {url!r}: 'pipe:' URLs run shell commands; pass "
+        f"refusing shard URL {short_repr(url)}: 'pipe:' URLs run shell commands; pass "
         "allow_pipe=True only for shard lists you wrote yourself"
     )
 
@@ -299,12 +299,12 @@ def _expand_one(
         else:
             urls.append(name if "::" in name else _display_url(fs, path))
     if not urls:
-        raise NoShardsError(f"shard pattern {pattern!r} matched no files")
+        raise NoShardsError(f"shard pattern {short_repr(pattern)} matched no files")
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise NoShardsError(
-            f"shard pattern {pattern!r}: {len(missing)} of {len(names)} named shards "
+            f"shard pattern {short_repr(pattern)}: {len(missing)} of {len(names)} named shards "
             f"do not exist: {shown}{more}"
         )
     return urls

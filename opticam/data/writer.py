@@ -14,6 +14,8 @@ from typing import Any
 import fsspec
 import webdataset as wds
 
+from opticam.errors import short_repr
+
 __all__ = ["ShardWriter", "encode_member"]
 
 
@@ -62,7 +64,7 @@ class ShardWriter:
             pattern % 0
         except TypeError as exc:
             raise ValueError(
-                f"shard pattern {pattern!r} needs one %d slot, e.g. 'shard-%06d.tar'"
+                f"shard pattern {short_repr(pattern)} needs one %d slot, e.g. 'shard-%06d.tar'"
             ) from exc
         self.pattern = pattern
         self.per_shard = per_shard

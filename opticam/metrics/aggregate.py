@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from opticam.errors import short_repr
 from opticam.names import METRICS
 
 __all__ = [
@@ -63,11 +64,13 @@ def _to_numpy(values: ArrayLike, name: str) -> np.ndarray:
             array = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError) as error:
             raise ValueError(
-                f"metric {name!r} must hold numbers (tensor, array or list), "
+                f"metric {short_repr(name)} must hold numbers (tensor, array or list), "
                 f"got {type(values).__name__}"
             ) from error
     if array.ndim > 1:
-        raise ValueError(f"metric {name!r} must be one value per image (1-D), got {array.shape}")
+        raise ValueError(
+            f"metric {short_repr(name)} must be one value per image (1-D), got {array.shape}"
+        )
     return array.reshape(-1)
 
 
@@ -117,9 +120,9 @@ def bootstrap_ci(
         and the bounds equal the mean when ``n == 1``.
     """
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        raise ValueError(f"confidence must be in (0, 1), got {short_repr(confidence)}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+        raise ValueError(f"n_boot must be a positive integer, got {short_repr(n_boot)}")
     array = _to_numpy(values, "values")
     array = array[~np.isnan(array)]
     n = int(array.size)
@@ -181,7 +184,9 @@ class MetricAggregator:
     def values(self, name: str) -> np.ndarray:
         """All rows of one metric, NaNs included, as a 1-D float64 array."""
         if name not in self._chunks:
-            raise KeyError(f"unknown metric {name!r} (seen: {', '.join(self._chunks) or 'none'})")
+            raise KeyError(
+                f"unknown metric {short_repr(name)} (seen: {', '.join(self._chunks) or 'none'})"
+            )
         return np.concatenate(self._chunks[name])
 
     def summary(

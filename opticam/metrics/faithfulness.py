@@ -43,6 +43,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
+from opticam.errors import short_repr
+
 __all__ = [
     "DEFAULT_STEPS",
     "DEFAULT_BLUR_KERNEL",
@@ -112,7 +114,9 @@ def _check_batch_size(batch_size: object) -> None:
     if batch_size is None:
         return
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        raise ValueError(
+            f"batch_size must be a positive integer or None, got {short_repr(batch_size)}"
+        )
 
 
 def _probability_dtype(device: torch.device) -> torch.dtype:
@@ -338,9 +342,11 @@ def gaussian_blur(images: Tensor, kernel_size: int, sigma: float) -> Tensor:
         (B,C,H,W) blurred images, same dtype and device.
     """
     if isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"blur kernel size must be an odd positive integer, got {kernel_size!r}")
+        raise ValueError(
+            f"blur kernel size must be an odd positive integer, got {short_repr(kernel_size)}"
+        )
     if not sigma > 0:
-        raise ValueError(f"blur sigma must be > 0, got {sigma!r}")
+        raise ValueError(f"blur sigma must be > 0, got {short_repr(sigma)}")
     pad = kernel_size // 2
     _, _, h, w = images.shape
     if pad >= h or pad >= w:
@@ -479,7 +485,7 @@ def insertion_deletion(
         batch_size = DEFAULT_CPU_BATCH_SIZE if images.device.type == "cpu" else DEFAULT_BATCH_SIZE
     _check_batch_size(batch_size)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise ValueError(f"steps must be a positive integer, got {short_repr(steps)}")
     unknown = [m for m in modes if m not in ("insertion", "deletion")]
     if unknown or not modes:
         raise ValueError(f"unknown modes {unknown or modes!r} (known: insertion, deletion)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from opticam.errors import ConfigError
+from opticam.errors import ConfigError, short_repr
 
 __all__ = ["local_devices", "resolve_device"]
 
@@ -36,6 +36,6 @@ def resolve_device(spec: str) -> list[str]:
         index = int(spec.split(":", 1)[1])
         if index >= count:
             raise ConfigError(
-                f"device {spec!r} asked for, but this machine has {count} CUDA device(s)"
+                f"device {short_repr(spec)} asked for, but this machine has {count} CUDA device(s)"
             )
     return [spec]

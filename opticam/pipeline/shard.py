@@ -40,6 +40,7 @@ import torch
 from opticam import store
 from opticam.config import RunConfig
 from opticam.data import Batch, ErrorRecord, ShardStreamError
+from opticam.errors import short_repr
 from opticam.names import STAGE_EXPLAIN, STAGE_INCOMPLETE, STAGE_NOT_TAR, STAGE_OPEN
 from opticam.pipeline import autobatch
 from opticam.pipeline.devices import resolve_device
@@ -221,9 +222,13 @@ def write_outputs(
         opened = [e.message for e in errors if e.stage == STAGE_OPEN]
         if opened:
             reason = redact_text(opened[0])
-            raise ShardUnavailableError(f"shard {status.shard!r} could not be opened: {reason}")
+            raise ShardUnavailableError(
+                f"shard {short_repr(status.shard)} could not be opened: {reason}"
+            )
         reason = next((e.message for e in errors if e.stage == STAGE_NOT_TAR), "no tar header")
-        raise ShardNotATarError(f"shard {status.shard!r} holds no tar: {redact_text(reason)}")
+        raise ShardNotATarError(
+            f"shard {short_repr(status.shard)} holds no tar: {redact_text(reason)}"
+        )
     store.write_shard(run, data, status, out_options)
     return status
 

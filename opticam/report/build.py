@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from opticam import store
+from opticam.errors import short_repr
 from opticam.names import METRICS_BY_COLUMN
 from opticam.report.figures import (
     bar_chart,
@@ -394,9 +395,9 @@ def build_report(
         OSError: and anything else raised while reading the run or writing the report.
     """
     if isinstance(gallery_size, bool) or not isinstance(gallery_size, int) or gallery_size < 0:
-        raise ValueError(f"gallery_size must be an integer >= 0, got {gallery_size!r}")
+        raise ValueError(f"gallery_size must be an integer >= 0, got {short_repr(gallery_size)}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+        raise ValueError(f"n_boot must be an integer >= 1, got {short_repr(n_boot)}")
     run_url = run_url.rstrip("/")
     if data_storage_options is None:
         data_storage_options = storage_options

@@ -19,6 +19,8 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
+from opticam.errors import short_repr
+
 __all__ = ["COLORMAP", "colorize", "overlay"]
 
 #: Name of the matplotlib colour map of every saliency map the project draws.
@@ -65,7 +67,7 @@ def overlay(image: Any, saliency_map: Any, alpha: float = 0.5) -> Image.Image:
         An RGB :class:`PIL.Image.Image`, each channel ``round(255 * blend)``.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        raise ValueError(f"alpha must be in [0, 1], got {short_repr(alpha)}")
     pixels = np.asarray(image, dtype=np.float64)
     if pixels.ndim == 3 and pixels.shape[0] == 3:  # channels first wins, as a model sees it
         pixels = pixels.transpose(1, 2, 0)

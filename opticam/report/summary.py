@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from opticam.errors import short_repr
 from opticam.metrics import MetricAggregator, to_paper_units
 from opticam.names import METRICS, METRICS_BY_NAME, Metric
 
@@ -216,7 +217,7 @@ def _metric(metric: str | Metric) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if metric not in METRICS_BY_NAME:
-        raise KeyError(f"unknown metric {metric!r} (known: {', '.join(METRICS_BY_NAME)})")
+        raise KeyError(f"unknown metric {short_repr(metric)} (known: {', '.join(METRICS_BY_NAME)})")
     return METRICS_BY_NAME[metric]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from opticam.errors import short_repr
 from opticam.names import MAP_FORMATS
 
 __all__ = [
@@ -98,7 +99,9 @@ def encode_map(
             there is no low-resolution map or float16 cannot hold it).
     """
     if map_format not in MAP_FORMATS:
-        raise ValueError(f"unknown map_format {map_format!r} (known: {', '.join(MAP_FORMATS)})")
+        raise ValueError(
+            f"unknown map_format {short_repr(map_format)} (known: {', '.join(MAP_FORMATS)})"
+        )
     if saliency is not None and map_format == "lowres" and normalization is not None:
         data = encode_lowres(saliency, normalization)
         if data is not None:
@@ -126,7 +129,7 @@ def _upsample_normalize(
         return np.asarray(maps[0, 0].detach().cpu().numpy(), dtype=np.float32)
     if normalization != "range":
         raise ValueError(
-            f"rebuilding a map with normalization {normalization!r} needs opticam.methods"
+            f"rebuilding a map with normalization {short_repr(normalization)} needs opticam.methods"
         )
     up = torch.nn.functional.interpolate(s, size=size, mode="bilinear", align_corners=False)
     lo, hi = up.amin(), up.amax()
@@ -154,7 +157,7 @@ def decode_map(row: Mapping[str, Any]) -> np.ndarray:
         if q.shape != (h, w):
             raise ValueError(f"PNG map is {q.shape}, row says {(h, w)}")
         return q / 255.0
-    raise ValueError(f"unknown map_format {fmt!r} (known: {', '.join(MAP_FORMATS)})")
+    raise ValueError(f"unknown map_format {short_repr(fmt)} (known: {', '.join(MAP_FORMATS)})")
 
 
 def load_maps(
@@ -196,7 +199,7 @@ def load_maps(
             found = {(r["shard"], r["key"], r["method"]) for r in rows}
             missing = wanted - found
             if missing:
-                raise KeyError(f"not in run {run!r}: {sorted(missing)[:5]}")
+                raise KeyError(f"not in run {short_repr(run)}: {sorted(missing)[:5]}")
         else:
             rows = items  # type: ignore[assignment]
     return {(str(r["shard"]), str(r["key"]), str(r["method"])): decode_map(r) for r in rows}

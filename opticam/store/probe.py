@@ -31,7 +31,7 @@ from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
-from opticam.errors import OutputError
+from opticam.errors import OutputError, short_repr
 from opticam.redact import redact_url
 from opticam.store.layout import atomic_write_bytes, filesystem, join
 
@@ -152,18 +152,20 @@ def _check_local(url: str, path: str, storage_options: Mapping[str, Any] | None)
 def _local_error(url: str, path: str, err: OSError) -> OutputError | None:
     """The :class:`OutputError` that explains ``err``; None when it is not the user's."""
     where = _nearest_existing(path)
-    prefix = f"output {redact_url(url)!r}:"
+    prefix = f"output {short_repr(redact_url(url))}:"
     if err.errno in (errno.ENOTDIR, errno.EEXIST) and not os.path.isdir(where):
-        return OutputError(f"{prefix} {where!r} is a file, not a folder (remove it or {_FIX})")
+        return OutputError(
+            f"{prefix} {short_repr(where)} is a file, not a folder (remove it or {_FIX})"
+        )
     if err.errno in (errno.EACCES, errno.EPERM):
         return OutputError(
-            f"{prefix} permission denied writing in {where!r} (make it writable or {_FIX})"
+            f"{prefix} permission denied writing in {short_repr(where)} (make it writable or {_FIX})"
         )
     if err.errno == errno.EROFS:
-        return OutputError(f"{prefix} {where!r} is on a read-only file system ({_FIX})")
+        return OutputError(f"{prefix} {short_repr(where)} is on a read-only file system ({_FIX})")
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutputError(
-            f"{prefix} no space left on the device of {where!r} (free some space or {_FIX})"
+            f"{prefix} no space left on the device of {short_repr(where)} (free some space or {_FIX})"
         )
     if err.errno == errno.ENAMETOOLONG:
         return OutputError(f"{prefix} the path is too long for this file system ({_FIX})")
@@ -182,7 +184,7 @@ def _endpoint(options: Mapping[str, Any]) -> str:
         or os.environ.get("AWS_ENDPOINT_URL_S3")
         or os.environ.get("AWS_ENDPOINT_URL")
     )
-    return f"the S3 endpoint {url!r}" if url else "AWS's S3 endpoint"
+    return f"the S3 endpoint {short_repr(url)}" if url else "AWS's S3 endpoint"
 
 
 def _error_code(err: BaseException) -> str | None:
@@ -202,7 +204,7 @@ def _check_s3(url: str, options: dict[str, Any]) -> None:
     # attempts; the class attribute is read per instance, and this instance is ours.
     fs.retries = 1
     bucket = path.split("/", 1)[0]
-    prefix = f"output {redact_url(url)!r}:"
+    prefix = f"output {short_repr(redact_url(url))}:"
     if not bucket:
         raise OutputError(f"{prefix} no bucket in the URL (use s3://BUCKET/PREFIX)")
     probe = join(path, _probe_name())
@@ -231,7 +233,7 @@ def _check_s3(url: str, options: dict[str, Any]) -> None:
         # botocore's text for a bad name quotes two long regexes; the rule is shorter.
         if "Invalid bucket name" in str(err):
             raise OutputError(
-                f"{prefix} {bucket!r} is not a valid bucket name (3 to 63 lowercase letters, "
+                f"{prefix} {short_repr(bucket)} is not a valid bucket name (3 to 63 lowercase letters, "
                 f"digits, dots and hyphens; {_FIX})"
             ) from err
         raise OutputError(f"{prefix} {err} ({_FIX})") from err
@@ -245,11 +247,11 @@ def _check_s3(url: str, options: dict[str, Any]) -> None:
                 "error: is it an S3 server? (check --s3-endpoint)"
             ) from err
         raise OutputError(
-            f"{prefix} bucket {bucket!r} does not exist (create it or {_FIX})"
+            f"{prefix} bucket {short_repr(bucket)} does not exist (create it or {_FIX})"
         ) from err
     except PermissionError as err:
         raise OutputError(
-            f"{prefix} access denied to bucket {bucket!r} ({err}) (check the credentials "
+            f"{prefix} access denied to bucket {short_repr(bucket)} ({err}) (check the credentials "
             f"and the bucket's policy, or {_FIX})"
         ) from err
     except OSError as err:
@@ -263,7 +265,7 @@ def _check_s3(url: str, options: dict[str, Any]) -> None:
 
 def _check_other(url: str, fs: Any, path: str) -> None:
     probe = join(path, _probe_name())
-    prefix = f"output {redact_url(url)!r}:"
+    prefix = f"output {short_repr(redact_url(url))}:"
     try:
         fs.makedirs(path, exist_ok=True)
         fs.pipe_file(probe, b"opticam output probe\n")

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from opticam.errors import UserError
+from opticam.errors import UserError, short_repr
 from opticam.redact import redact_url
 from opticam.store.layout import atomic_write_bytes, filesystem, invalidate, run_json_url
 from opticam.store.tables import SCHEMA_VERSION
@@ -90,13 +90,13 @@ def check_run_json(
     version = str(existing.get("schema_version"))
     if version != SCHEMA_VERSION:
         raise RunCollisionError(
-            f"run folder {run!r} was written with schema version {version}, this is "
+            f"run folder {short_repr(run)} was written with schema version {version}, this is "
             f"version {SCHEMA_VERSION}; refusing to mix them (its results stay readable: "
             "'opticam report' works on it). Use another output folder."
         )
     if existing.get("job") != config.job_description():
         raise RunCollisionError(
-            f"run folder {run!r} already holds a different job (run id collision or a "
+            f"run folder {short_repr(run)} already holds a different job (run id collision or a "
             f"hand-edited run.json); refusing to mix results. Existing job: "
             f"{json.dumps(existing.get('job'), sort_keys=True)}"
         )

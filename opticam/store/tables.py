@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from opticam.errors import shorten
+from opticam.errors import short_repr, shorten
 from opticam.redact import redact_text, redact_url
 from opticam.store.layout import (
     atomic_write_bytes,
@@ -243,7 +243,7 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
             )
         for f in SCHEMA:
             if not f.nullable and row[f.name] is None:
-                raise ValueError(f"row {i}: column {f.name!r} must not be null")
+                raise ValueError(f"row {i}: column {short_repr(f.name)} must not be null")
     return pa.Table.from_pylist(list(rows), schema=SCHEMA)
 
 
