@@ -266,7 +266,7 @@ STAGES: dict[str, str] = {
     STAGE_LABEL: "the label is missing (target 'label'), negative, malformed, or out of range",
     STAGE_BOXES: "the boxes are malformed (sample skipped), or one box is empty or lies "
     "outside the image (that box dropped)",
-    STAGE_KEY: "a key occurs twice in one shard",
+    STAGE_KEY: "a key occurs twice in one shard, or its member names are not UTF-8 text",
     STAGE_UNSAFE: "a pickle-like member, skipped and never loaded",
     STAGE_PREPROCESS: "resize or crop failed",
     STAGE_EXPLAIN: "a method raised on a batch (the other methods went on)",
