@@ -262,7 +262,8 @@ STAGE_TOO_LARGE = "too-large"
 STAGES: dict[str, str] = {
     STAGE_OPEN: "the shard URL could not be opened at all",
     STAGE_TAR: "the tar stream is truncated or unreadable",
-    STAGE_DECODE: "an image or JSON member could not be decoded, or a sample has no image",
+    STAGE_DECODE: "an image or JSON member could not be decoded, an image is in another "
+    "format than JPEG, PNG or WebP, or a sample has no image",
     STAGE_LABEL: "the label is missing (target 'label'), negative, malformed, or out of range",
     STAGE_BOXES: "the boxes are malformed (sample skipped), or one box is empty or lies "
     "outside the image (that box dropped)",

@@ -1110,3 +1110,27 @@ def test_a_key_that_is_not_utf8_costs_its_sample_and_its_error_row_is_text(
     assert "not UTF-8" in reader.errors[1].message
     for error in reader.errors:
         error.message.encode("utf-8")  # raises on a lone surrogate
+
+
+def test_images_outside_the_listed_formats_cost_their_samples_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_data_images import encoded, forbid_other_plugins
+
+    called = forbid_other_plugins(monkeypatch)
+    shard = tmp_path / "formats.tar"
+    foreign = {"eps": "EPS", "pdf": "PDF", "bmp": "BMP", "tiff": "TIFF", "gif": "GIF"}
+    members = [*good_members("a", 1)]
+    for key, fmt in foreign.items():
+        # Named like an accepted image: Pillow would pick the plugin from the bytes.
+        members += [(f"{key}.jpg", encoded(fmt)), (f"{key}.cls", b"1")]
+    members += [("png_as_jpg.jpg", encode(colour_image(5))), ("png_as_jpg.cls", b"5")]
+    members += good_members("b", 3)
+    write_tar(shard, members)
+    reader = ShardReader(str(shard))
+    assert keys_of(list(reader)) == ["a", "png_as_jpg", "b"]
+    assert reader.complete and called == []
+    assert errors_of(reader) == [(key, "decode") for key in foreign]
+    for error in reader.errors:
+        fmt = foreign[str(error.key)]
+        assert f"member '{error.key}.jpg': the bytes are {fmt}, not one of" in error.message

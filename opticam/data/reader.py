@@ -478,6 +478,9 @@ class ShardReader:
 
     - Images: the first of ``.jpg``, ``.jpeg``, ``.png``, ``.webp`` present, decoded
       to RGB 8-bit (see :mod:`opticam.data.images`), at most ``max_pixels`` pixels.
+      Its bytes must be one of :data:`~opticam.data.images.IMAGE_FORMATS` (JPEG,
+      PNG, WebP), whatever the extension: any other format (EPS, PDF, BMP, ...) is
+      an error (stage ``"decode"``) naming it, and no other decoder sees the bytes.
     - Label: ``.cls`` (one decimal integer as UTF-8 text, a byte order mark and
       surrounding whitespace allowed) or ``.json["label"]`` (a JSON integer;
       ``null`` is no label); both present and different is an error, and so is
