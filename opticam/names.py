@@ -269,7 +269,8 @@ STAGES: dict[str, str] = {
     "outside the image (that box dropped)",
     STAGE_KEY: "a key occurs twice in one shard, or its member names are not UTF-8 text",
     STAGE_UNSAFE: "a pickle-like member, skipped and never loaded",
-    STAGE_PREPROCESS: "resize or crop failed",
+    STAGE_PREPROCESS: "resize or crop failed, or the image's aspect ratio is beyond the "
+    "limit (opticam.data.preprocess.MAX_ASPECT_RATIO)",
     STAGE_EXPLAIN: "a method raised on a batch (the other methods went on)",
     STAGE_INCOMPLETE: "the shard was not read to its end; its rows hold what was read",
     STAGE_SHARD: "the shard failed for good after its retries",
