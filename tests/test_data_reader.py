@@ -1134,3 +1134,23 @@ def test_images_outside_the_listed_formats_cost_their_samples_only(
     for error in reader.errors:
         fmt = foreign[str(error.key)]
         assert f"member '{error.key}.jpg': the bytes are {fmt}, not one of" in error.message
+
+
+def test_messages_quote_member_names_shortened(tmp_path: Path) -> None:
+    long_name = "n" * 5000  # a PAX header holds a name of any length
+    members = [(f"many.x{i}", b"") for i in range(2000)]  # no image among 2000 members
+    members += [(f"{long_name}.pkl", b"never read"), (f"{long_name}.png", b"x" * 100)]
+    shard = tmp_path / "names.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    reader = ShardReader(str(shard), max_member_bytes=10, require_label=False)
+    assert list(reader) == []
+    assert sorted(stage for _, stage in errors_of(reader)) == [
+        "decode",
+        "too-large",
+        "unsafe-member",
+    ]
+    assert all(len(e.message) < 400 for e in reader.errors), [len(e.message) for e in reader.errors]

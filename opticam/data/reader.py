@@ -694,14 +694,14 @@ class ShardReader:
                         self._error(
                             key,
                             STAGE_UNSAFE,
-                            f"member {info.name!r} ignored, never loaded: "
+                            f"member {short_repr(info.name)} ignored, never loaded: "
                             f"{', '.join(sorted(UNSAFE_EXTENSIONS))} members can run code "
                             "when unpickled (reported once per shard)",
                         )
                     continue
                 if info.size > self.max_member_bytes:
                     data = _Skipped(
-                        f"member {info.name!r} has {info.size} bytes "
+                        f"member {short_repr(info.name)} has {info.size} bytes "
                         f"(more than max_member_bytes={self.max_member_bytes}); skipped"
                     )
                 else:
@@ -855,7 +855,8 @@ class ShardReader:
             self._error(
                 key,
                 STAGE_DECODE,
-                f"no image member (.{', .'.join(IMAGE_EXTENSIONS)}); members: {sorted(members)}",
+                f"no image member (.{', .'.join(IMAGE_EXTENSIONS)}); members: "
+                f"{short_repr(sorted(members))}",
             )
             return None
         try:
