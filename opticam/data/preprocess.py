@@ -47,13 +47,28 @@ from opticam.data.images import to_rgb
 from opticam.data.types import Box
 from opticam.names import CROP_ROUNDINGS, INTERPOLATIONS, RESIZE_MODES
 
-__all__ = ["MAX_ASPECT_RATIO", "Geometry", "Preprocess"]
+__all__ = ["MAX_ASPECT_RATIO", "Geometry", "Preprocess", "check_aspect_ratio"]
 
 MAX_ASPECT_RATIO = 32
 """The most times an image's longer side may be its shorter one (32:1 is accepted).
 
 Far beyond photographs and panoramas (at most about 12:1); the centre crop of a
 32:1 image keeps a 32nd of it. Bounds the memory of the resize (module doc)."""
+
+
+def check_aspect_ratio(width: int, height: int) -> None:
+    """Refuse a ``width x height`` image (sides >= 1) beyond :data:`MAX_ASPECT_RATIO`.
+
+    Raises:
+        ValueError: naming the size, the ratio and the limit.
+    """
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        ratio = max(width, height) / min(width, height)
+        raise ValueError(
+            f"image is {width}x{height}, an aspect ratio of {ratio:,.1f}:1, beyond the "
+            f"{MAX_ASPECT_RATIO}:1 that is resized (its resize would take memory out of "
+            "proportion to the model's input); refused"
+        )
 
 
 @dataclass(frozen=True)
@@ -210,13 +225,7 @@ class Preprocess:
         """
         if width < 1 or height < 1:
             raise ValueError(f"image must have a positive size, got {width}x{height}")
-        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            ratio = max(width, height) / min(width, height)
-            raise ValueError(
-                f"image is {width}x{height}, an aspect ratio of {ratio:,.1f}:1, beyond the "
-                f"{MAX_ASPECT_RATIO}:1 that is resized (its resize would take memory out of "
-                "proportion to the model's input); refused"
-            )
+        check_aspect_ratio(width, height)
         if isinstance(self.resize_size, tuple):
             new_height, new_width = self.resize_size
         else:
