@@ -459,3 +459,36 @@ def test_one_bad_field_costs_one_error_row_and_the_shard_keeps_its_good_rows(
     assert "box 0 has a coordinate that is not a finite float: [0, 0, 1000" in message["big_box"]
     assert "nan" in message["nan_box"]
     assert all(len(m) < 400 for m in message.values())
+
+
+def test_images_the_data_layer_refuses_cost_one_error_row_each(tmp_path: Path) -> None:
+    from test_data_images import encoded
+    from test_data_preprocess import thin_png
+    from test_data_reader import write_tar
+
+    good = [jpeg(i) for i in range(2)]
+    members: list[tuple[str, bytes]] = []
+    for i, (data, label, _) in enumerate(good):
+        members += [(f"good{i}.jpg", data), (f"good{i}.cls", str(label).encode())]
+    refused = {
+        "eps": (encoded("EPS"), "decode", "the bytes are EPS, not one of"),
+        "pdf": (encoded("PDF"), "decode", "the bytes are PDF, not one of"),
+        "bmp": (encoded("BMP"), "decode", "the bytes are BMP, not one of"),
+        "thin": (thin_png(1, 20_000), "preprocess", "aspect ratio of 20,000.0:1, beyond"),
+    }
+    for key, (data, _, _) in refused.items():
+        members += [(f"{key}.jpg", data), (f"{key}.cls", b"1")]
+    url = str(tmp_path / "images-000000.tar")
+    write_tar(Path(url), members)
+    config = make_config(url, tmp_path / "out")
+    result = pipeline.process_shard(config, url, "cpu")
+
+    rows = store.read_rows(pipeline.run_url_of(config))
+    assert sorted(set(rows.column("key").to_pylist())) == ["good0", "good1"]
+    errors = pq.read_table(result.errors_url).to_pylist()
+    assert sorted((e["key"], e["stage"]) for e in errors) == sorted(
+        (key, stage) for key, (_, stage, _) in refused.items()
+    )
+    for error in errors:
+        assert refused[error["key"]][2] in error["message"]
+    assert result.complete and result.n_images == 2
