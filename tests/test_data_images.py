@@ -211,3 +211,8 @@ def test_bytes_of_no_known_format_are_a_plain_decode_error() -> None:
         decode_image(b"hello, not an image at all")
     assert not isinstance(info.value, ImageFormatError)
     assert identify_format(b"hello") is None
+    # A PNG signature with a broken header is a corrupt PNG, not "another format".
+    broken = encoded("PNG")[:12] + b"XXXX" + encoded("PNG")[16:]
+    with pytest.raises(ValueError, match="start as PNG but its header is corrupt") as info:
+        decode_image(broken)
+    assert not isinstance(info.value, ImageFormatError)

@@ -234,6 +234,11 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except Image.UnidentifiedImageError as exc:
         # No plugin of IMAGE_FORMATS took the bytes; say what they are, unread.
         found = identify_format(data)
+        if found in IMAGE_FORMATS:  # the right magic bytes, but a header its reader refused
+            raise ValueError(
+                f"not a decodable image: the bytes start as {found} but its header is "
+                f"corrupt (first bytes {data[:8]!r})"
+            ) from exc
         if found is not None:
             raise ImageFormatError(
                 f"the bytes are {found}, not one of the formats opticam opens "

@@ -52,8 +52,8 @@ __all__ = ["MAX_ASPECT_RATIO", "Geometry", "Preprocess", "check_aspect_ratio"]
 MAX_ASPECT_RATIO = 32
 """The most times an image's longer side may be its shorter one (32:1 is accepted).
 
-Far beyond photographs and panoramas (at most about 12:1); the centre crop of a
-32:1 image keeps a 32nd of it. Bounds the memory of the resize (module doc)."""
+Beyond photographs and most panoramas; the centre crop of a 32:1 image keeps a 32nd
+of it. Bounds the memory of the resize (module doc)."""
 
 
 def check_aspect_ratio(width: int, height: int) -> None:

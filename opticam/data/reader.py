@@ -72,13 +72,13 @@ from opticam.names import (
 
 __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES",
+    "LABEL_MAX",
     "UNSAFE_EXTENSIONS",
     "ShardReadError",
     "ShardReader",
     "ShardStreamError",
     "box_problem",
     "is_storage_error",
-    "LABEL_MAX",
     "parse_boxes",
     "parse_label",
     "short_repr",
