@@ -513,6 +513,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     from opticam.data import decode_image
+    from opticam.data.preprocess import check_aspect_ratio
     from opticam.methods import get_explainer
     from opticam.models import load_model
     from opticam.pipeline import resolve_device
@@ -527,6 +528,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         try:
             with fsspec.open(url, "rb", **storage) as f:
                 pictures.append(decode_image(f.read()))
+            check_aspect_ratio(*pictures[-1].size)  # what preprocessing would refuse
         except FileNotFoundError:
             raise CLIError(f"image {short_repr(url)} not found") from None
         except (OSError, ValueError) as err:

@@ -262,13 +262,15 @@ STAGE_TOO_LARGE = "too-large"
 STAGES: dict[str, str] = {
     STAGE_OPEN: "the shard URL could not be opened at all",
     STAGE_TAR: "the tar stream is truncated or unreadable",
-    STAGE_DECODE: "an image or JSON member could not be decoded, or a sample has no image",
+    STAGE_DECODE: "an image or JSON member could not be decoded, an image is in another "
+    "format than JPEG, PNG or WebP, or a sample has no image",
     STAGE_LABEL: "the label is missing (target 'label'), negative, malformed, or out of range",
     STAGE_BOXES: "the boxes are malformed (sample skipped), or one box is empty or lies "
     "outside the image (that box dropped)",
-    STAGE_KEY: "a key occurs twice in one shard",
+    STAGE_KEY: "a key occurs twice in one shard, or its member names are not UTF-8 text",
     STAGE_UNSAFE: "a pickle-like member, skipped and never loaded",
-    STAGE_PREPROCESS: "resize or crop failed",
+    STAGE_PREPROCESS: "resize or crop failed, or the image's aspect ratio is beyond the "
+    "limit (opticam.data.preprocess.MAX_ASPECT_RATIO)",
     STAGE_EXPLAIN: "a method raised on a batch (the other methods went on)",
     STAGE_INCOMPLETE: "the shard was not read to its end; its rows hold what was read",
     STAGE_SHARD: "the shard failed for good after its retries",

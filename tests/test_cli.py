@@ -215,6 +215,8 @@ def test_explain_command_writes_overlays(
         (["run", "--batch-size", "0"], "batch_size: Input should be greater than or equal to 1"),
         (["frobnicate"], "invalid choice"),
         (["explain", "{tmp}/missing.png", "--out", "{tmp}/o"], "missing.png"),
+        (["explain", "{tmp}/script.jpg", "--out", "{tmp}/o"], "the bytes are EPS, not one of"),
+        (["explain", "{tmp}/thin.png", "--out", "{tmp}/o"], "aspect ratio of 400.0:1, beyond"),
         (["pack", "{tmp}/nothing", "{tmp}/out", "--per-shard", "2"], "nothing"),
         (["report", "{tmp}/nothing"], "no opticam run"),
     ],
@@ -226,6 +228,8 @@ def test_bad_input_is_one_line_and_exit_code_2(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    (tmp_path / "script.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 6\n")
+    Image.new("RGB", (1, 400)).save(tmp_path / "thin.png")
     filled = [a.format(tmp=tmp_path, shard=shards[0]) for a in argv]
     code, out, err = run_main(filled, capsys)
     assert code == 2

@@ -131,3 +131,18 @@ def test_iter_batches_propagates_source_errors() -> None:
         list(iter_batches(broken(), Preprocess(8), 4))
     with pytest.raises(ValueError, match="batch_size"):
         next(iter_batches([], Preprocess(8), 0))
+
+
+@pytest.mark.parametrize("label", [2**63, -(2**63) - 1, 10**40, 1.5, "3", True])
+def test_a_label_that_does_not_fit_int64_costs_its_sample_not_the_batch(label: Any) -> None:
+    # A source other than ShardReader may hand over any label; collating it into the
+    # batch's int64 tensor must not fail the samples batched with it.
+    samples = [
+        Sample(key=key, shard="s", image=colour_image(i), label=value)
+        for i, (key, value) in enumerate([("a", 1), ("bad", label), ("b", 2**63 - 1)])
+    ]
+    errors: list[ErrorRecord] = []
+    (batch,) = list(iter_batches(samples, Preprocess(12), 8, errors=errors))
+    assert batch.keys == ["a", "b"] and batch.labels.tolist() == [1, 2**63 - 1]
+    assert [(e.key, e.stage) for e in errors] == [("bad", "label")]
+    assert "label" in errors[0].message and len(errors[0].message) < 300

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from opticam.data import ImageTooLargeError, decode_image
-from opticam.data.images import DEFAULT_MAX_PIXELS, _scale_16_to_8
+from opticam.data import IMAGE_FORMATS, ImageFormatError, ImageTooLargeError, decode_image
+from opticam.data.images import DEFAULT_MAX_PIXELS, _scale_16_to_8, identify_format
 
 
 def blank_png(width: int, height: int) -> bytes:
@@ -123,3 +123,96 @@ def test_sixteen_bit_scaling_is_exact_rounding() -> None:
     # Mode "I" is int32: out-of-range values are clipped first.
     signed = np.array([-5, 0, 128, 129, 65535, 70000], dtype=np.int32)
     assert _scale_16_to_8(signed).tolist() == [0, 0, 0, 1, 255, 255]
+
+
+def encoded(fmt: str, **options: Any) -> bytes:
+    """A small RGB image saved by Pillow as ``fmt``."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def forbid_other_plugins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace the parser of every plugin outside IMAGE_FORMATS by one that records its
+    name and fails: the list it returns names the plugins that were asked to read."""
+    Image.init()
+    called: list[str] = []
+    for name in Image.ID:
+        if name in IMAGE_FORMATS:
+            continue
+        factory, accept = Image.OPEN[name]
+
+        def refuse(*args: Any, name: str = name) -> Any:
+            called.append(name)
+            raise SyntaxError(f"the {name} plugin was asked to read the data")
+
+        monkeypatch.setitem(Image.OPEN, name, (refuse, accept))
+    return called
+
+
+# PostScript (Pillow's EPS plugin runs Ghostscript to load it), PDF (Pillow has no
+# reader) and other formats Pillow reads but opticam does not.
+_FOREIGN = ["EPS", "PDF", "BMP", "TIFF", "GIF", "ICO", "PPM", "QOI", "SGI", "DDS"]
+
+
+@pytest.mark.parametrize("fmt", _FOREIGN)
+def test_formats_outside_the_list_are_refused_unread_and_named(
+    fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = encoded(fmt)
+    called = forbid_other_plugins(monkeypatch)
+    with pytest.raises(ImageFormatError, match=f"the bytes are {fmt}, not one of") as info:
+        decode_image(data)
+    assert "JPEG, PNG, WEBP" in str(info.value)
+    assert called == []  # no plugin but those of IMAGE_FORMATS saw the bytes
+    assert identify_format(data) == fmt
+
+
+def test_postscript_named_jpeg_never_reaches_the_eps_plugin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from PIL import EpsImagePlugin
+
+    def no_ghostscript(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("Ghostscript was asked to render data from a shard")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    script = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 6\nshowpage\n"
+    called = forbid_other_plugins(monkeypatch)
+    with pytest.raises(ImageFormatError, match="the bytes are EPS"):
+        decode_image(script)
+    assert called == []
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt"),
+    [
+        (encoded("JPEG"), "JPEG"),
+        (encoded("PNG"), "PNG"),
+        (encoded("WEBP"), "WEBP"),
+        # A camera's multi-picture JPEG: Pillow's JPEG plugin opens it as MPO.
+        (encoded("MPO", save_all=True, append_images=[Image.new("RGB", (8, 6))]), "MPO"),
+        (encoded("PNG", save_all=True, append_images=[Image.new("RGB", (8, 6))]), "PNG"),
+    ],
+    ids=["jpeg", "png", "webp", "mpo", "apng"],
+)
+def test_the_listed_formats_still_decode(
+    data: bytes, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Image.open(io.BytesIO(data)).format == fmt
+    called = forbid_other_plugins(monkeypatch)
+    image = decode_image(data)
+    assert image.mode == "RGB" and image.size == (8, 6)
+    assert called == []
+
+
+def test_bytes_of_no_known_format_are_a_plain_decode_error() -> None:
+    with pytest.raises(ValueError, match="nor any other known image format") as info:
+        decode_image(b"hello, not an image at all")
+    assert not isinstance(info.value, ImageFormatError)
+    assert identify_format(b"hello") is None
+    # A PNG signature with a broken header is a corrupt PNG, not "another format".
+    broken = encoded("PNG")[:12] + b"XXXX" + encoded("PNG")[16:]
+    with pytest.raises(ValueError, match="start as PNG but its header is corrupt") as info:
+        decode_image(broken)
+    assert not isinstance(info.value, ImageFormatError)

@@ -228,6 +228,11 @@ def test_pack_errors_are_clear(tmp_path: Path) -> None:
         pack(str(odd), str(tmp_path / "out2"), 2, skip_unsupported=True)
     # A failed pack leaves no half-written shard behind.
     assert list((tmp_path / "out2").glob("*.tar")) == []
+    (odd / "c" / "fake.png").unlink()
+    # PostScript named .jpg: the reader would refuse it, so pack does, naming it.
+    (odd / "c" / "script.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 6\n")
+    with pytest.raises(ValueError, match="script.jpg.*its bytes are EPS, not one of JPEG"):
+        pack(str(odd), str(tmp_path / "out3"), 2, skip_unsupported=True)
 
     source = tmp_path / "csv"
     source.mkdir()

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import io
+import os
+import re
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +19,8 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
-from opticam.data import Preprocess
+from opticam.data import Preprocess, ShardReader, decode_image, iter_batches
+from opticam.data.preprocess import MAX_ASPECT_RATIO
 from opticam.names import CROP_ROUNDINGS, INTERPOLATIONS, RESIZE_MODES
 
 
@@ -327,3 +335,95 @@ def test_bad_settings_are_refused_and_settings_compare() -> None:
     bicubic = Preprocess(8, 10, interpolation="bicubic")
     assert bicubic != plain and hash(bicubic) != hash(plain)
     assert "interpolation='bicubic'" in repr(bicubic)
+
+
+# ----------------------------------------------------------------------------- memory bound
+
+
+def peak_rss_growth(call: Any) -> tuple[int, Any]:
+    """Run ``call()`` and return (how far this process's peak RSS rose above its RSS
+    before the call, in bytes; what ``call`` returned).
+
+    Linux keeps the peak (``VmHWM``) and resets it to the current RSS when "5" is
+    written to ``/proc/self/clear_refs``: an exact peak, no sampling, no subprocess.
+    """
+    status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+    if not status.exists() or not os.access(clear, os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+
+    def read(field: str) -> int:
+        found = re.search(rf"^{field}:\s+(\d+) kB", status.read_text(), re.MULTILINE)
+        assert found is not None
+        return int(found.group(1)) * 1024
+
+    gc.collect()
+    clear.write_text("5")
+    before = read("VmRSS")
+    result = call()
+    return read("VmHWM") - before, result
+
+
+def thin_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 90)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", [(1, 20_000), (20_000, 1)], ids=["tall", "wide"])
+def test_a_thin_image_is_refused_before_its_resize_takes_memory(size: tuple[int, int]) -> None:
+    data = thin_png(*size)
+    assert len(data) < 1000  # a few hundred bytes, far under every cap
+    image = decode_image(data)
+    preprocess = Preprocess(64)
+
+    def run() -> Exception | None:
+        try:
+            preprocess(image, [(0, 0, 1, 1)])
+        except ValueError as exc:
+            return exc
+        return None
+
+    # Resized on its shorter side, the image would be 64 x 1,280,000 pixels: 328 MB.
+    growth, error = peak_rss_growth(run)
+    assert growth < 50 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MB"
+    assert error is not None
+    shown = f"{size[0]}x{size[1]}"
+    assert f"image is {shown}, an aspect ratio of 20,000.0:1, beyond the 32:1" in str(error)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        preprocess.transform_boxes([(0, 0, 1, 1)], *size)  # boxes follow the same rule
+
+
+@pytest.mark.parametrize("resize_mode", RESIZE_MODES)
+@pytest.mark.parametrize(("width", "height"), [(320, 10), (10, 320), (330, 10), (10, 330)])
+def test_the_aspect_ratio_limit_is_32_to_1_in_every_mode(
+    resize_mode: str, width: int, height: int
+) -> None:
+    assert MAX_ASPECT_RATIO == 32
+    preprocess = Preprocess(16, 20, resize_mode=resize_mode)
+    image = random_image(width, height, seed=width + height)
+    if max(width, height) <= 32 * min(width, height):
+        ours, boxes = preprocess(image, [(0, 0, width, height)])
+        assert ours.shape == (3, 16, 16) and boxes.shape == (1, 4)
+    else:
+        with pytest.raises(ValueError, match=r"an aspect ratio of 33\.0:1, beyond the 32:1"):
+            preprocess(image)
+
+
+def test_a_thin_image_costs_one_error_row_and_the_shard_goes_on(tmp_path: Path) -> None:
+    from test_data_reader import good_members, write_tar
+
+    shard = tmp_path / "thin.tar"
+    write_tar(
+        shard,
+        [
+            *good_members("a", 1),
+            ("thin.png", thin_png(1, 20_000)),
+            ("thin.cls", b"2"),
+            *good_members("b", 3),
+        ],
+    )
+    reader = ShardReader(str(shard))
+    batches = list(iter_batches(reader, Preprocess(64), 8))
+    assert [b.keys for b in batches] == [["a", "b"]]
+    assert [(e.key, e.stage) for e in reader.errors] == [("thin", "preprocess")]
+    assert "1x20000, an aspect ratio of 20,000.0:1" in reader.errors[0].message

@@ -862,3 +862,295 @@ def test_s3_connection_cut_mid_stream_raises(
     assert type(info.value.__cause__) is type(make_error())  # what s3fs raised, unchanged
     assert len(body_reads) > 1 and not reader.complete
     assert [e for e in reader.errors if e.stage in ("tar", "not-a-tar")] == []
+
+
+# ----------------------------------------------------------------------------- every field on its own
+
+_LONG = "9" * 5000  # more digits than int() reads, and far more than a message may quote
+
+# (case id, members of the bad sample "bad" besides its PNG, stage, text the message holds).
+# Every kind of value a .cls text or a .json file can hold, in each field.
+_BAD_FIELDS: list[tuple[str, list[tuple[str, bytes]], str, str]] = [
+    # .cls: one integer as text, nothing else
+    ("cls-beyond-int64", [("bad.cls", b"9223372036854775808")], "label", "64-bit"),
+    ("cls-huge", [("bad.cls", b"1" * 30)], "label", "1" * 30 + " does not fit"),
+    ("cls-very-long", [("bad.cls", _LONG.encode())], "label", "64-bit"),
+    ("cls-below-int64", [("bad.cls", b"-9223372036854775809")], "label", "64-bit"),
+    ("cls-float", [("bad.cls", b"1.5")], "label", "'1.5'"),
+    ("cls-integral-float", [("bad.cls", b"3.0")], "label", "'3.0'"),
+    ("cls-exponent", [("bad.cls", b"1e400")], "label", "'1e400'"),
+    ("cls-inf", [("bad.cls", b"inf")], "label", "'inf'"),
+    ("cls-nan", [("bad.cls", b"NaN")], "label", "'NaN'"),
+    ("cls-bool", [("bad.cls", b"true")], "label", "'true'"),
+    ("cls-list", [("bad.cls", b"[1]")], "label", "'[1]'"),
+    ("cls-dict", [("bad.cls", b'{"label": 1}')], "label", "'{\"label\": 1}'"),
+    ("cls-null", [("bad.cls", b"null")], "label", "'null'"),
+    ("cls-underscore", [("bad.cls", b"1_000")], "label", "'1_000'"),
+    ("cls-arabic-digit", [("bad.cls", "٣".encode())], "label", "'٣'"),
+    ("cls-two-numbers", [("bad.cls", b"1 2")], "label", "'1 2'"),
+    ("cls-empty", [("bad.cls", b"")], "label", "empty"),
+    ("cls-blank", [("bad.cls", b" \n")], "label", "empty"),
+    ("cls-not-utf8", [("bad.cls", b"\xff\xfe3")], "label", "not UTF-8"),
+    ("cls-utf16", [("bad.cls", "3".encode("utf-16"))], "label", "not UTF-8"),
+    # json "label": an integer, or null (= no label)
+    (
+        "json-label-beyond-int64",
+        [("bad.json", b'{"label": 18446744073709551616}')],
+        "label",
+        "64-bit",
+    ),
+    (
+        "json-label-below-int64",
+        [("bad.json", b'{"label": -18446744073709551616}')],
+        "label",
+        "64-bit",
+    ),
+    ("json-label-float", [("bad.json", b'{"label": 1.5}')], "label", "float 1.5"),
+    ("json-label-integral-float", [("bad.json", b'{"label": 3.0}')], "label", "float 3.0"),
+    ("json-label-1e400", [("bad.json", b'{"label": 1e400}')], "label", "float inf"),
+    ("json-label-nan", [("bad.json", b'{"label": NaN}')], "label", "float nan"),
+    ("json-label-infinity", [("bad.json", b'{"label": -Infinity}')], "label", "float -inf"),
+    ("json-label-bool", [("bad.json", b'{"label": true}')], "label", "bool True"),
+    ("json-label-string", [("bad.json", b'{"label": "3"}')], "label", "str '3'"),
+    ("json-label-list", [("bad.json", b'{"label": [3]}')], "label", "list [3]"),
+    ("json-label-dict", [("bad.json", b'{"label": {"id": 3}}')], "label", "dict {'id': 3}"),
+    ("json-label-null", [("bad.json", b'{"label": null}')], "label", "no label"),
+    (
+        "json-label-long-string",
+        [("bad.json", json.dumps({"label": _LONG}).encode())],
+        "label",
+        "str '999",
+    ),
+    (
+        "json-label-long-list",
+        [("bad.json", json.dumps({"label": [1] * 10**5}).encode())],
+        "label",
+        "list [1, 1,",
+    ),
+    (
+        "json-label-too-many-digits",
+        [("bad.json", b'{"label": ' + _LONG.encode() + b"}")],
+        "decode",
+        "4300",
+    ),
+    # .cls and json disagree
+    ("cls-and-json-differ", [("bad.cls", b"1"), ("bad.json", b'{"label": 2}')], "label", "says 2"),
+    # the json document itself
+    ("json-empty", [("bad.cls", b"1"), ("bad.json", b"")], "decode", "empty"),
+    ("json-blank", [("bad.cls", b"1"), ("bad.json", b"  \n")], "decode", "empty"),
+    (
+        "json-not-utf8",
+        [("bad.cls", b"1"), ("bad.json", b'{"label": "\xff"}')],
+        "decode",
+        "not valid JSON",
+    ),
+    (
+        "json-truncated",
+        [("bad.cls", b"1"), ("bad.json", b'{"label": 1')],
+        "decode",
+        "not valid JSON",
+    ),
+    ("json-deep", [("bad.cls", b"1"), ("bad.json", b"[" * 100_000)], "decode", "too deeply"),
+    (
+        "json-deep-object",
+        [("bad.cls", b"1"), ("bad.json", b'{"a":' * 100_000)],
+        "decode",
+        "too deeply",
+    ),
+    ("json-list", [("bad.cls", b"1"), ("bad.json", b"[1, 2]")], "decode", "got list"),
+    ("json-number", [("bad.cls", b"1"), ("bad.json", b"3")], "decode", "got int"),
+    ("json-string", [("bad.cls", b"1"), ("bad.json", b'"x"')], "decode", "got str"),
+    ("json-null", [("bad.cls", b"1"), ("bad.json", b"null")], "decode", "got NoneType"),
+    # json "boxes": a list of [x0, y0, x1, y1] lists of finite numbers
+    ("boxes-number", [("bad.json", b'{"label": 1, "boxes": 5}')], "boxes", "got 5"),
+    ("boxes-string", [("bad.json", b'{"label": 1, "boxes": "0,0,4,4"}')], "boxes", "'0,0,4,4'"),
+    ("boxes-dict", [("bad.json", b'{"label": 1, "boxes": {"x0": 0}}')], "boxes", "{'x0': 0}"),
+    ("boxes-bool", [("bad.json", b'{"label": 1, "boxes": true}')], "boxes", "got True"),
+    ("boxes-flat", [("bad.json", b'{"label": 1, "boxes": [0, 0, 4, 4]}')], "boxes", "got 0"),
+    ("boxes-three", [("bad.json", b'{"label": 1, "boxes": [[0, 0, 4]]}')], "boxes", "[0, 0, 4]"),
+    (
+        "boxes-five",
+        [("bad.json", b'{"label": 1, "boxes": [[0, 0, 4, 4, 4]]}')],
+        "boxes",
+        "[0, 0, 4, 4, 4]",
+    ),
+    (
+        "boxes-nested",
+        [("bad.json", b'{"label": 1, "boxes": [[[0, 0, 4, 4]]]}')],
+        "boxes",
+        "[[0, 0, 4, 4]]",
+    ),
+    (
+        "boxes-string-coordinate",
+        [("bad.json", b'{"label": 1, "boxes": [[0, "0", 4, 4]]}')],
+        "boxes",
+        "'0'",
+    ),
+    (
+        "boxes-bool-coordinate",
+        [("bad.json", b'{"label": 1, "boxes": [[0, true, 4, 4]]}')],
+        "boxes",
+        "True",
+    ),
+    (
+        "boxes-null-coordinate",
+        [("bad.json", b'{"label": 1, "boxes": [[0, null, 4, 4]]}')],
+        "boxes",
+        "None",
+    ),
+    ("boxes-nan", [("bad.json", b'{"label": 1, "boxes": [[0, 0, NaN, 4]]}')], "boxes", "nan"),
+    (
+        "boxes-infinity",
+        [("bad.json", b'{"label": 1, "boxes": [[0, 0, Infinity, 4]]}')],
+        "boxes",
+        "inf",
+    ),
+    ("boxes-1e400", [("bad.json", b'{"label": 1, "boxes": [[0, 0, 1e400, 4]]}')], "boxes", "inf"),
+    (
+        "boxes-int-beyond-float",
+        [("bad.json", b'{"label": 1, "boxes": [[0, 0, 1' + b"0" * 400 + b", 4]]}")],
+        "boxes",
+        "not a finite float",
+    ),
+    (
+        "boxes-long",
+        [("bad.json", json.dumps({"label": 1, "boxes": [[0, 0, 4, 4]] * 10**4 + [[0]]}).encode())],
+        "boxes",
+        "box 10000",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("members", "stage", "needle"),
+    [pytest.param(members, stage, needle, id=case) for case, members, stage, needle in _BAD_FIELDS],
+)
+def test_each_bad_field_costs_one_error_row_for_its_sample_only(
+    tmp_path: Path, members: list[tuple[str, bytes]], stage: str, needle: str
+) -> None:
+    shard = tmp_path / "fields.tar"
+    write_tar(
+        shard,
+        [
+            *good_members("a", 1),
+            ("bad.png", encode(colour_image(2))),
+            *members,
+            *good_members("b", 3),
+        ],
+    )
+    reader = ShardReader(str(shard))
+    assert [(s.key, s.label) for s in reader] == [("a", 1), ("b", 3)]
+    assert reader.complete
+    assert errors_of(reader) == [("bad", stage)]
+    message = reader.errors[0].message
+    assert needle in message
+    assert len(message) < 400  # the value is quoted shortened, never whole
+
+
+@pytest.mark.parametrize(
+    ("members", "label", "boxes"),
+    [
+        pytest.param([("ok.cls", b"\xef\xbb\xbf3\r\n")], 3, [], id="cls-with-bom"),
+        pytest.param([("ok.cls", b"+3")], 3, [], id="cls-plus-sign"),
+        pytest.param([("ok.cls", b"0003")], 3, [], id="cls-leading-zeros"),
+        pytest.param([("ok.cls", b"9223372036854775807")], 2**63 - 1, [], id="cls-int64-max"),
+        pytest.param([("ok.json", b'\xef\xbb\xbf{"label": 3}')], 3, [], id="json-with-bom"),
+        pytest.param([("ok.json", '{"label": 3}'.encode("utf-16"))], 3, [], id="json-utf16"),
+        pytest.param(
+            [("ok.json", b'{"label": 9223372036854775807}')], 2**63 - 1, [], id="json-int64-max"
+        ),
+        pytest.param(
+            [("ok.cls", b"3"), ("ok.json", b'{"label": null, "boxes": null}')], 3, [], id="nulls"
+        ),
+        pytest.param(
+            [("ok.json", b'{"label": 3, "boxes": [], "name": [1, {"x": NaN}]}')],
+            3,
+            [],
+            id="other-keys-ignored",
+        ),
+        pytest.param(
+            [("ok.json", b'{"label": 3, "boxes": [[0, 0.5, 1e3, 4]]}')],
+            3,
+            [(0.0, 0.5, 1000.0, 4.0)],
+            id="box-partly-outside",
+        ),
+    ],
+)
+def test_odd_but_valid_fields_are_read(
+    tmp_path: Path, members: list[tuple[str, bytes]], label: int, boxes: list[Any]
+) -> None:
+    shard = tmp_path / "ok.tar"
+    write_tar(shard, [("ok.png", encode(colour_image(2))), *members])
+    reader = ShardReader(str(shard))
+    assert [(s.key, s.label, s.boxes) for s in reader] == [("ok", label, boxes)]
+    assert reader.errors == []
+
+
+def test_a_key_that_is_not_utf8_costs_its_sample_and_its_error_row_is_text(
+    tmp_path: Path,
+) -> None:
+    # tarfile reads the member name b"k\xff.png" as "k\udcff.png"; no Parquet or JSON
+    # writer takes that lone surrogate, so the sample is refused and its error row
+    # shows the byte as the text "\xff".
+    bad = b"k\xff".decode("utf-8", "surrogateescape")
+    shard = tmp_path / "key.tar"
+    write_tar(
+        shard,
+        [
+            *good_members("a", 1),
+            (f"{bad}.png", encode(colour_image(2))),
+            (f"{bad}.cls", b"2"),
+            (f"{bad}.pkl", b"never read"),  # its "unsafe" error row names it too
+            *good_members("b", 3),
+        ],
+    )
+    reader = ShardReader(str(shard))
+    assert keys_of(list(reader)) == ["a", "b"]
+    assert errors_of(reader) == [("k\\xff", "unsafe-member"), ("k\\xff", "key")]
+    assert "not UTF-8" in reader.errors[1].message
+    for error in reader.errors:
+        error.message.encode("utf-8")  # raises on a lone surrogate
+
+
+def test_images_outside_the_listed_formats_cost_their_samples_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_data_images import encoded, forbid_other_plugins
+
+    called = forbid_other_plugins(monkeypatch)
+    shard = tmp_path / "formats.tar"
+    foreign = {"eps": "EPS", "pdf": "PDF", "bmp": "BMP", "tiff": "TIFF", "gif": "GIF"}
+    members = [*good_members("a", 1)]
+    for key, fmt in foreign.items():
+        # Named like an accepted image: Pillow would pick the plugin from the bytes.
+        members += [(f"{key}.jpg", encoded(fmt)), (f"{key}.cls", b"1")]
+    members += [("png_as_jpg.jpg", encode(colour_image(5))), ("png_as_jpg.cls", b"5")]
+    members += good_members("b", 3)
+    write_tar(shard, members)
+    reader = ShardReader(str(shard))
+    assert keys_of(list(reader)) == ["a", "png_as_jpg", "b"]
+    assert reader.complete and called == []
+    assert errors_of(reader) == [(key, "decode") for key in foreign]
+    for error in reader.errors:
+        fmt = foreign[str(error.key)]
+        assert f"member '{error.key}.jpg': the bytes are {fmt}, not one of" in error.message
+
+
+def test_messages_quote_member_names_shortened(tmp_path: Path) -> None:
+    long_name = "n" * 5000  # a PAX header holds a name of any length
+    members = [(f"many.x{i}", b"") for i in range(2000)]  # no image among 2000 members
+    members += [(f"{long_name}.pkl", b"never read"), (f"{long_name}.png", b"x" * 100)]
+    shard = tmp_path / "names.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    reader = ShardReader(str(shard), max_member_bytes=10, require_label=False)
+    assert list(reader) == []
+    assert sorted(stage for _, stage in errors_of(reader)) == [
+        "decode",
+        "too-large",
+        "unsafe-member",
+    ]
+    assert all(len(e.message) < 400 for e in reader.errors), [len(e.message) for e in reader.errors]

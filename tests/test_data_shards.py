@@ -46,6 +46,7 @@ def test_package_exports_the_same_names() -> None:
     }
     assert before <= set(opticam.data.__all__)
     added_since = {"ShardPatternError", "ShardStreamError", "ImageTooLargeError"}
+    added_since |= {"IMAGE_FORMATS", "ImageFormatError"}  # issue 17: the accepted formats
     assert set(opticam.data.__all__) - before == added_since
     for name in before:
         getattr(opticam.data, name)

@@ -403,3 +403,92 @@ def test_the_config_pixel_cap_reaches_the_reader(shards: list[str], tmp_path: Pa
     errors = pq.read_table(result.errors_url).to_pylist()
     assert result.n_images == 0 and {e["stage"] for e in errors} == {"too-large"}
     assert "16384 pixels" in errors[0]["message"] or "128x128" in errors[0]["message"]
+
+
+def test_one_bad_field_costs_one_error_row_and_the_shard_keeps_its_good_rows(
+    tmp_path: Path,
+) -> None:
+    from test_data_reader import write_tar
+
+    good = [jpeg(i) for i in range(3)]
+    not_utf8 = b"k\xff".decode("utf-8", "surrogateescape")  # how tarfile reads that name
+    members: list[tuple[str, bytes]] = []
+    for i, (data, label, _) in enumerate(good):
+        members += [(f"good{i}.jpg", data), (f"good{i}.cls", str(label).encode())]
+    bad = {
+        "huge_cls": [("huge_cls.cls", b"99999999999999999999")],
+        "huge_json": [("huge_json.json", b'{"label": 18446744073709551616}')],
+        "list_label": [("list_label.json", ('{"label": [' + "1," * 10**5 + "1]}").encode())],
+        "float_label": [("float_label.json", b'{"label": 1.5}')],
+        "deep_json": [("deep_json.cls", b"1"), ("deep_json.json", b"[" * 10**5)],
+        "big_box": [("big_box.json", b'{"label": 1, "boxes": [[0, 0, 1' + b"0" * 400 + b", 4]]}")],
+        "nan_box": [("nan_box.json", b'{"label": 1, "boxes": [[0, 0, NaN, 4]]}')],
+        not_utf8: [(f"{not_utf8}.cls", b"1")],
+    }
+    for key, fields in bad.items():
+        members += [(f"{key}.jpg", good[0][0]), *fields]
+    url = str(tmp_path / "fields-000000.tar")
+    write_tar(Path(url), members)
+    config = make_config(url, tmp_path / "out")
+
+    result = pipeline.process_shard(config, url, "cpu")
+    assert result.complete and result.n_images == 3
+    assert pipeline.process_shard(config, url, "cpu").skipped  # a rerun finds it done
+    rows = store.read_rows(pipeline.run_url_of(config))
+    assert sorted(set(rows.column("key").to_pylist())) == ["good0", "good1", "good2"]
+    assert rows.num_rows == 9  # 3 images x 3 methods
+    errors = pq.read_table(result.errors_url).to_pylist()
+    stages = sorted((e["key"], e["stage"]) for e in errors)
+    assert stages == sorted(
+        [
+            ("huge_cls", "label"),
+            ("huge_json", "label"),
+            ("list_label", "label"),
+            ("float_label", "label"),
+            ("deep_json", "decode"),
+            ("big_box", "boxes"),
+            ("nan_box", "boxes"),
+            ("k\\xff", "key"),
+        ]
+    )
+    message = {e["key"]: e["message"] for e in errors}
+    assert ".cls 99999999999999999999 does not fit a 64-bit integer" in message["huge_cls"]
+    assert "json 'label' 18446744073709551616 does not fit" in message["huge_json"]
+    assert "json 'label' must be an integer class index, got list [1, 1," in message["list_label"]
+    assert "got float 1.5" in message["float_label"]
+    assert "box 0 has a coordinate that is not a finite float: [0, 0, 1000" in message["big_box"]
+    assert "nan" in message["nan_box"]
+    assert all(len(m) < 400 for m in message.values())
+
+
+def test_images_the_data_layer_refuses_cost_one_error_row_each(tmp_path: Path) -> None:
+    from test_data_images import encoded
+    from test_data_preprocess import thin_png
+    from test_data_reader import write_tar
+
+    good = [jpeg(i) for i in range(2)]
+    members: list[tuple[str, bytes]] = []
+    for i, (data, label, _) in enumerate(good):
+        members += [(f"good{i}.jpg", data), (f"good{i}.cls", str(label).encode())]
+    refused = {
+        "eps": (encoded("EPS"), "decode", "the bytes are EPS, not one of"),
+        "pdf": (encoded("PDF"), "decode", "the bytes are PDF, not one of"),
+        "bmp": (encoded("BMP"), "decode", "the bytes are BMP, not one of"),
+        "thin": (thin_png(1, 20_000), "preprocess", "aspect ratio of 20,000.0:1, beyond"),
+    }
+    for key, (data, _, _) in refused.items():
+        members += [(f"{key}.jpg", data), (f"{key}.cls", b"1")]
+    url = str(tmp_path / "images-000000.tar")
+    write_tar(Path(url), members)
+    config = make_config(url, tmp_path / "out")
+    result = pipeline.process_shard(config, url, "cpu")
+
+    rows = store.read_rows(pipeline.run_url_of(config))
+    assert sorted(set(rows.column("key").to_pylist())) == ["good0", "good1"]
+    errors = pq.read_table(result.errors_url).to_pylist()
+    assert sorted((e["key"], e["stage"]) for e in errors) == sorted(
+        (key, stage) for key, (_, stage, _) in refused.items()
+    )
+    for error in errors:
+        assert refused[error["key"]][2] in error["message"]
+    assert result.complete and result.n_images == 2

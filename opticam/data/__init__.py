@@ -15,7 +15,14 @@
 """
 
 from opticam.data.batches import iter_batches
-from opticam.data.images import IMAGE_EXTENSIONS, ImageTooLargeError, decode_image, to_rgb
+from opticam.data.images import (
+    IMAGE_EXTENSIONS,
+    IMAGE_FORMATS,
+    ImageFormatError,
+    ImageTooLargeError,
+    decode_image,
+    to_rgb,
+)
 from opticam.data.pack import make_key, pack
 from opticam.data.preprocess import Geometry, Preprocess
 from opticam.data.reader import (
@@ -37,11 +44,13 @@ from opticam.data.writer import ShardWriter
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "IMAGE_FORMATS",
     "UNSAFE_EXTENSIONS",
     "Batch",
     "Box",
     "ErrorRecord",
     "Geometry",
+    "ImageFormatError",
     "ImageTooLargeError",
     "NoShardsError",
     "Preprocess",

@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from opticam.data.reader import ShardReader
+from opticam.data.reader import ShardReader, parse_label
 from opticam.data.types import Batch, Box, ErrorRecord, Sample
-from opticam.names import STAGE_PREPROCESS
+from opticam.names import STAGE_LABEL, STAGE_PREPROCESS
 
 __all__ = ["PreprocessFn", "iter_batches"]
 
@@ -78,10 +78,11 @@ def iter_batches(
     ``prefetch`` batches ahead of the consumer.
 
     - A batch never mixes shards: a change of ``sample.shard`` closes the batch.
-    - A sample whose preprocessing raises becomes an ``ErrorRecord`` with stage
-      ``"preprocess"``, appended to ``errors`` if given, else to ``source.errors``
-      when the source has such a list (a :class:`ShardReader`); with neither, the
-      exception is raised to the consumer.
+    - A sample whose label is not an integer that fits int64 becomes an
+      ``ErrorRecord`` with stage ``"label"``, one whose preprocessing raises one
+      with stage ``"preprocess"``; either is appended to ``errors`` if given, else
+      to ``source.errors`` when the source has such a list (a
+      :class:`ShardReader`); with neither, the exception is raised to the consumer.
     - Any other exception in the thread is raised to the consumer.
     - When the consumer stops early (``break``, exception, ``close()``), the
       thread stops at its next sample and the source's iterator is closed.
@@ -141,7 +142,13 @@ def iter_batches(
                         return
                     items = []
                 shard = sample.shard
+                stage = STAGE_LABEL
                 try:
+                    # The label goes into an int64 tensor with the whole batch: one
+                    # that does not fit must cost this sample, not the batch.
+                    if sample.label is not None:
+                        parse_label(sample.label, "label")
+                    stage = STAGE_PREPROCESS
                     image, boxes = preprocess(sample.image, sample.boxes)
                 except Exception as exc:
                     target = sink()
@@ -151,7 +158,7 @@ def iter_batches(
                         ErrorRecord(
                             shard=sample.shard,
                             key=sample.key,
-                            stage=STAGE_PREPROCESS,
+                            stage=stage,
                             message=f"{type(exc).__name__}: {exc}",
                         )
                     )

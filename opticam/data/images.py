@@ -24,6 +24,13 @@ wrong):
 EXIF orientation is not applied (torchvision's loader does not either, and
 box annotations refer to the stored pixel grid).
 
+Formats: only :data:`IMAGE_FORMATS` (JPEG, PNG, WebP) are opened, whatever the
+member's extension. Pillow picks its decoder from the bytes, and some of its plugins
+hand data to other programs (the EPS plugin runs Ghostscript), so every other format
+is refused before any plugin of it reads the data: :class:`ImageFormatError` names
+what the bytes look like, found from their first bytes only (Pillow's own format
+checks, plus PDF, SVG and HEIF, which Pillow cannot read).
+
 Size limit: an image with more than ``max_pixels`` pixels (default
 :data:`DEFAULT_MAX_PIXELS`) is refused from its header, before any pixel is
 decoded (:class:`ImageTooLargeError`). The member-size cap of the reader does not
@@ -46,13 +53,31 @@ from opticam.config import DEFAULT_MAX_PIXELS as CONFIG_MAX_PIXELS
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
+    "IMAGE_FORMATS",
+    "ImageFormatError",
     "ImageTooLargeError",
     "decode_image",
+    "identify_format",
     "to_rgb",
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 """Member extensions read as images, in order of preference when a key has several."""
+
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+"""The only Pillow formats an image member is opened with (``Image.open(formats=...)``).
+
+Any of them under any of :data:`IMAGE_EXTENSIONS` (a PNG named ``.jpg`` is read).
+``JPEG`` includes the multi-picture JPEGs of cameras (Pillow's ``MPO``, first picture)
+and ``PNG`` the animated ones (first frame). Everything else (EPS/PostScript, PDF,
+BMP, GIF, TIFF, ...) is refused with :class:`ImageFormatError`."""
+
+# Formats Pillow has no reader for, named by their first bytes for the message.
+_FOREIGN_SIGNATURES: tuple[tuple[str, int, tuple[bytes, ...]], ...] = (
+    ("PDF", 0, (b"%PDF-",)),
+    ("SVG", 0, (b"<svg", b"<?xml")),
+    ("HEIF", 4, (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypheif")),
+)
 
 DEFAULT_MAX_PIXELS = CONFIG_MAX_PIXELS  # the one default, RunConfig.max_pixels's
 """Most pixels (width x height) an image may have: 120 million.
@@ -68,6 +93,38 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 class ImageTooLargeError(ValueError):
     """An image has more pixels than the limit; refused before its pixels were decoded."""
+
+
+class ImageFormatError(ValueError):
+    """The bytes are an image format outside :data:`IMAGE_FORMATS`; no plugin read them."""
+
+
+def identify_format(data: bytes) -> str | None:
+    """What image format ``data`` looks like, from its first 16 bytes only.
+
+    Runs the magic-byte checks (``accept`` functions) Pillow's plugins register,
+    in Pillow's own order, without calling any plugin's parser or decoder, then
+    a few signatures of formats Pillow cannot read (PDF, SVG, HEIF).
+
+    Args:
+        data: the start of a file (more is ignored).
+
+    Returns:
+        The format's name (Pillow's, e.g. ``"EPS"``, ``"TIFF"``), or None.
+    """
+    prefix = data[:16]
+    Image.init()  # registers every plugin's check; importing a plugin runs nothing
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a check that cannot handle a short prefix: not that format
+            continue
+    for name, offset, signatures in _FOREIGN_SIGNATURES:
+        if any(data[offset:].startswith(signature) for signature in signatures):
+            return name
+    return None
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -127,10 +184,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes (JPEG, PNG, WebP, or anything Pillow sniffs) to RGB 8-bit.
+    """Decode a JPEG, PNG or WebP image (:data:`IMAGE_FORMATS`) to RGB 8-bit.
 
-    The size is read from the header first (Pillow opens lazily) and checked against
-    ``max_pixels`` before any pixel is decoded.
+    Only the plugins of :data:`IMAGE_FORMATS` see the bytes. The size is read from
+    the header first (Pillow opens lazily) and checked against ``max_pixels``
+    before any pixel is decoded.
 
     Args:
         data: the encoded image.
@@ -142,11 +200,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     Raises:
         ImageTooLargeError: more than ``max_pixels`` pixels, or more than Pillow's
             own hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``); nothing decoded.
-        ValueError: empty input, or bytes Pillow cannot identify or fully decode
-            (truncated or corrupt files are errors, not partially grey images).
+        ImageFormatError: another format than :data:`IMAGE_FORMATS`, named.
+        ValueError: empty input, or bytes that are no image or cannot be fully
+            decoded (truncated or corrupt files are errors, not partially grey
+            images).
     """
     if not data:
         raise ValueError("empty image member (0 bytes)")
+    accepted = ", ".join(IMAGE_FORMATS)
     try:
         # Pillow warns from Image.open (and for some formats from load) above
         # Image.MAX_IMAGE_PIXELS; max_pixels is the one limit here, so the warning is
@@ -155,7 +216,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         # moment can be lost, or this one kept; both only change which warnings print.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as opened:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
                 _check_pixels(*opened.size, max_pixels)
                 opened.load()
                 image = to_rgb(opened)
@@ -170,6 +231,25 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         ) from exc
     except ImageTooLargeError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Image.UnidentifiedImageError as exc:
+        # No plugin of IMAGE_FORMATS took the bytes; say what they are, unread.
+        found = identify_format(data)
+        if found in IMAGE_FORMATS:  # the right magic bytes, but a header its reader refused
+            raise ValueError(
+                f"not a decodable image: the bytes start as {found} but its header is "
+                f"corrupt (first bytes {data[:8]!r})"
+            ) from exc
+        if found is not None:
+            raise ImageFormatError(
+                f"the bytes are {found}, not one of the formats opticam opens "
+                f"({accepted}); refused unread"
+            ) from exc
+        raise ValueError(
+            f"not a decodable image: no {accepted} data, nor any other known image "
+            f"format (first bytes {data[:8]!r})"
+        ) from exc
+    except Exception as exc:
+        # Any failure of the decoders (OSError, SyntaxError, struct.error, ...) is the
+        # bytes' fault: one bad image costs one error row, not the shard.
         raise ValueError(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
     return image

@@ -39,7 +39,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from opticam.data.images import IMAGE_EXTENSIONS
+from opticam.data.images import IMAGE_EXTENSIONS, IMAGE_FORMATS, identify_format
 from opticam.data.reader import parse_boxes
 from opticam.data.types import Box
 from opticam.data.urls import storage_options_for
@@ -278,11 +278,17 @@ def collect_csv(csv_url: str, storage_options: Mapping[str, Any] | None = None) 
 
 
 def _check_image(data: bytes, item: PackItem) -> None:
-    """Cheap header check: the file must be an image Pillow can identify."""
+    """Cheap header check: the file must be a JPEG, PNG or WebP image (what the reader opens)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             image.size  # noqa: B018 - reading the header is the check
     except Exception as exc:
+        found = identify_format(data)
+        if found is not None and found not in IMAGE_FORMATS:
+            raise ValueError(
+                f"{item.url!r} is not a readable image: its bytes are {found}, not one of "
+                f"{', '.join(IMAGE_FORMATS)}"
+            ) from exc
         raise ValueError(
             f"{short_repr(item.url)} is not a readable image: {type(exc).__name__}: {exc}"
         ) from exc

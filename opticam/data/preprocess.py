@@ -22,6 +22,15 @@ Boxes follow the same geometry. With the image ``W x H`` resized to
     x' = x * W' / W - left,    y' = y * H' / H - top,
 
 clipped to the crop ``[0, w] x [0, h]``; boxes left with no area are dropped.
+
+Memory: an image whose longer side is more than :data:`MAX_ASPECT_RATIO` (32) times its
+shorter side is refused (``ValueError``, an error row with stage ``"preprocess"``)
+before anything is resized. Resizing keeps the aspect ratio, so without the limit a
+1 x 10000 image of a few hundred bytes, far under the pixel cap, would be resized to
+256 x 2,560,000 pixels (2.6 GB) to keep its centre 224 x 224. Within the limit the
+resized image has at most ``32 * resize_size**2`` pixels (8 MB at 256) in
+``shorter`` mode and ``resize_size`` in ``squash`` mode, and Pillow's intermediate
+image at most ``resize_size`` times the source's longer side.
 """
 
 from __future__ import annotations
@@ -38,7 +47,28 @@ from opticam.data.images import to_rgb
 from opticam.data.types import Box
 from opticam.names import CROP_ROUNDINGS, INTERPOLATIONS, RESIZE_MODES
 
-__all__ = ["Geometry", "Preprocess"]
+__all__ = ["MAX_ASPECT_RATIO", "Geometry", "Preprocess", "check_aspect_ratio"]
+
+MAX_ASPECT_RATIO = 32
+"""The most times an image's longer side may be its shorter one (32:1 is accepted).
+
+Beyond photographs and most panoramas; the centre crop of a 32:1 image keeps a 32nd
+of it. Bounds the memory of the resize (module doc)."""
+
+
+def check_aspect_ratio(width: int, height: int) -> None:
+    """Refuse a ``width x height`` image (sides >= 1) beyond :data:`MAX_ASPECT_RATIO`.
+
+    Raises:
+        ValueError: naming the size, the ratio and the limit.
+    """
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        ratio = max(width, height) / min(width, height)
+        raise ValueError(
+            f"image is {width}x{height}, an aspect ratio of {ratio:,.1f}:1, beyond the "
+            f"{MAX_ASPECT_RATIO}:1 that is resized (its resize would take memory out of "
+            "proportion to the model's input); refused"
+        )
 
 
 @dataclass(frozen=True)
@@ -187,9 +217,15 @@ class Preprocess:
         return hash(self._key())
 
     def geometry(self, width: int, height: int) -> Geometry:
-        """Resize target, crop offset and output size for a ``width x height`` image."""
+        """Resize target, crop offset and output size for a ``width x height`` image.
+
+        Raises:
+            ValueError: a size below 1, or an aspect ratio beyond
+                :data:`MAX_ASPECT_RATIO` (naming the size and the ratio).
+        """
         if width < 1 or height < 1:
             raise ValueError(f"image must have a positive size, got {width}x{height}")
+        check_aspect_ratio(width, height)
         if isinstance(self.resize_size, tuple):
             new_height, new_width = self.resize_size
         else:
@@ -246,10 +282,14 @@ class Preprocess:
 
         Returns:
             ``(image, boxes)``: ``(3, h, w)`` float32 in ``[0, 1]`` and ``(m, 4)`` float32.
+
+        Raises:
+            ValueError: the image's aspect ratio is beyond :data:`MAX_ASPECT_RATIO`,
+                checked before anything is converted or resized.
         """
-        image = to_rgb(image)
         width, height = image.size
-        geometry = self.geometry(width, height)
+        geometry = self.geometry(width, height)  # refuses an extreme aspect ratio first
+        image = to_rgb(image)
         # A one-item size is torchvision's "shorter side"; two items are (height, width).
         target = (
             list(self.resize_size) if isinstance(self.resize_size, tuple) else [self.resize_size]

@@ -37,6 +37,8 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
+import reprlib
 import subprocess
 import sys
 import tarfile
@@ -70,6 +72,7 @@ from opticam.names import (
 
 __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES",
+    "LABEL_MAX",
     "UNSAFE_EXTENSIONS",
     "ShardReadError",
     "ShardReader",
@@ -77,6 +80,8 @@ __all__ = [
     "box_problem",
     "is_storage_error",
     "parse_boxes",
+    "parse_label",
+    "short_repr",
     "split_member_name",
 ]
 
@@ -85,6 +90,39 @@ UNSAFE_EXTENSIONS: frozenset[str] = frozenset({"pyd", "pkl", "pickle", "pth", "p
 
 DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
 """Members larger than this are skipped unread, so a hostile shard cannot exhaust memory."""
+
+
+LABEL_MAX = 2**63 - 1
+"""The largest label accepted: labels are stored in int64 columns and tensors."""
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 3
+_SHOWN.maxstring = 60
+_SHOWN.maxother = 60
+_SHOWN.maxlong = 40
+_SHOWN.maxlist = _SHOWN.maxtuple = 6
+_SHOWN.maxdict = 4
+_SHOWN_LIMIT = 200
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to a few hundred characters, for messages that quote data.
+
+    Long strings, bytes and integers keep their start and end, deep or long
+    lists and dicts are elided with ``...`` (:mod:`reprlib`), and the whole text
+    is cut at 200 characters, so one value from a shard cannot make a huge
+    error row.
+
+    Args:
+        value: any value read from a sample.
+
+    Returns:
+        A printable, bounded representation.
+    """
+    text = _SHOWN.repr(value)
+    if len(text) > _SHOWN_LIMIT:
+        text = text[: _SHOWN_LIMIT - 3] + "..."
+    return text
 
 
 class ShardReadError(RuntimeError):
@@ -218,6 +256,18 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return key, extension.lower()
 
 
+def _as_text(text: str) -> str:
+    """``text`` with undecodable bytes of a member name written as ``\\xNN`` escapes.
+
+    tarfile decodes member names as UTF-8 with ``surrogateescape``: bytes that are
+    not UTF-8 become lone surrogates, which no UTF-8 writer (Parquet, JSON, a
+    terminal) accepts. Here they become the four characters ``\\xff``.
+    """
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _grouping_key(name: str) -> tuple[str | None, str | None]:
     """:func:`split_member_name` in the ``(None, None)`` form ``group_by_keys`` skips."""
     parts = split_member_name(name)
@@ -242,7 +292,7 @@ def parse_boxes(value: Any) -> list[Box]:
     if value is None:
         return []
     if not isinstance(value, list | tuple):
-        raise ValueError(f"boxes must be a list [[x0, y0, x1, y1], ...], got {value!r}")
+        raise ValueError(f"boxes must be a list [[x0, y0, x1, y1], ...], got {short_repr(value)}")
     boxes: list[Box] = []
     for index, box in enumerate(value):
         if (
@@ -250,10 +300,17 @@ def parse_boxes(value: Any) -> list[Box]:
             or len(box) != 4
             or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
         ):
-            raise ValueError(f"box {index} must be 4 numbers [x0, y0, x1, y1], got {box!r}")
-        x0, y0, x1, y1 = (float(v) for v in box)
+            raise ValueError(
+                f"box {index} must be 4 numbers [x0, y0, x1, y1], got {short_repr(box)}"
+            )
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box)
+        except OverflowError:  # an integer beyond the float range (about 1.8e308)
+            x0 = y0 = x1 = y1 = math.inf
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-            raise ValueError(f"box {index} has a non-finite coordinate: {box!r}")
+            raise ValueError(
+                f"box {index} has a coordinate that is not a finite float: {short_repr(box)}"
+            )
         boxes.append((x0, y0, x1, y1))
     return boxes
 
@@ -282,13 +339,71 @@ def box_problem(box: Box, width: int, height: int) -> str | None:
     return None
 
 
+def parse_label(value: Any, where: str) -> int:
+    """Check one label value read from a sample: an integer that fits an int64 column.
+
+    Negative values pass (the reader decides what they mean); booleans, floats
+    (``3.0`` too: a label is a class index, not a measurement), strings, lists,
+    dicts and integers beyond ``-2**63 .. 2**63 - 1`` do not.
+
+    Args:
+        value: the label as decoded (an int from ``.cls``, any JSON value from ``.json``).
+        where: the field, for the message (``".cls"``, ``"json 'label'"``).
+
+    Returns:
+        The label.
+
+    Raises:
+        ValueError: naming the field, the value (shortened) and what is accepted.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(
+            f"{where} must be an integer class index, got {type(value).__name__} "
+            f"{short_repr(value)}"
+        )
+    if not -LABEL_MAX - 1 <= value <= LABEL_MAX:
+        raise ValueError(
+            f"{where} {short_repr(value)} does not fit a 64-bit integer "
+            f"(labels are class indices 0..N-1, at most {LABEL_MAX})"
+        )
+    return value
+
+
+_CLS_TEXT = re.compile(r"[+-]?[0-9]+")
+# More digits than any int64 has (19), with room for leading zeros; longer texts are
+# refused before int() (which refuses more than 4300 digits with its own message).
+_CLS_MAX_DIGITS = 40
+
+
 def _parse_cls(data: bytes) -> int:
-    """The integer a ``.cls`` member holds (surrounding whitespace allowed)."""
-    text = data.decode("ascii", errors="replace").strip()
+    """The label a ``.cls`` member holds: one decimal integer as UTF-8 text.
+
+    Surrounding whitespace and a UTF-8 byte order mark (as Windows editors write
+    it) are allowed; anything else (an empty member, other bytes than UTF-8, a
+    float, ``1_000``, non-ASCII digits, a value beyond int64) is refused.
+
+    Raises:
+        ValueError: naming the member's content (shortened) and what is accepted.
+    """
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f".cls member must hold an integer, got {text[:40]!r}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f".cls member is not UTF-8 text: {short_repr(data)}; it must hold an integer"
+        ) from None
+    text = text.strip()
+    if not text:
+        raise ValueError(".cls member is empty (or only whitespace); it must hold an integer")
+    if not _CLS_TEXT.fullmatch(text):
+        raise ValueError(f".cls member must hold an integer, got {short_repr(text)}")
+    if len(text.lstrip("+-")) > _CLS_MAX_DIGITS:
+        raise ValueError(
+            f".cls {short_repr(text)} does not fit a 64-bit integer "
+            f"(labels are class indices 0..N-1, at most {LABEL_MAX})"
+        )
+    return parse_label(int(text), ".cls")
 
 
 # --------------------------------------------------------------------------- tar reading
@@ -363,8 +478,13 @@ class ShardReader:
 
     - Images: the first of ``.jpg``, ``.jpeg``, ``.png``, ``.webp`` present, decoded
       to RGB 8-bit (see :mod:`opticam.data.images`), at most ``max_pixels`` pixels.
-    - Label: ``.cls`` (integer text) or ``.json["label"]``; both present and
-      different is an error. A negative label is not a class index: with
+      Its bytes must be one of :data:`~opticam.data.images.IMAGE_FORMATS` (JPEG,
+      PNG, WebP), whatever the extension: any other format (EPS, PDF, BMP, ...) is
+      an error (stage ``"decode"``) naming it, and no other decoder sees the bytes.
+    - Label: ``.cls`` (one decimal integer as UTF-8 text, a byte order mark and
+      surrounding whitespace allowed) or ``.json["label"]`` (a JSON integer;
+      ``null`` is no label); both present and different is an error, and so is
+      any other value, or an integer that does not fit int64 (stage ``"label"``). A negative label is not a class index: with
       ``require_label`` it is an error (stage ``"label"``, the sample is not
       yielded); without, it reads as "no label" (``label=None``), what ``-1`` means
       in unlabelled sets.
@@ -374,6 +494,10 @@ class ShardReader:
       yielded with its other boxes: the image is still explainable, only that box
       cannot be scored. Boxes partly outside are kept (preprocessing clips them).
       Boxes that are not lists of 4 finite numbers make the sample an error.
+    - Each field is checked on its own, and a bad value costs its sample one
+      error record that names the field and quotes the value shortened
+      (:func:`short_repr`), never the shard. A key whose member names are not
+      UTF-8 is refused (stage ``"key"``), shown with ``\\xNN`` escapes.
     - ``.pyd``, ``.pkl``, ``.pickle``, ``.pth``, ``.pt``, ``.npy`` members are never
       read, let alone unpickled: the first one of a shard is reported once
       (stage ``"unsafe-member"``) and the sample is otherwise kept.
@@ -461,7 +585,14 @@ class ShardReader:
         return f"ShardReader({self.url!r}, complete={self.complete}, n_samples={self.n_samples})"
 
     def _error(self, key: str | None, stage: str, message: str) -> None:
-        self.errors.append(ErrorRecord(shard=self.url, key=key, stage=stage, message=message))
+        self.errors.append(
+            ErrorRecord(
+                shard=self.url,
+                key=None if key is None else _as_text(key),
+                stage=stage,
+                message=_as_text(message),
+            )
+        )
 
     def _raise_if_storage(self, exc: Exception) -> None:
         """Raise :class:`ShardStreamError` from ``exc`` when it is the storage failing."""
@@ -563,14 +694,14 @@ class ShardReader:
                         self._error(
                             key,
                             STAGE_UNSAFE,
-                            f"member {info.name!r} ignored, never loaded: "
+                            f"member {short_repr(info.name)} ignored, never loaded: "
                             f"{', '.join(sorted(UNSAFE_EXTENSIONS))} members can run code "
                             "when unpickled (reported once per shard)",
                         )
                     continue
                 if info.size > self.max_member_bytes:
                     data = _Skipped(
-                        f"member {info.name!r} has {info.size} bytes "
+                        f"member {short_repr(info.name)} has {info.size} bytes "
                         f"(more than max_member_bytes={self.max_member_bytes}); skipped"
                     )
                 else:
@@ -637,16 +768,38 @@ class ShardReader:
 
     def _build(self, key: str, members: Mapping[str, Any]) -> Sample | None:
         """Decode one sample's members (extension -> bytes or :class:`_Skipped`), or record why not."""
+        if _as_text(key) != key:
+            self._error(
+                key,
+                STAGE_KEY,
+                f"key {short_repr(_as_text(key))} is not UTF-8 text (its tar member names hold "
+                "other bytes, shown as \\x escapes); sample skipped",
+            )
+            return None
         skipped = next((data for data in members.values() if isinstance(data, _Skipped)), None)
         if skipped is not None:
             self._error(key, STAGE_TOO_LARGE, skipped.message)
             return None
         meta: dict[str, Any] = {}
         if "json" in members:
+            if not members["json"].strip():
+                self._error(
+                    key, STAGE_DECODE, f"member '{key}.json' is empty; it must hold an object"
+                )
+                return None
             try:
                 parsed = json.loads(members["json"])
             except (ValueError, UnicodeDecodeError) as exc:
-                self._error(key, STAGE_DECODE, f"member '{key}.json' is not valid JSON: {exc}")
+                # UnicodeDecodeError is a ValueError: bytes that are not UTF-8/16/32 text.
+                reason = f"{type(exc).__name__}: {exc}"[:_SHOWN_LIMIT]
+                self._error(key, STAGE_DECODE, f"member '{key}.json' is not valid JSON: {reason}")
+                return None
+            except RecursionError:
+                self._error(
+                    key,
+                    STAGE_DECODE,
+                    f"member '{key}.json' nests arrays or objects too deeply to be read",
+                )
                 return None
             if not isinstance(parsed, dict):
                 self._error(
@@ -666,10 +819,10 @@ class ShardReader:
                 return None
         json_label = meta.get("label")
         if json_label is not None:
-            if not isinstance(json_label, int) or isinstance(json_label, bool):
-                self._error(
-                    key, STAGE_LABEL, f"json 'label' must be an integer, got {json_label!r}"
-                )
+            try:
+                json_label = parse_label(json_label, "json 'label'")
+            except ValueError as exc:
+                self._error(key, STAGE_LABEL, str(exc))
                 return None
             if label is not None and label != json_label:
                 self._error(
@@ -702,7 +855,8 @@ class ShardReader:
             self._error(
                 key,
                 STAGE_DECODE,
-                f"no image member (.{', .'.join(IMAGE_EXTENSIONS)}); members: {sorted(members)}",
+                f"no image member (.{', .'.join(IMAGE_EXTENSIONS)}); members: "
+                f"{short_repr(sorted(members))}",
             )
             return None
         try:
