@@ -29,10 +29,12 @@ MAX_QUOTED_CHARS = 200
 MAX_MESSAGE_CHARS = 2000
 
 _REPR = reprlib.Repr()
+_REPR.maxlevel = 3
 _REPR.maxstring = MAX_QUOTED_CHARS
 _REPR.maxother = MAX_QUOTED_CHARS
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 8
-_REPR.maxlevel = 3
+_REPR.maxlong = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxdict = 4
 
 
 def shorten(text: str, limit: int = MAX_QUOTED_CHARS) -> str:

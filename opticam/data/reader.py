@@ -38,7 +38,6 @@ import gzip
 import json
 import math
 import re
-import reprlib
 import subprocess
 import sys
 import tarfile
@@ -58,6 +57,7 @@ from opticam.data.images import (
 )
 from opticam.data.types import Box, ErrorRecord, Sample
 from opticam.data.urls import refuse_pipe, storage_options_for
+from opticam.errors import short_repr, shorten
 from opticam.names import (
     STAGE_BOXES,
     STAGE_DECODE,
@@ -81,7 +81,6 @@ __all__ = [
     "is_storage_error",
     "parse_boxes",
     "parse_label",
-    "short_repr",
     "split_member_name",
 ]
 
@@ -94,35 +93,6 @@ DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
 
 LABEL_MAX = 2**63 - 1
 """The largest label accepted: labels are stored in int64 columns and tensors."""
-
-_SHOWN = reprlib.Repr()
-_SHOWN.maxlevel = 3
-_SHOWN.maxstring = 60
-_SHOWN.maxother = 60
-_SHOWN.maxlong = 40
-_SHOWN.maxlist = _SHOWN.maxtuple = 6
-_SHOWN.maxdict = 4
-_SHOWN_LIMIT = 200
-
-
-def short_repr(value: Any) -> str:
-    """``repr(value)`` cut to a few hundred characters, for messages that quote data.
-
-    Long strings, bytes and integers keep their start and end, deep or long
-    lists and dicts are elided with ``...`` (:mod:`reprlib`), and the whole text
-    is cut at 200 characters, so one value from a shard cannot make a huge
-    error row.
-
-    Args:
-        value: any value read from a sample.
-
-    Returns:
-        A printable, bounded representation.
-    """
-    text = _SHOWN.repr(value)
-    if len(text) > _SHOWN_LIMIT:
-        text = text[: _SHOWN_LIMIT - 3] + "..."
-    return text
 
 
 class ShardReadError(RuntimeError):
@@ -791,7 +761,7 @@ class ShardReader:
                 parsed = json.loads(members["json"])
             except (ValueError, UnicodeDecodeError) as exc:
                 # UnicodeDecodeError is a ValueError: bytes that are not UTF-8/16/32 text.
-                reason = f"{type(exc).__name__}: {exc}"[:_SHOWN_LIMIT]
+                reason = shorten(f"{type(exc).__name__}: {exc}")
                 self._error(key, STAGE_DECODE, f"member '{key}.json' is not valid JSON: {reason}")
                 return None
             except RecursionError:
