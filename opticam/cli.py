@@ -24,8 +24,13 @@ field name, the later group's flag carries its prefix (``--cam-batch-size``).
 Exit status: 0 when every shard was read in full; 1 when a shard failed (a rerun retries
 it) or is truncated in storage (its rows hold what could be read); 2 for bad input (unknown
 method, no shard matching the pattern, a bad option, an output that cannot be written), in
-one line on stderr; 130 / 143 when interrupted by SIGINT / SIGTERM. Anything else is a bug
-and keeps its traceback.
+one line on stderr; 3 when the output storage failed for good in the middle of a run (no
+space, a quota, permission denied, a read-only file system, a missing bucket: one line, the
+run's summary, and nothing already written lost); 130 / 143 when interrupted by SIGINT /
+SIGTERM. Anything else is a bug and keeps its traceback.
+
+Parsing loads neither torch nor Prefect: help, ``--version`` and refused input answer in a
+fraction of a second (``benchmarks/cli_startup.py``).
 """
 
 from __future__ import annotations
@@ -631,9 +636,11 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``opticam`` argument parser."""
+    from opticam import __version__
     from opticam.demo.cache import DEMO_PER_SHARD, DEMO_SEED, DEMO_SHARDS
 
     parser = _Parser(prog="opticam", description="Dataset-scale Opti-CAM saliency maps.")
+    parser.add_argument("--version", action="version", version=f"opticam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

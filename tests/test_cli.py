@@ -649,3 +649,42 @@ def test_library_errors_quote_values_in_a_few_hundred_characters() -> None:
     assert len(short_repr(shared)) <= MAX_QUOTED_CHARS + 60
     assert short_repr(10**5000) == "<an integer of 16610 bits>"
     assert len(str(UserError(huge))) < 2_100
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["run", "--help"],
+        ["run", "--config", "{typo}"],
+        ["run", "--methods", "nosuch"],
+        ["run", "--batch-size", "zero"],
+        ["config", "--config", "{typo}"],
+        ["explain", "--help"],
+        ["report", "--help"],
+        ["deploy", "--help"],
+        ["worker", "--help"],
+    ],
+)
+def test_help_and_mistakes_load_neither_torch_nor_prefect(argv: list[str], tmp_path: Path) -> None:
+    # A fresh interpreter: this one has imported both long ago.
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("data: x.tar\nmethdos: [opticam]\n")
+    argv = [a.format(typo=typo) for a in argv]
+    code = (
+        "import sys\n"
+        "from opticam import cli\n"
+        "try:\n"
+        f"    status = cli.main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    status = exc.code or 0\n"
+        "heavy = [m for m in ('torch', 'prefect', 'torchvision') if m in sys.modules]\n"
+        "print('HEAVY', heavy, 'STATUS', status)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert "HEAVY [] STATUS" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.rsplit("STATUS ", 1)[1].strip() in ("0", "2"), done.stdout + done.stderr

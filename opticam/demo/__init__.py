@@ -5,10 +5,19 @@
   ground-truth box and mask per image, written as WebDataset shards.
 - :func:`load_model`: the bundled CNN trained on it (``python -m opticam.demo.train``),
   with its CAM target layer ``DEMO_TARGET_LAYER`` and input size ``DEMO_INPUT_SIZE``.
+
+Names are imported on first use, so ``opticam.demo.cache`` (what the command line reads
+to parse its flags) loads neither torch nor Pillow.
 """
 
-from opticam.demo.generate import CLASS_NAMES, NUM_CLASSES, generate_sample, make_shards
-from opticam.demo.model import DEMO_INPUT_SIZE, DEMO_TARGET_LAYER, load_model
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opticam.demo.generate import CLASS_NAMES, NUM_CLASSES, generate_sample, make_shards
+    from opticam.demo.model import DEMO_INPUT_SIZE, DEMO_TARGET_LAYER, load_model
 
 __all__ = [
     "CLASS_NAMES",
@@ -19,3 +28,21 @@ __all__ = [
     "load_model",
     "make_shards",
 ]
+
+_LAZY = {
+    "CLASS_NAMES": "opticam.demo.generate",
+    "NUM_CLASSES": "opticam.demo.generate",
+    "generate_sample": "opticam.demo.generate",
+    "make_shards": "opticam.demo.generate",
+    "DEMO_INPUT_SIZE": "opticam.demo.model",
+    "DEMO_TARGET_LAYER": "opticam.demo.model",
+    "load_model": "opticam.demo.model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'opticam.demo' has no attribute {name!r}")
