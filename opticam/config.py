@@ -226,11 +226,19 @@ class ModelSpec(BaseModel):
         return _one_of(value, known, str(info.field_name).replace("_", " "))
 
     def job_dict(self) -> dict[str, Any]:
-        """The spec as JSON values for the run id: later fields only when set."""
+        """The spec as JSON values for the run id: later fields only when set, and files
+        named by what they are, not how they were typed: a local checkpoint path and an
+        ``hf:`` folder that exists here are made absolute (:func:`normalize_url`), so
+        ``./ckpt.pt`` and ``/abs/ckpt.pt`` are one model (a Hub id stays as written)."""
         data = self.model_dump(mode="json")
         for name in _LATER_MODEL_FIELDS:
             if data.get(name) is None:
                 data.pop(name, None)
+        if data.get("checkpoint"):
+            data["checkpoint"] = normalize_url(data["checkpoint"])
+        source = str(data["source"])
+        if source.startswith("hf:") and os.path.isdir(os.path.expanduser(source[len("hf:") :])):
+            data["source"] = "hf:" + normalize_url(source[len("hf:") :]).rstrip("/")
         return data
 
     @field_validator("input_size", "resize_size", "num_classes")

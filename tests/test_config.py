@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -253,3 +254,24 @@ def test_max_pixels_changes_the_run_id_only_when_changed() -> None:
 
     assert make(max_pixels=DEFAULT_MAX_PIXELS).run_id == make().run_id
     assert make(max_pixels=1000).run_id != make().run_id
+
+
+def test_a_checkpoint_or_hf_folder_spelled_two_ways_is_one_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    spellings = [
+        {"source": "hf:vit", "checkpoint": "ckpt.pt"},
+        {"source": "hf:./vit/", "checkpoint": "./ckpt.pt"},
+        {"source": f"hf:{tmp_path}/vit", "checkpoint": f"{tmp_path}/ckpt.pt"},
+        {"source": f"hf:{tmp_path}//vit", "checkpoint": f"file://{tmp_path}/x/../ckpt.pt"},
+    ]
+    ids = {make(model=model).run_id for model in spellings}
+    assert len(ids) == 1
+    # A Hub id is a name, not a path: it stays as written; other files are other models.
+    assert make(model={"source": "hf:google/vit-base"}).run_id not in ids
+    assert make(model={"source": "hf:vit", "checkpoint": "other.pt"}).run_id not in ids
+    hub = make(model={"source": "hf:google/vit-base"}).model.job_dict()["source"]
+    assert hub == "hf:google/vit-base"
