@@ -12,8 +12,9 @@ to parse its flags) loads neither torch nor Pillow.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from opticam.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from opticam.demo.generate import CLASS_NAMES, NUM_CLASSES, generate_sample, make_shards
@@ -40,9 +41,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'opticam.demo' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -22,8 +22,9 @@ overlay`` does not import the store, pyarrow or torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from opticam.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from opticam.report.build import ReportResult, build_report
@@ -70,10 +71,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'opticam.report' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

@@ -1,0 +1,29 @@
+"""Package attributes imported on first use (PEP 562), so that importing a package costs
+only what its caller uses: ``import opticam`` or the command line never load torch."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["lazy_attributes"]
+
+
+def lazy_attributes(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``package`` that imports ``names[name]`` (a module
+    path) on first access and caches the attribute in the package.
+
+    Args:
+        package: the package's ``__name__`` (named in the AttributeError).
+        names: attribute name -> the module that defines it.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(names[name]), name)
+        setattr(importlib.import_module(package), name, value)
+        return value
+
+    return __getattr__
