@@ -297,8 +297,8 @@ class OptiCAMOptions(_LayerOptions):
         default="paper",
         description="named schedule: paper (the options as given) or fast (lr 0.5, 32 "
         "iterations: a third of the passes, AG about 3 points lower on the demo; README "
-        "'Fewer passes'); a schedule option left at its default takes the preset's value, "
-        "one set otherwise must agree with it",
+        "'Fewer passes'); a schedule option not given takes the preset's value, one given "
+        "must agree with it (also when it is the paper's value)",
         json_schema_extra={"enum": list(OPTICAM_PRESETS)},
     )
     lr_decay: str = Field(
@@ -351,7 +351,9 @@ class OptiCAMOptions(_LayerOptions):
 
     @model_validator(mode="after")
     def _check_preset_agrees(self) -> OptiCAMOptions:
-        resolve_opticam_preset(self.preset, {k: getattr(self, k) for k in OPTICAM_SCHEDULE})
+        # Only the options given: one set to the paper's value is as explicit as any.
+        given = {k: getattr(self, k) for k in OPTICAM_SCHEDULE if k in self.model_fields_set}
+        resolve_opticam_preset(self.preset, given)
         return self
 
 

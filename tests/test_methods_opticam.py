@@ -519,8 +519,7 @@ def test_preset_fast_uses_at_most_a_third_of_the_passes() -> None:
         assert getattr(fast_explainer, key) == value
     spelled = OptiCAM(model, model.features, **OPTICAM_PRESETS["fast"])(x, targets)  # type: ignore[arg-type]
     assert torch.equal(spelled.maps, fast.maps)
-    # Options at the paper's values take the preset's; others must agree with it.
-    assert OptiCAM(model, model.features, preset="fast", iterations=100).iterations < 100
+    # Options left out take the preset's; given ones must agree with it.
     fast_iterations = OPTICAM_PRESETS["fast"]["iterations"]
     agreeing = OptiCAM(model, model.features, preset="fast", iterations=fast_iterations)
     assert agreeing.iterations == fast_iterations
@@ -528,6 +527,32 @@ def test_preset_fast_uses_at_most_a_third_of_the_passes() -> None:
         OptiCAM(model, model.features, preset="fast", iterations=7)
     with pytest.raises(ValueError, match="unknown preset"):
         OptiCAM(model, model.features, preset="quick")
+
+
+@pytest.mark.parametrize("given", [{"iterations": 100}, {"lr": 0.1}, {"iterations": 7}])
+def test_an_explicit_option_is_never_replaced_by_the_preset(given: dict[str, object]) -> None:
+    """The paper's values given explicitly are refused like any other conflicting value,
+    in the library and in a job's method options (the job file and the CLI build these)."""
+    from opticam.config import MethodSpec, OptiCAMOptions
+
+    model = TinyNet(0)
+    ((key, value),) = given.items()
+    message = f"preset 'fast' sets {key}=.*conflicts with the {key}={value!r} given"
+    with pytest.raises(ValueError, match=message):
+        OptiCAM(model, model.features, preset="fast", **given)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        OptiCAMOptions(preset="fast", **given)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        MethodSpec(name="opticam", options={"preset": "fast", **given})
+    # Without the preset an explicit value is used as given.
+    assert getattr(OptiCAM(model, model.features, **given), key) == value  # type: ignore[arg-type]
+
+
+def test_options_a_preset_does_not_set_are_used_as_given() -> None:
+    model = TinyNet(0)
+    explainer = OptiCAM(model, model.features, preset="fast", lr_decay="cosine", patience=0)
+    assert (explainer.iterations, explainer.lr) == (32, 0.5)
+    assert (explainer.lr_decay, explainer.patience) == ("cosine", 0)
 
 
 def test_preset_in_the_config() -> None:
