@@ -75,12 +75,18 @@ class MethodInfo:
         title: how people write it (report legends).
         target: ``"module:Class"`` of its :class:`opticam.methods.Explainer` subclass.
         uses_layer: whether it reads a target layer (Fake-CAM does not).
+        batch_dependent: whether its map of an image depends on the other images of its
+            batch by more than float rounding. Opti-CAM's does: its 100 steps amplify
+            the rounding of the model's batched kernels (which differ with the batch
+            size) into visibly different maps (``benchmarks/opticam_batch.py``), so the
+            batch size is part of such a job's run id.
     """
 
     name: str
     title: str
     target: str
     uses_layer: bool = True
+    batch_dependent: bool = False
 
 
 _BASELINES = "opticam.methods.baselines"
@@ -89,7 +95,7 @@ _BASELINES = "opticam.methods.baselines"
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
-        MethodInfo("opticam", "Opti-CAM", "opticam.methods.opticam:OptiCAM"),
+        MethodInfo("opticam", "Opti-CAM", "opticam.methods.opticam:OptiCAM", batch_dependent=True),
         MethodInfo("gradcam", "Grad-CAM", f"{_BASELINES}:GradCAMMethod"),
         MethodInfo("gradcampp", "Grad-CAM++", f"{_BASELINES}:GradCAMPlusPlusMethod"),
         MethodInfo("xgradcam", "XGrad-CAM", f"{_BASELINES}:XGradCAMMethod"),

@@ -178,7 +178,8 @@ def test_rerunning_the_same_job_processes_nothing(flows: Any, local_run: dict[st
     run = pipeline.run_url_of(config)
     files = sorted((Path(run) / "shards").iterdir())
     mtimes = [f.stat().st_mtime_ns for f in files]
-    again, _ = run_flow(flows, config.model_copy(update={"batch_size": 2}))  # same run id
+    # Another execution setting, the same run id (Opti-CAM's batch size is not one).
+    again, _ = run_flow(flows, config.model_copy(update={"shard_attempts": 5}))
     assert again["run_url"] == run
     assert (again["shards_processed"], again["shards_skipped"]) == (0, 2)
     assert again["summary"] == local_run["result"]["summary"]

@@ -636,3 +636,43 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     # Eager from then on, without another warning.
     again = explainer(x, targets)
     assert torch.equal(again.maps, plain.maps)
+
+
+class _OneImageAtATime(nn.Module):
+    """``TinyNet`` run image by image, so that no part of the network's arithmetic can
+    depend on the other images of a batch; ``features`` is its target layer."""
+
+    def __init__(self, net: TinyNet) -> None:
+        super().__init__()
+        self.net = net
+        self.features = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.features(torch.cat([self.net.features(x[i : i + 1]) for i in range(len(x))]))
+        pooled = [torch.flatten(self.net.pool(feats[i : i + 1]), 1) for i in range(len(x))]
+        return torch.cat([self.net.fc(p) for p in pooled])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"tolerance": 0.0},
+        {"patience": 3, "plateau_rtol": 1e-2},
+        {"start": "gradcam", "objective": "diff", "score": "probability"},
+    ],
+)
+def test_each_image_is_its_own_optimization(options: dict[str, object]) -> None:
+    """Batched or one by one, the same bits, when the network's arithmetic is per image:
+    the loss, Adam, the stop rules and the best-iterate pick couple no images, so a
+    batch changes a map only through the model's batched kernels (README: batch size)."""
+    model = _OneImageAtATime(TinyNet(6))
+    x, targets = _images(6, batch=5), torch.tensor([0, 1, 2, 3, 4])
+    explainer = OptiCAM(model, model.features, iterations=25, **options)  # type: ignore[arg-type]
+    batched = explainer(x, targets)
+    alone = [explainer(x[i : i + 1], targets[i : i + 1]) for i in range(5)]
+    assert torch.equal(batched.maps, torch.cat([a.maps for a in alone]))
+    for key, value in batched.diagnostics.items():
+        assert torch.equal(value, torch.cat([a.diagnostics[key] for a in alone])), key
+    if "patience" in options:
+        # The per-image stop fired, at different steps: rows left the batch on the way.
+        assert len(set(batched.diagnostics["iterations"].tolist())) > 1

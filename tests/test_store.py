@@ -231,11 +231,11 @@ def test_run_json_has_no_secrets_and_refuses_another_job(tmp_path: Path) -> None
     assert saved["shards"] == shards
     assert "torch" in saved["versions"] and "pyarrow" in saved["versions"]
 
-    # Same job with another batch size: allowed, creation time kept.
-    again = config.model_copy(update={"batch_size": 3})
+    # Same job on another device: allowed, creation time kept.
+    again = config.model_copy(update={"device": "cuda:1"})
     second = store.write_run_json(run, again, shards)
     assert second["created"] == first["created"]
-    assert json.loads((Path(run) / "run.json").read_text())["config"]["batch_size"] == 3
+    assert json.loads((Path(run) / "run.json").read_text())["config"]["device"] == "cuda:1"
 
     other = RunConfig(data="s3://b/d/shard-{0..2}.tar", output=str(tmp_path))
     with pytest.raises(store.RunCollisionError, match="different job"):
