@@ -145,6 +145,11 @@ class LoadedModel:
         interpolation: resampling filter of the resize (:data:`opticam.names.INTERPOLATIONS`).
         resize_mode: ``"shorter"`` or ``"squash"`` (:data:`opticam.names.RESIZE_MODES`).
         crop_rounding: ``"round"`` (torchvision, timm) or ``"floor"`` (Hugging Face).
+        mean: per-channel mean the model subtracts from [0,1] images (its
+            :class:`Normalized` wrapper), or None when that wrapper is absent (the demo
+            model normalizes inside its own code; a factory that declares no
+            ``input_mean`` is taken as normalizing inside, too).
+        std: per-channel standard deviation it divides by, or None with ``mean``.
     """
 
     model: nn.Module
@@ -159,6 +164,30 @@ class LoadedModel:
     interpolation: str = "bilinear"
     resize_mode: str = "shorter"
     crop_rounding: str = "round"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def description(self) -> dict[str, Any]:
+        """What the loaded model applies, as JSON values (``run.json``'s ``loaded_model``).
+
+        The settings a spec may leave to the model's family, its weights or its factory:
+        ``source``, ``target_layer``, ``input_size``, ``resize_size``, ``num_classes``,
+        ``mean`` and ``std`` (None: no normalization inside), ``relu_features``,
+        ``interpolation``, ``resize_mode``, ``crop_rounding``.
+        """
+        return {
+            "source": self.name,
+            "target_layer": self.target_layer_name,
+            "input_size": list(self.input_size),
+            "resize_size": self.resize_size,
+            "num_classes": self.num_classes,
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+            "relu_features": self.relu_features,
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+            "crop_rounding": self.crop_rounding,
+        }
 
     def preprocess(self) -> Preprocess:
         """The :class:`~opticam.data.Preprocess` that makes this model's inputs."""
@@ -570,8 +599,10 @@ def load_model(
         resize_size = resize_size or input_size
 
     model: nn.Module = net
+    applied: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     if mean is not None:
-        model = Normalized(net, mean, std if std is not None else (1.0, 1.0, 1.0))
+        applied = _floats(mean), _floats(std if std is not None else (1.0, 1.0, 1.0))
+        model = Normalized(net, *applied)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -594,7 +625,14 @@ def load_model(
         interpolation=spec.interpolation or interpolation,
         resize_mode=spec.resize_mode or resize_mode,
         crop_rounding=crop_rounding,
+        mean=None if applied is None else applied[0],
+        std=None if applied is None else applied[1],
     )
+
+
+def _floats(values: Sequence[float]) -> tuple[float, ...]:
+    """A mean or std (per channel) as plain floats, whatever sequence a factory gave."""
+    return tuple(float(v) for v in values)
 
 
 def _has_conv(module: nn.Module) -> bool:

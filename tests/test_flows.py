@@ -141,6 +141,9 @@ def test_demo_end_to_end_local(local_run: dict[str, Any]) -> None:
         store.shard_name(u) for u in local_run["shards"]
     ]
     assert saved["job"] == config.job_description()
+    # What the model applied (the demo model normalizes inside its own code).
+    assert saved["loaded_model"]["target_layer"] == "features.block6"
+    assert (saved["loaded_model"]["mean"], saved["loaded_model"]["std"]) == (None, None)
     events = [e for e, _ in local_run["events"]]
     assert events[0] == "plan" and events.count("shard_done") == 2 and events[-1] == "report"
     assert sum(d["n"] for e, d in local_run["events"] if e == "images") == 12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 import urllib.error
 from pathlib import Path
@@ -165,6 +166,7 @@ def test_torchvision_checkpoint_from_local_file(tmp_path: Path) -> None:
     assert loaded.num_classes == 7
     assert loaded.target_layer_name == "features.12"
     assert loaded.input_size == (224, 224) and loaded.resize_size == 256
+    assert (loaded.mean, loaded.std) == (IMAGENET_MEAN, IMAGENET_STD)
     assert loaded.name == "torchvision:mobilenet_v3_small"
     assert all(not p.requires_grad for p in loaded.model.parameters())
     assert not loaded.model.training
@@ -291,6 +293,12 @@ def test_factory_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert loaded.num_classes == 3
     assert loaded.input_size == (32, 32) and loaded.resize_size == 32
     assert loaded.target_layer_name == "0" and loaded.relu_features
+    # The normalization the factory declared is what the LoadedModel reports as applied.
+    assert (loaded.mean, loaded.std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    described = loaded.description()
+    assert (described["mean"], described["std"]) == ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    assert described["target_layer"] == "0" and described["input_size"] == [32, 32]
+    assert json.loads(json.dumps(described)) == described  # JSON values only
     # A checkpoint is loaded into the factory's module.
     state = {k: torch.zeros_like(v) for k, v in loaded.model.model.state_dict().items()}
     torch.save(state, tmp_path / "zeros.pt")
