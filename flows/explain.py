@@ -48,6 +48,7 @@ from opticam.data import ShardStreamError
 from opticam.errors import StorageFailedError
 from opticam.pipeline import (
     done_status,
+    get_loaded_model,
     local_devices,
     pending_shards,
     preflight,
@@ -296,13 +297,15 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
     logger = get_run_logger()
     run = run_url_of(config)
     plan, devices = preflight(config)
+    # The model preflight loaded (cached): what it applies goes into run.json.
+    loaded_model = get_loaded_model(config, devices[0]).description()
     if config.executor == "deployments":
         from .cluster import check_config, shard_deployment
 
         check_config(config)
         devices = [f"work pool {config.pool} ({shard_deployment(config.pool or '')})"]
     try:
-        store.write_run_json(run, config, plan, config.output_options())
+        store.write_run_json(run, config, plan, config.output_options(), loaded_model=loaded_model)
         pending = pending_shards(config, plan)
     except StorageFailedError as exc:
         logger.error("%s; stopping the run", exc)

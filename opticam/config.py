@@ -9,9 +9,12 @@ The run id (:attr:`RunConfig.run_id`) is derived from the *job description* alon
     run_id = slug(data, model) + "-" + sha256(canonical_json(job))[:12]
 
 where ``job`` holds the data spec, the model spec, the methods with their options, the
-target class rule, the metric parameters, the map format and ``max_images``. Where the
-output goes, the device, the batch size, the executor and the storage options are left
-out: they change how a job runs, not what it computes. So rerunning the same command
+target class rule, the metric parameters, the map format and ``max_images``, and, for a
+job with Opti-CAM, a batch size other than 32: Opti-CAM's optimization amplifies the float
+rounding of the model's batched kernels, which differs with the batch size, into maps
+that differ (``benchmarks/opticam_batch.py``). Where the output goes, the device, the
+batch size of other jobs, the executor and the storage options are left out: they change
+how a job runs, not what it computes (up to float rounding). So rerunning the same command
 resumes the same run folder, and changing a parameter that changes the results starts a
 fresh one.
 
@@ -64,6 +67,7 @@ from opticam.names import (
 from opticam.redact import redact_url
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_OUTPUT",
     "CAMOptions",
@@ -80,6 +84,8 @@ DEFAULT_OUTPUT = "./opticam-runs"
 #: Most pixels a decoded image may have (above a 100-megapixel photo); larger images are
 #: refused from their header, before decoding (a 180 KB PNG can decode to gigabytes).
 DEFAULT_MAX_PIXELS = 120_000_000
+#: Images per batch unless the job says otherwise (``RunConfig.batch_size``).
+DEFAULT_BATCH_SIZE = 32
 
 
 _POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -306,8 +312,8 @@ class OptiCAMOptions(_LayerOptions):
         default="paper",
         description="named schedule: paper (the options as given) or fast (lr 0.5, 32 "
         "iterations: a third of the passes, AG about 3 points lower on the demo; README "
-        "'Fewer passes'); a schedule option left at its default takes the preset's value, "
-        "one set otherwise must agree with it",
+        "'Fewer passes'); a schedule option not given takes the preset's value, one given "
+        "must agree with it (also when it is the paper's value)",
         json_schema_extra={"enum": list(OPTICAM_PRESETS)},
     )
     lr_decay: str = Field(
@@ -360,7 +366,9 @@ class OptiCAMOptions(_LayerOptions):
 
     @model_validator(mode="after")
     def _check_preset_agrees(self) -> OptiCAMOptions:
-        resolve_opticam_preset(self.preset, {k: getattr(self, k) for k in OPTICAM_SCHEDULE})
+        # Only the options given: one set to the paper's value is as explicit as any.
+        given = {k: getattr(self, k) for k in OPTICAM_SCHEDULE if k in self.model_fields_set}
+        resolve_opticam_preset(self.preset, given)
         return self
 
 
@@ -526,11 +534,12 @@ class RunConfig(BaseModel):
         description="class explained: the ground-truth label (paper) or the predicted class",
     )
     batch_size: int | Literal["auto"] = Field(
-        default=32,
+        default=DEFAULT_BATCH_SIZE,
         description="images per batch, or auto: on a GPU the largest batch that fits, "
         "measured once per model, input size and methods; on the CPU 8 "
         "(opticam.pipeline.autobatch). On a GPU a batch that runs out of memory is split "
-        "in halves and the smaller size kept",
+        "in halves and the smaller size kept. Part of the run id when the job runs "
+        "Opti-CAM (its maps depend on the images batched together), unless 32",
     )
     device: str = Field(
         default="auto",
@@ -702,7 +711,16 @@ class RunConfig(BaseModel):
             "max_images": self.max_images,
             # Only when changed: jobs from before the setting keep their run id.
             **({"max_pixels": self.max_pixels} if self.max_pixels != DEFAULT_MAX_PIXELS else {}),
+            # A method whose maps depend on their batch (Opti-CAM) makes the batch size
+            # part of what the job computes; left out at the default, so that such jobs
+            # from before keep their run id.
+            **({"batch_size": self.batch_size} if self._batch_size_in_identity() else {}),
         }
+
+    def _batch_size_in_identity(self) -> bool:
+        """Whether :attr:`batch_size` changes the results (see :meth:`job_description`)."""
+        dependent = any(METHODS[m.name].batch_dependent for m in self.methods)
+        return dependent and self.batch_size != DEFAULT_BATCH_SIZE
 
     @property
     def run_id(self) -> str:

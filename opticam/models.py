@@ -31,7 +31,8 @@ Target layers are dotted module names relative to the unwrapped model (``"layer4
 Defaults per family (see :func:`default_target_layer`): ResNet/ResNeXt/Wide-ResNet
 ``layer4``; VGG the ReLU before the last max-pool of ``features``; DenseNet ``features``
 (ends in norm5; DenseNet applies its ReLU after it, and so do ReLU'd features); MobileNet
-V2/V3, EfficientNet and ConvNeXt the last block of ``features``; ViT the first norm
+V2/V3, EfficientNet, ConvNeXt and SqueezeNet the last block of ``features`` (SqueezeNet:
+the last Fire module, before the classifier's convolution and pooling); ViT the first norm
 (``ln_1``) of the last encoder block, whose tokens are reshaped to their grid (as
 pytorch-grad-cam's ViT tutorial does with timm's ``blocks[-1].norm1``); Swin the first
 norm of its last block, channels-last maps moved to (B,C,h,w). timm and Hugging Face
@@ -144,6 +145,11 @@ class LoadedModel:
         interpolation: resampling filter of the resize (:data:`opticam.names.INTERPOLATIONS`).
         resize_mode: ``"shorter"`` or ``"squash"`` (:data:`opticam.names.RESIZE_MODES`).
         crop_rounding: ``"round"`` (torchvision, timm) or ``"floor"`` (Hugging Face).
+        mean: per-channel mean the model subtracts from [0,1] images (its
+            :class:`Normalized` wrapper), or None when that wrapper is absent (the demo
+            model normalizes inside its own code; a factory that declares no
+            ``input_mean`` is taken as normalizing inside, too).
+        std: per-channel standard deviation it divides by, or None with ``mean``.
     """
 
     model: nn.Module
@@ -158,6 +164,30 @@ class LoadedModel:
     interpolation: str = "bilinear"
     resize_mode: str = "shorter"
     crop_rounding: str = "round"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def description(self) -> dict[str, Any]:
+        """What the loaded model applies, as JSON values (``run.json``'s ``loaded_model``).
+
+        The settings a spec may leave to the model's family, its weights or its factory:
+        ``source``, ``target_layer``, ``input_size``, ``resize_size``, ``num_classes``,
+        ``mean`` and ``std`` (None: no normalization inside), ``relu_features``,
+        ``interpolation``, ``resize_mode``, ``crop_rounding``.
+        """
+        return {
+            "source": self.name,
+            "target_layer": self.target_layer_name,
+            "input_size": list(self.input_size),
+            "resize_size": self.resize_size,
+            "num_classes": self.num_classes,
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+            "relu_features": self.relu_features,
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+            "crop_rounding": self.crop_rounding,
+        }
 
     def preprocess(self) -> Preprocess:
         """The :class:`~opticam.data.Preprocess` that makes this model's inputs."""
@@ -236,31 +266,62 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 _FEATURE_LAYERS = (nn.Conv2d, nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+# What a classifier head starts with: the global pooling that ends the feature maps, or a
+# fully connected layer (SqueezeNet's classifier also holds a convolution).
+_HEAD_LAYERS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
 
 
 def _holds_features(module: nn.Module) -> bool:
     return any(isinstance(m, _FEATURE_LAYERS) for m in module.modules())
 
 
+def _is_head(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its children pools the maps away or is fully connected.
+
+    Only the first level is looked at: blocks whose inner parts hold a pooling (a
+    squeeze-excitation) or a linear layer (a transformer's MLP) are feature blocks.
+    """
+    parts = [module, *module.children()]
+    return any(
+        isinstance(m, _HEAD_LAYERS) or type(m).__name__ == "SelectAdaptivePool2d" for m in parts
+    )
+
+
+def _feature_path(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The child of ``module`` on the way to its last feature maps, or None at a leaf block.
+
+    The last child that holds a convolution or a norm layer and has children itself,
+    skipping heads (:func:`_is_head`: a classifier, an auxiliary classifier) unless every
+    such child is one (a backbone that ends in its own pooling).
+    """
+    holders = [
+        (n, c)
+        for n, c in module.named_children()
+        if _holds_features(c) and any(True for _ in c.children())
+    ]
+    if not holders:
+        return None
+    bodies = [(n, c) for n, c in holders if not _is_head(c)]
+    return (bodies or holders)[-1]
+
+
 def layer_candidates(model: nn.Module, limit: int = 40) -> list[str]:
     """Module names worth suggesting as target layers, relative to :func:`unwrap`.
 
-    The top-level children, then the path to the output: at each level the children of
-    the last child that holds a convolution or a norm layer (where CAM layers live), down
-    to the leaves, e.g. ``resnet.encoder.stages.3`` in a Hugging Face ResNet or
-    ``blocks.11.norm1`` in a timm ViT. When there are more than ``limit``, the top-level
-    names and the deepest ones are kept.
+    The top-level children, then the path to the last feature maps: at each level the
+    children of the last child that holds a convolution or a norm layer and is not a
+    head (see :func:`_feature_path`), down to the leaves, e.g. ``layer4.1`` in a ResNet,
+    ``features.12`` in a SqueezeNet, ``resnet.encoder.stages.3`` in a Hugging Face ResNet
+    or ``blocks.11.norm1`` in a timm ViT; a model inside a wrapper of the user's own is
+    followed the same way (``net.features.12``). When there are more than ``limit``, the
+    top-level names and the deepest ones are kept.
     """
     inner = unwrap(model)
     top = [name for name, _ in inner.named_children()]
     deeper: list[str] = []
     prefix, module = "", inner
-    while True:
-        holders = [(n, c) for n, c in module.named_children() if _holds_features(c)]
-        holders = [(n, c) for n, c in holders if any(True for _ in c.children())]
-        if not holders:
-            break
-        name, module = holders[-1]
+    while (step := _feature_path(module)) is not None:
+        name, module = step
         prefix = f"{prefix}{name}."
         deeper.extend(f"{prefix}{child}" for child, _ in module.named_children())
     room = max(limit - len(top), 0)
@@ -304,7 +365,8 @@ def default_target_layer(model: nn.Module) -> str:
     Known torchvision, timm and Hugging Face families get the layers used in the
     literature (timm and Hugging Face: :func:`opticam.zoo.family_layer`); a module with a
     ``default_target_layer`` string attribute names its own; any other model gets the last
-    top-level child that holds a convolution and no pooling/linear head.
+    top-level child that holds a convolution and no pooling/linear head, or, for a module
+    with a single child (a wrapper of the user's own), that child's default.
 
     Raises:
         ValueError: nothing suitable found; the message lists candidate names.
@@ -328,7 +390,9 @@ def default_target_layer(model: nn.Module) -> str:
         return f"features.{last - 1}"
     if isinstance(inner, tvm.DenseNet):
         return "features"
-    if isinstance(inner, tvm.MobileNetV2 | tvm.MobileNetV3 | tvm.EfficientNet | tvm.ConvNeXt):
+    if isinstance(
+        inner, tvm.MobileNetV2 | tvm.MobileNetV3 | tvm.EfficientNet | tvm.ConvNeXt | tvm.SqueezeNet
+    ):
         return f"features.{len(inner.features) - 1}"
     if isinstance(inner, tvm.VisionTransformer):
         blocks = list(inner.encoder.layers.named_children())
@@ -341,6 +405,13 @@ def default_target_layer(model: nn.Module) -> str:
     for name, child in inner.named_children():
         if _has_conv(child) and not any(isinstance(m, head_types) for m in child.modules()):
             chosen = name
+    if chosen is None and len(list(inner.children())) == 1:
+        # A wrapper of the user's own around one classifier: that classifier's default.
+        ((name, child),) = inner.named_children()
+        try:
+            return f"{name}.{default_target_layer(child)}"
+        except ValueError:
+            pass
     if chosen is None:
         raise ValueError(
             f"no default target layer for {type(inner).__name__}; pass target_layer= "
@@ -528,8 +599,10 @@ def load_model(
         resize_size = resize_size or input_size
 
     model: nn.Module = net
+    applied: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     if mean is not None:
-        model = Normalized(net, mean, std if std is not None else (1.0, 1.0, 1.0))
+        applied = _floats(mean), _floats(std if std is not None else (1.0, 1.0, 1.0))
+        model = Normalized(net, *applied)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -552,7 +625,14 @@ def load_model(
         interpolation=spec.interpolation or interpolation,
         resize_mode=spec.resize_mode or resize_mode,
         crop_rounding=crop_rounding,
+        mean=None if applied is None else applied[0],
+        std=None if applied is None else applied[1],
     )
+
+
+def _floats(values: Sequence[float]) -> tuple[float, ...]:
+    """A mean or std (per channel) as plain floats, whatever sequence a factory gave."""
+    return tuple(float(v) for v in values)
 
 
 def _has_conv(module: nn.Module) -> bool:

@@ -20,6 +20,7 @@ config can be validated anywhere, e.g. in the process that renders a Prefect UI 
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 
 __all__ = [
@@ -74,12 +75,18 @@ class MethodInfo:
         title: how people write it (report legends).
         target: ``"module:Class"`` of its :class:`opticam.methods.Explainer` subclass.
         uses_layer: whether it reads a target layer (Fake-CAM does not).
+        batch_dependent: whether its map of an image depends on the other images of its
+            batch by more than float rounding. Opti-CAM's does: its 100 steps amplify
+            the rounding of the model's batched kernels (which differ with the batch
+            size) into visibly different maps (``benchmarks/opticam_batch.py``), so the
+            batch size is part of such a job's run id.
     """
 
     name: str
     title: str
     target: str
     uses_layer: bool = True
+    batch_dependent: bool = False
 
 
 _BASELINES = "opticam.methods.baselines"
@@ -88,7 +95,7 @@ _BASELINES = "opticam.methods.baselines"
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
-        MethodInfo("opticam", "Opti-CAM", "opticam.methods.opticam:OptiCAM"),
+        MethodInfo("opticam", "Opti-CAM", "opticam.methods.opticam:OptiCAM", batch_dependent=True),
         MethodInfo("gradcam", "Grad-CAM", f"{_BASELINES}:GradCAMMethod"),
         MethodInfo("gradcampp", "Grad-CAM++", f"{_BASELINES}:GradCAMPlusPlusMethod"),
         MethodInfo("xgradcam", "XGrad-CAM", f"{_BASELINES}:XGradCAMMethod"),
@@ -135,28 +142,44 @@ OPTICAM_PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-def resolve_opticam_preset(preset: str, options: dict[str, object]) -> dict[str, object]:
-    """``options`` (schedule options from :data:`OPTICAM_SCHEDULE`) with ``preset`` applied.
+def resolve_opticam_preset(preset: str, given: dict[str, object]) -> dict[str, object]:
+    """The full schedule (every key of :data:`OPTICAM_SCHEDULE`) of ``preset`` and ``given``.
 
-    An option left at the paper's value takes the preset's value; an option set to
-    anything else must equal the preset's value, otherwise the two conflict.
+    ``given`` holds only the schedule options the caller set explicitly. Each option
+    takes, in order: its given value, the preset's value, the paper's default. A given
+    value the preset also sets must equal the preset's: an explicit value is never
+    silently replaced, also when it happens to be the paper's default
+    (``preset="fast", iterations=100`` is refused, not run with 32 iterations).
 
     Raises:
-        ValueError: unknown preset, or an option that conflicts with it.
+        ValueError: unknown preset or schedule option, or a given value that conflicts
+            with the preset.
     """
     if preset not in OPTICAM_PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(OPTICAM_PRESETS)})")
-    resolved = dict(options)
-    for key, value in OPTICAM_PRESETS[preset].items():
-        given = resolved.get(key, OPTICAM_SCHEDULE[key])
-        if given == OPTICAM_SCHEDULE[key]:
-            resolved[key] = value
-        elif given != value:
+        raise ValueError(f"unknown preset {_short(preset)} (known: {', '.join(OPTICAM_PRESETS)})")
+    unknown = sorted(set(given) - set(OPTICAM_SCHEDULE))
+    if unknown:
+        raise ValueError(
+            f"unknown schedule option(s) {', '.join(_short(k) for k in unknown)} "
+            f"(known: {', '.join(OPTICAM_SCHEDULE)})"
+        )
+    fixed = OPTICAM_PRESETS[preset]
+    for key, value in given.items():
+        if key in fixed and value != fixed[key]:
             raise ValueError(
-                f"preset {preset!r} sets {key}={value!r}, which conflicts with "
-                f"{key}={given!r}; leave {key} at its default or use preset 'paper'"
+                f"preset {preset!r} sets {key}={fixed[key]!r}, which conflicts with the "
+                f"{key}={_short(value)} given; leave {key} out or use preset 'paper'"
             )
-    return resolved
+    return {**OPTICAM_SCHEDULE, **fixed, **given}
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def _short(value: object) -> str:
+    """``repr(value)`` cut to a length fit for a one-line error message."""
+    return _REPR.repr(value)
 
 
 # --------------------------------------------------------------------------- map formats

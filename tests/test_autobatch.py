@@ -70,6 +70,8 @@ def rows_by_image(config: RunConfig) -> dict[tuple[str, str], dict[str, Any]]:
     out = {}
     for row in rows:
         assert row.pop("seconds") >= 0  # time, not a result: compared only for sanity
+        # Another batch size is another Opti-CAM job (its maps may depend on the batch).
+        assert row.pop("run_id") == config.run_id
         out[(row["key"], row["method"])] = row
     assert len(out) == len(rows)
     return out
@@ -185,8 +187,14 @@ def test_auto_on_the_cpu_is_the_documented_default(
 def test_batch_size_accepts_auto_and_ints(value: Any, expected: Any, tmp_path: Path) -> None:
     config = make_config("x.tar", tmp_path, batch_size=value)
     assert config.batch_size == expected
-    # How a job runs, not what it computes: the run id does not change.
-    assert config.run_id == make_config("x.tar", tmp_path).run_id
+    # How a job without Opti-CAM runs, not what it computes: the run id does not change.
+    baselines = {"methods": ["gradcam", "fakecam"]}
+    assert (
+        make_config("x.tar", tmp_path, batch_size=value, **baselines).run_id
+        == make_config("x.tar", tmp_path, **baselines).run_id
+    )
+    # Opti-CAM's maps may depend on the images batched together: another job.
+    assert config.run_id != make_config("x.tar", tmp_path).run_id
 
 
 @pytest.mark.parametrize("value", [0, -3, "big", "AUTO "])

@@ -199,6 +199,26 @@ def test_explain_command_writes_overlays(
     assert out.count("class ") == 4
 
 
+def test_explain_refuses_an_explicit_option_that_a_preset_would_replace(
+    tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, _, _, _ = generate_sample(0, 2)
+    path = tmp_path / "img0.jpg"
+    image.save(path)
+    code, _, err = run_main(
+        [
+            *("explain", str(path), "--model", tiny_model, "--method", "opticam"),
+            *("--preset", "fast", "--iterations", "100", "--out", str(tmp_path / "o")),
+            *("--device", "cpu"),
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "preset 'fast' sets iterations=32, which conflicts with the iterations=100" in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
@@ -460,6 +480,17 @@ def test_a_job_file_in_json_and_the_demo_defaults(
         ("data: x.tar\nbatch: 3\n", [], "batch: Extra inputs are not permitted"),
         ("data: x.tar\nmethods: [gradcam]\n", ["--iterations", "3"], "--iterations set options"),
         ("data: x.tar\n", ["--cam-batch-size", "0"], "batch_size: Input should be greater"),
+        # An explicit value is never replaced by a preset's, also the paper's own value.
+        (
+            "data: x.tar\nmethods: [{name: opticam, options: {preset: fast, iterations: 100}}]\n",
+            [],
+            "preset 'fast' sets iterations=32, which conflicts with the iterations=100 given",
+        ),
+        (
+            "data: x.tar\nmethods: [opticam]\n",
+            ["--preset", "fast", "--lr", "0.1"],
+            "preset 'fast' sets lr=0.5, which conflicts with the lr=0.1 given",
+        ),
     ],
 )
 def test_bad_job_files_and_flags_are_one_line_errors(

@@ -71,7 +71,7 @@ def test_run_id_changes_with_what_the_job_computes(changes: dict[str, Any]) -> N
         {"output": "s3://elsewhere/runs"},
         {"device": "cpu"},
         {"device": "cuda:1"},
-        {"batch_size": 7},
+        {"batch_size": 32},
         {"storage_options": {"key": "AKIA", "secret": SECRET}},
         {"data_storage_options": {"anon": True}},
         {"output_storage_options": {"client_kwargs": {"endpoint_url": "http://minio:9000"}}},
@@ -80,6 +80,19 @@ def test_run_id_changes_with_what_the_job_computes(changes: dict[str, Any]) -> N
 )
 def test_run_id_ignores_how_the_job_runs(changes: dict[str, Any]) -> None:
     assert make(**changes).run_id == make().run_id
+
+
+@pytest.mark.parametrize("batch_size", [7, 1, "auto"])
+def test_batch_size_is_part_of_the_run_id_of_a_job_with_opticam(batch_size: int | str) -> None:
+    """Opti-CAM's maps depend on the images batched together (benchmarks/opticam_batch.py):
+    a run resumed with another batch size must not mix them into one folder."""
+    assert make(batch_size=batch_size).run_id != make().run_id
+    assert make(batch_size=batch_size).job_description()["batch_size"] == batch_size
+    # Baselines' maps move by float rounding only: their jobs keep one run id.
+    baselines = {"methods": ["gradcam", "scorecam", "fakecam"]}
+    assert make(batch_size=batch_size, **baselines).run_id == make(**baselines).run_id
+    # The default stays out: jobs from before keep their run id.
+    assert "batch_size" not in make().job_description()
 
 
 def test_local_paths_hash_the_same_relative_or_absolute(tmp_path: Any, monkeypatch: Any) -> None:
@@ -213,13 +226,18 @@ def test_option_models_match_the_methods_they_configure() -> None:
     """The config's option defaults are the methods' own (the CLI shows the former)."""
     from opticam.config import CAMOptions, OptiCAMOptions
     from opticam.methods import GradCAMBaseline, OptiCAM
+    from opticam.names import OPTICAM_SCHEDULE
 
     for options, method in ((OptiCAMOptions, OptiCAM), (CAMOptions, GradCAMBaseline)):
         signature = _signature_defaults(method)
         accepted = set(method.options) | {"relu_features"}
         assert set(options.model_fields) == accepted, method.__name__
         for name in method.options:
-            assert options.model_fields[name].default == signature[name], (method, name)
+            # A schedule option's None means "not given": the preset's or the paper's value.
+            default = signature[name]
+            if default is None and name in OPTICAM_SCHEDULE:
+                default = OPTICAM_SCHEDULE[name]
+            assert options.model_fields[name].default == default, (method, name)
 
 
 def test_options_equal_to_their_defaults_do_not_change_the_run_id() -> None:

@@ -142,6 +142,9 @@ def test_demo_end_to_end_local(local_run: dict[str, Any]) -> None:
         store.shard_name(u) for u in local_run["shards"]
     ]
     assert saved["job"] == config.job_description()
+    # What the model applied (the demo model normalizes inside its own code).
+    assert saved["loaded_model"]["target_layer"] == "features.block6"
+    assert (saved["loaded_model"]["mean"], saved["loaded_model"]["std"]) == (None, None)
     events = [e for e, _ in local_run["events"]]
     assert events[0] == "plan" and events.count("shard_done") == 2 and events[-1] == "report"
     assert sum(d["n"] for e, d in local_run["events"] if e == "images") == 12
@@ -179,7 +182,8 @@ def test_rerunning_the_same_job_processes_nothing(flows: Any, local_run: dict[st
     run = pipeline.run_url_of(config)
     files = sorted((Path(run) / "shards").iterdir())
     mtimes = [f.stat().st_mtime_ns for f in files]
-    again, _ = run_flow(flows, config.model_copy(update={"batch_size": 2}))  # same run id
+    # Another execution setting, the same run id (Opti-CAM's batch size is not one).
+    again, _ = run_flow(flows, config.model_copy(update={"shard_attempts": 5}))
     assert again["run_url"] == run
     assert (again["shards_processed"], again["shards_skipped"]) == (0, 2)
     assert again["summary"] == local_run["result"]["summary"]

@@ -139,3 +139,46 @@ def test_bad_options() -> None:
         GradCAMBaseline(model, model.features)
     with pytest.raises(ValueError, match="batch_size"):
         explainer_class("scorecam")(model, model.features, batch_size=0)
+
+
+def _inplace_and_outofplace_resnet18() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A random-weight torchvision resnet18 (inplace ReLUs) and a copy without them."""
+    import copy
+
+    import torchvision
+
+    torch.manual_seed(0)
+    inplace = torchvision.models.resnet18(num_classes=10).eval()
+    plain = copy.deepcopy(inplace)
+    for module in plain.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
+    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in inplace.modules())
+    return inplace, plain
+
+
+_LAYER_METHODS = [(name, {"batch_size": 64}) for name in sorted(CAM_METHODS)] + [
+    ("opticam", {"iterations": 3}),
+    # Without its own ReLU, Opti-CAM would see the inplace ReLU's work on the features.
+    ("opticam", {"iterations": 3, "relu_features": False}),
+    ("opticam", {"iterations": 3, "start": "gradcam"}),
+]
+
+
+@pytest.mark.parametrize("method,options", _LAYER_METHODS)
+def test_maps_do_not_see_a_later_inplace_relu(method: str, options: dict[str, object]) -> None:
+    """``layer2.1.bn1`` feeds ``ReLU(inplace=True)``: the maps must come from the layer's
+    output as it was, so they equal those of the same weights with out-of-place ReLUs."""
+    from opticam.methods import get_explainer
+
+    inplace, plain = _inplace_and_outofplace_resnet18()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([1, 2])
+    got = get_explainer(method, inplace, target_layer="layer2.1.bn1", **options)(x, targets)
+    want = get_explainer(method, plain, target_layer="layer2.1.bn1", **options)(x, targets)
+    assert got.saliency is not None and want.saliency is not None
+    # Real maps, so that the comparison below is not between two constant ones.
+    assert not bool(got.diagnostics["constant_map"].any())
+    torch.testing.assert_close(got.saliency, want.saliency, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.maps, want.maps, atol=1e-5, rtol=0)
+    assert all(not m._forward_hooks and not m._backward_hooks for m in inplace.modules())

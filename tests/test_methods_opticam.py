@@ -519,8 +519,7 @@ def test_preset_fast_uses_at_most_a_third_of_the_passes() -> None:
         assert getattr(fast_explainer, key) == value
     spelled = OptiCAM(model, model.features, **OPTICAM_PRESETS["fast"])(x, targets)  # type: ignore[arg-type]
     assert torch.equal(spelled.maps, fast.maps)
-    # Options at the paper's values take the preset's; others must agree with it.
-    assert OptiCAM(model, model.features, preset="fast", iterations=100).iterations < 100
+    # Options left out take the preset's; given ones must agree with it.
     fast_iterations = OPTICAM_PRESETS["fast"]["iterations"]
     agreeing = OptiCAM(model, model.features, preset="fast", iterations=fast_iterations)
     assert agreeing.iterations == fast_iterations
@@ -528,6 +527,32 @@ def test_preset_fast_uses_at_most_a_third_of_the_passes() -> None:
         OptiCAM(model, model.features, preset="fast", iterations=7)
     with pytest.raises(ValueError, match="unknown preset"):
         OptiCAM(model, model.features, preset="quick")
+
+
+@pytest.mark.parametrize("given", [{"iterations": 100}, {"lr": 0.1}, {"iterations": 7}])
+def test_an_explicit_option_is_never_replaced_by_the_preset(given: dict[str, object]) -> None:
+    """The paper's values given explicitly are refused like any other conflicting value,
+    in the library and in a job's method options (the job file and the CLI build these)."""
+    from opticam.config import MethodSpec, OptiCAMOptions
+
+    model = TinyNet(0)
+    ((key, value),) = given.items()
+    message = f"preset 'fast' sets {key}=.*conflicts with the {key}={value!r} given"
+    with pytest.raises(ValueError, match=message):
+        OptiCAM(model, model.features, preset="fast", **given)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        OptiCAMOptions(preset="fast", **given)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        MethodSpec(name="opticam", options={"preset": "fast", **given})
+    # Without the preset an explicit value is used as given.
+    assert getattr(OptiCAM(model, model.features, **given), key) == value  # type: ignore[arg-type]
+
+
+def test_options_a_preset_does_not_set_are_used_as_given() -> None:
+    model = TinyNet(0)
+    explainer = OptiCAM(model, model.features, preset="fast", lr_decay="cosine", patience=0)
+    assert (explainer.iterations, explainer.lr) == (32, 0.5)
+    assert (explainer.lr_decay, explainer.patience) == ("cosine", 0)
 
 
 def test_preset_in_the_config() -> None:
@@ -611,3 +636,43 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
     # Eager from then on, without another warning.
     again = explainer(x, targets)
     assert torch.equal(again.maps, plain.maps)
+
+
+class _OneImageAtATime(nn.Module):
+    """``TinyNet`` run image by image, so that no part of the network's arithmetic can
+    depend on the other images of a batch; ``features`` is its target layer."""
+
+    def __init__(self, net: TinyNet) -> None:
+        super().__init__()
+        self.net = net
+        self.features = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.features(torch.cat([self.net.features(x[i : i + 1]) for i in range(len(x))]))
+        pooled = [torch.flatten(self.net.pool(feats[i : i + 1]), 1) for i in range(len(x))]
+        return torch.cat([self.net.fc(p) for p in pooled])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"tolerance": 0.0},
+        {"patience": 3, "plateau_rtol": 1e-2},
+        {"start": "gradcam", "objective": "diff", "score": "probability"},
+    ],
+)
+def test_each_image_is_its_own_optimization(options: dict[str, object]) -> None:
+    """Batched or one by one, the same bits, when the network's arithmetic is per image:
+    the loss, Adam, the stop rules and the best-iterate pick couple no images, so a
+    batch changes a map only through the model's batched kernels (README: batch size)."""
+    model = _OneImageAtATime(TinyNet(6))
+    x, targets = _images(6, batch=5), torch.tensor([0, 1, 2, 3, 4])
+    explainer = OptiCAM(model, model.features, iterations=25, **options)  # type: ignore[arg-type]
+    batched = explainer(x, targets)
+    alone = [explainer(x[i : i + 1], targets[i : i + 1]) for i in range(5)]
+    assert torch.equal(batched.maps, torch.cat([a.maps for a in alone]))
+    for key, value in batched.diagnostics.items():
+        assert torch.equal(value, torch.cat([a.diagnostics[key] for a in alone])), key
+    if "patience" in options:
+        # The per-image stop fired, at different steps: rows left the batch on the way.
+        assert len(set(batched.diagnostics["iterations"].tolist())) > 1

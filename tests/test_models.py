@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 import urllib.error
 from pathlib import Path
@@ -48,6 +49,8 @@ def _meta(name: str) -> nn.Module:
         ("mobilenet_v3_small", "features.12", nn.Module),
         ("efficientnet_b0", "features.8", nn.Module),
         ("convnext_tiny", "features.7", nn.Sequential),
+        ("squeezenet1_0", "features.12", tvm.squeezenet.Fire),
+        ("squeezenet1_1", "features.12", tvm.squeezenet.Fire),
         ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", nn.LayerNorm),
         ("swin_t", "features.7.1.norm1", nn.LayerNorm),
     ],
@@ -81,6 +84,58 @@ def test_unknown_layer_lists_candidates() -> None:
     assert name == "layer4" and module is model.model.layer4
 
 
+class _UserWrapper(nn.Module):
+    """A wrapper of a user's own: opticam does not know it."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "arch,wrapped,last_block",
+    [
+        ("squeezenet1_1", False, "features.12"),
+        ("squeezenet1_1", True, "net.features.12"),
+        ("convnext_tiny", False, "features.7.2"),
+        ("googlenet", False, "inception5b"),
+        ("resnet18", True, "net.layer4.1"),
+    ],
+)
+def test_unknown_layer_suggests_the_last_feature_blocks(
+    arch: str, wrapped: bool, last_block: str
+) -> None:
+    """Not the head's layers (SqueezeNet's and ConvNeXt's classifiers hold a conv or a
+    norm, GoogLeNet's auxiliary classifiers come last): the blocks before the pooling."""
+    with torch.device("meta"):
+        net = tvm.get_model(
+            arch, weights=None, **({"init_weights": False} if arch == "googlenet" else {})
+        )
+    model = _UserWrapper(net) if wrapped else Normalized(net, IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(ValueError, match="unknown target layer 'nope'") as err:
+        find_layer(model, "nope")
+    listed = str(err.value).split("candidates include: ")[1].split(";")[0].split(", ")
+    assert last_block in listed
+    # The deepest names listed are inside that block, none inside a classifier.
+    assert listed[-1].startswith(f"{last_block}.")
+    assert not any(".classifier." in f".{n}." or ".aux" in f".{n}" for n in listed[-8:])
+
+
+def test_default_target_layer_inside_a_wrapper_of_the_users_own() -> None:
+    from opticam.methods import get_explainer
+
+    with torch.device("meta"):
+        assert default_target_layer(_UserWrapper(tvm.resnet18())) == "net.layer4"
+    torch.manual_seed(0)
+    model = _UserWrapper(tvm.squeezenet1_1(num_classes=5)).eval()
+    assert default_target_layer(model) == "net.features.12"
+    result = get_explainer("gradcam", model)(torch.rand(2, 3, 64, 64), [0, 1])
+    assert result.saliency is not None and result.saliency.shape == (2, 1, 3, 3)
+
+
 def test_vit_reshape_transform() -> None:
     tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
     maps = vit_reshape_transform(tokens)
@@ -111,6 +166,7 @@ def test_torchvision_checkpoint_from_local_file(tmp_path: Path) -> None:
     assert loaded.num_classes == 7
     assert loaded.target_layer_name == "features.12"
     assert loaded.input_size == (224, 224) and loaded.resize_size == 256
+    assert (loaded.mean, loaded.std) == (IMAGENET_MEAN, IMAGENET_STD)
     assert loaded.name == "torchvision:mobilenet_v3_small"
     assert all(not p.requires_grad for p in loaded.model.parameters())
     assert not loaded.model.training
@@ -237,6 +293,12 @@ def test_factory_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert loaded.num_classes == 3
     assert loaded.input_size == (32, 32) and loaded.resize_size == 32
     assert loaded.target_layer_name == "0" and loaded.relu_features
+    # The normalization the factory declared is what the LoadedModel reports as applied.
+    assert (loaded.mean, loaded.std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    described = loaded.description()
+    assert (described["mean"], described["std"]) == ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    assert described["target_layer"] == "0" and described["input_size"] == [32, 32]
+    assert json.loads(json.dumps(described)) == described  # JSON values only
     # A checkpoint is loaded into the factory's module.
     state = {k: torch.zeros_like(v) for k, v in loaded.model.model.state_dict().items()}
     torch.save(state, tmp_path / "zeros.pt")

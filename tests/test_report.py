@@ -675,6 +675,20 @@ def test_empty_run_gives_valid_report(tmp_path) -> None:
     assert "(no results yet)" in result.summary_markdown
 
 
+def test_the_page_shows_the_normalization_and_layer_the_model_applied(tmp_path) -> None:
+    config = RunConfig(data=f"{tmp_path}/d/shard-0.tar", output=f"{tmp_path}/runs")
+    run = store.run_url(config.output, config.run_id)
+    applied = {"target_layer": "features.12", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.2, 1]}
+    store.write_run_json(run, config, [], loaded_model=applied)
+    text = _read(build_report(run).index_url).decode("utf-8")
+    assert "input normalization <code>mean (0.5, 0.5, 0.5), std (0.25, 0.2, 1)</code>" in text
+    assert "target layer <code>features.12</code>" in text
+    assert "loaded_model" in text  # and in the run configuration shown below
+    store.write_run_json(run, config, [], loaded_model={**applied, "mean": None, "std": None})
+    text = _read(build_report(run).index_url).decode("utf-8")
+    assert "input normalization <code>none applied by opticam" in text
+
+
 def test_folder_without_anything(tmp_path) -> None:
     result = build_report(str(tmp_path / "nothing-here"))
     assert result.summary == []

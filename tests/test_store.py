@@ -231,11 +231,22 @@ def test_run_json_has_no_secrets_and_refuses_another_job(tmp_path: Path) -> None
     assert saved["shards"] == shards
     assert "torch" in saved["versions"] and "pyarrow" in saved["versions"]
 
-    # Same job with another batch size: allowed, creation time kept.
-    again = config.model_copy(update={"batch_size": 3})
+    assert "loaded_model" not in saved
+
+    # What the loaded model applied is recorded next to the job, never in it.
+    applied = {"source": "factory:m:f", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    store.write_run_json(run, config, shards, loaded_model=applied)
+    saved = json.loads((Path(run) / "run.json").read_text())
+    assert saved["loaded_model"] == applied
+    assert saved["job"] == config.job_description() and saved["run_id"] == config.run_id
+
+    # Same job on another device: allowed, creation time kept.
+    again = config.model_copy(update={"device": "cuda:1"})
     second = store.write_run_json(run, again, shards)
     assert second["created"] == first["created"]
-    assert json.loads((Path(run) / "run.json").read_text())["config"]["batch_size"] == 3
+    assert json.loads((Path(run) / "run.json").read_text())["config"]["device"] == "cuda:1"
+    # A write without it keeps what was recorded.
+    assert json.loads((Path(run) / "run.json").read_text())["loaded_model"] == applied
 
     other = RunConfig(data="s3://b/d/shard-{0..2}.tar", output=str(tmp_path))
     with pytest.raises(store.RunCollisionError, match="different job"):

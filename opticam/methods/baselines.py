@@ -22,6 +22,11 @@ Gradients are taken with respect to the activations only: the model's weights ar
 for the call (their ``requires_grad`` flags restored afterwards) and the input carries
 ``requires_grad`` so that autograd reaches the target layer. All hooks are removed, and an
 ablated layer put back, also when a call raises.
+
+The target layer's output is recorded by :class:`_LayerRecorder` instead of the package's
+``ActivationsAndGradients``: the package keeps a view of the output, which an in-place op
+after the layer (``ReLU(inplace=True)``, ResNet's ``out += identity``) overwrites on the
+CPU, so the maps would be computed from the ReLU'd features instead of the layer's.
 """
 
 from __future__ import annotations
@@ -163,6 +168,10 @@ class GradCAMBaseline(Explainer):
             cam = cls(self.model, layers, reshape_transform=self.reshape_transform)
             # Score-CAM reads its chunk size from this attribute.
             cam.batch_size = self.batch_size  # type: ignore[attr-defined]
+        cam.activations_and_grads.release()
+        cam.activations_and_grads = _LayerRecorder(  # type: ignore[assignment]
+            self.model, self.target_layer, self.reshape_transform
+        )
         try:
             with _quiet_progress():
                 yield cam
@@ -213,6 +222,63 @@ class GradCAMBaseline(Explainer):
             low = np.nan_to_num(np.asarray(low, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         # pytorch-grad-cam's own ReLU on the weighted sum (BaseCAM.compute_cam_per_layer).
         return np.maximum(low, 0)
+
+
+class _LayerRecorder:
+    """The target layer's output and its gradient, as the layer returned them.
+
+    Stands in for pytorch-grad-cam's ``ActivationsAndGradients`` (same attributes and
+    calls: ``activations``, ``gradients``, ``__call__``, ``release``). The forward hook
+    keeps the layer's own output and hands the rest of the model a copy, so in-place ops
+    after the layer change only the copy; the gradient recorded is that of the layer's
+    output, reached through the copy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module,
+        reshape_transform: Callable[[Tensor], Tensor] | None,
+    ) -> None:
+        self.model = model
+        self.layer = layer
+        self.reshape_transform = reshape_transform
+        self.activations: list[Tensor] = []
+        self.gradients: list[Tensor] = []
+        self.handles = [layer.register_forward_hook(self._record)]
+
+    def _record(self, _module: nn.Module, _inputs: object, output: object) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"target layer {type(self.layer).__name__} returns {type(output).__name__}, "
+                "not a tensor; choose another layer"
+            )
+        self.activations.append(self._shaped(output.detach()).cpu())
+        if output.requires_grad:
+            output.register_hook(self._record_gradient)
+        return output.clone()
+
+    def _record_gradient(self, grad: Tensor) -> None:
+        # Backward visits the layer's calls last to first: prepend to keep call order.
+        self.gradients.insert(0, self._shaped(grad.detach()).cpu())
+
+    def _shaped(self, tensor: Tensor) -> Tensor:
+        return self.reshape_transform(tensor) if self.reshape_transform is not None else tensor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Forward ``x`` through the model, recording the layer's output afresh."""
+        self.activations = []
+        self.gradients = []
+        out: Tensor = self.model(x)
+        return out
+
+    def release(self) -> None:
+        """Drop what was recorded and remove the hook (idempotent)."""
+        self.activations = []
+        self.gradients = []
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 class FakeCAM(Explainer):

@@ -36,7 +36,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -148,8 +148,8 @@ class OptiCAM(Explainer):
         target_layer: module whose output gives the features ``A``.
         reshape_transform: maps the layer's output to (B,K,h,w) (ViT tokens), or None.
         relu_features: ReLU the features (CNNs in the paper; not for transformers).
-        iterations: at most this many Adam steps (paper: 100).
-        lr: Adam learning rate (paper: 0.1).
+        iterations: at most this many Adam steps (paper and default: 100).
+        lr: Adam learning rate (paper and default: 0.1).
         objective: ``mask`` maximizes ``g_c(f(x*M))``; ``diff`` minimizes
             ``|g_c(f(x)) - g_c(f(x*M))|``, i.e. maximizes its negative.
         score: ``g_c`` is the ``logit`` (default) or the softmax ``probability`` of c.
@@ -161,20 +161,22 @@ class OptiCAM(Explainer):
         preset: a named schedule (:data:`opticam.names.OPTICAM_PRESETS`): ``paper``
             (default, the options as given) or ``fast``. A schedule option (``iterations``,
             ``lr``, ``lr_decay``, ``start``, ``patience``, ``plateau_rtol``,
-            ``plateau_atol``) left at its default takes the preset's value; one set to
-            another value must equal the preset's, otherwise ValueError.
+            ``plateau_atol``) left out (None) takes the preset's value, else the paper's
+            (:data:`opticam.names.OPTICAM_SCHEDULE`); one given explicitly is used as
+            given, and must equal the preset's value where the preset sets one (also
+            when it is the paper's value), otherwise ValueError.
         lr_decay: learning rate at step ``t`` of ``T = iterations``: ``none`` (constant,
-            paper), ``cosine`` (``lr * (1 + cos(pi t / T)) / 2``) or ``linear``
+            paper, default), ``cosine`` (``lr * (1 + cos(pi t / T)) / 2``) or ``linear``
             (``lr * (1 - t / T)``).
-        start: ``uniform`` (``u = 0``, paper) or ``gradcam``: ``softmax(u)`` starts at
+        start: ``uniform`` (``u = 0``, paper, default) or ``gradcam``: ``softmax(u)`` starts at
             the positive part of Grad-CAM's channel weights (gradient of the class logit
             averaged over the map), normalized, plus a small uniform floor; an image
             whose weights are all <= 0 starts uniform. Costs one backward pass.
         patience: when > 0, an image stops once its best objective has not improved by
             more than ``max(plateau_atol, plateau_rtol * |best|)`` for this many
             consecutive iterations. 0 (default) turns the rule off.
-        plateau_rtol: relative part of the plateau rule's threshold.
-        plateau_atol: absolute part of the plateau rule's threshold.
+        plateau_rtol: relative part of the plateau rule's threshold (default 0).
+        plateau_atol: absolute part of the plateau rule's threshold (default 0).
         channels_last: convert the model's weights to channels_last memory format (in
             place, once, at construction; values are unchanged) and feed it
             channels_last masked images. Same maps up to rounding.
@@ -218,42 +220,43 @@ class OptiCAM(Explainer):
         *,
         reshape_transform: Callable[[Tensor], Tensor] | None = None,
         relu_features: bool = True,
-        iterations: int = 100,
-        lr: float = 0.1,
+        iterations: int | None = None,
+        lr: float | None = None,
         objective: str = "mask",
         score: str = "logit",
         normalization: str = "range",
         tolerance: float = 1e-10,
         amp_dtype: str | torch.dtype | None = None,
         preset: str = "paper",
-        lr_decay: str = "none",
-        start: str = "uniform",
-        patience: int = 0,
-        plateau_rtol: float = 0.0,
-        plateau_atol: float = 0.0,
+        lr_decay: str | None = None,
+        start: str | None = None,
+        patience: int | None = None,
+        plateau_rtol: float | None = None,
+        plateau_atol: float | None = None,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__(model)
+        given = {
+            "iterations": iterations,
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "start": start,
+            "patience": patience,
+            "plateau_rtol": plateau_rtol,
+            "plateau_atol": plateau_atol,
+        }
+        # None means "not given": the preset's value, else the paper's.
         schedule = resolve_opticam_preset(
-            preset,
-            {
-                "iterations": iterations,
-                "lr": lr,
-                "lr_decay": lr_decay,
-                "start": start,
-                "patience": patience,
-                "plateau_rtol": plateau_rtol,
-                "plateau_atol": plateau_atol,
-            },
+            preset, {key: value for key, value in given.items() if value is not None}
         )
-        iterations = schedule["iterations"]  # type: ignore[assignment]
-        lr = schedule["lr"]  # type: ignore[assignment]
-        lr_decay = schedule["lr_decay"]  # type: ignore[assignment]
-        start = schedule["start"]  # type: ignore[assignment]
-        patience = schedule["patience"]  # type: ignore[assignment]
-        plateau_rtol = schedule["plateau_rtol"]  # type: ignore[assignment]
-        plateau_atol = schedule["plateau_atol"]  # type: ignore[assignment]
+        iterations = cast(int, schedule["iterations"])
+        lr = cast(float, schedule["lr"])
+        lr_decay = cast(str, schedule["lr_decay"])
+        start = cast(str, schedule["start"])
+        patience = cast(int, schedule["patience"])
+        plateau_rtol = cast(float, schedule["plateau_rtol"])
+        plateau_atol = cast(float, schedule["plateau_atol"])
         if not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
         if not lr > 0:

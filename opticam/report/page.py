@@ -248,6 +248,28 @@ def _config_context(run_json: Mapping[str, Any] | None) -> dict[str, Any] | None
     }
 
 
+def _loaded_model_context(run_json: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """The target layer and input normalization the run's model applied (run.json's
+    ``loaded_model``); None for runs written before it was recorded."""
+    described = (run_json or {}).get("loaded_model")
+    if not isinstance(described, Mapping):
+        return None
+
+    def values(key: str) -> str:
+        numbers = described.get(key)
+        if not isinstance(numbers, list):
+            return "?"
+        return (
+            "(" + ", ".join(f"{v:g}" if isinstance(v, float | int) else "?" for v in numbers) + ")"
+        )
+
+    if described.get("mean") is None:
+        normalization = "none applied by opticam (the model's own)"
+    else:
+        normalization = f"mean {values('mean')}, std {values('std')}"
+    return {"target_layer": str(described.get("target_layer")), "normalization": normalization}
+
+
 def render_index(content: PageContent) -> str:
     """The complete ``index.html`` of a report (see the module doc)."""
     config = (content.run_json or {}).get("config") or {}
@@ -256,6 +278,7 @@ def render_index(content: PageContent) -> str:
         title=f"Opti-CAM report — {content.run_id or 'run'}",
         run_url=redact(content.run_url),
         model=model,
+        loaded_model=_loaded_model_context(content.run_json),
         notes=list(content.notes),
         counts=list(content.counts),
         confidence_percent=round(100 * CONFIDENCE),

@@ -108,6 +108,8 @@ def write_run_json(
     config: RunConfig,
     shards: Sequence[Mapping[str, Any]],
     storage_options: Mapping[str, Any] | None = None,
+    *,
+    loaded_model: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``<run>/run.json``: job, config (no secrets), versions, shards, schema version.
 
@@ -118,6 +120,10 @@ def write_run_json(
         run: run folder URL.
         config: the job; only :meth:`RunConfig.public_dict` (no storage options) is stored.
         shards: one mapping per planned shard (``url``, ``name``, ``max_images``).
+        loaded_model: what the loaded model applies
+            (:meth:`opticam.models.LoadedModel.description`: the normalization, sizes and
+            layer the spec left to the model), stored as ``loaded_model``. Not part of
+            the job, so not of the run id; None keeps what an earlier write stored.
 
     Raises:
         RunCollisionError: the folder holds a run.json of a different job.
@@ -137,6 +143,9 @@ def write_run_json(
         "created": (existing or {}).get("created", now),
         "updated": now,
     }
+    described = loaded_model if loaded_model is not None else (existing or {}).get("loaded_model")
+    if described is not None:
+        payload["loaded_model"] = dict(described)
     data = json.dumps(payload, indent=2, sort_keys=True).encode("utf-8")
     atomic_write_bytes(run_json_url(run), data, storage_options)
     return payload
