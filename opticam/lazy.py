@@ -12,7 +12,8 @@ __all__ = ["lazy_attributes"]
 
 def lazy_attributes(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
     """A module ``__getattr__`` for ``package`` that imports ``names[name]`` (a module
-    path) on first access and caches the attribute in the package.
+    path) on first access and caches the attribute in the package; any other name is
+    looked up as a submodule, then refused with AttributeError.
 
     Args:
         package: the package's ``__name__`` (named in the AttributeError).
@@ -21,6 +22,12 @@ def lazy_attributes(package: str, names: Mapping[str, str]) -> Callable[[str], A
 
     def __getattr__(name: str) -> Any:
         if name not in names:
+            # A submodule is an attribute of its package once imported, as without this.
+            try:
+                return importlib.import_module(f"{package}.{name}")
+            except ModuleNotFoundError as err:
+                if err.name != f"{package}.{name}":
+                    raise
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(names[name]), name)
         setattr(importlib.import_module(package), name, value)

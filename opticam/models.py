@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from opticam.config import ModelSpec
-from opticam.errors import UserError
+from opticam.errors import UserError, short_repr
 from opticam.zoo import HFClassifier, MissingPackageError
 
 if TYPE_CHECKING:
@@ -354,7 +354,7 @@ def find_layer(model: nn.Module, name: str) -> tuple[nn.Module, str]:
                 pass
     candidates = ", ".join(layer_candidates(model))
     raise ValueError(
-        f"unknown target layer {name!r} in {type(inner).__name__} "
+        f"unknown target layer {short_repr(name)} in {type(inner).__name__} "
         f"(candidates include: {candidates}; any dotted name from model.named_modules() works)"
     )
 
@@ -486,25 +486,25 @@ def load_checkpoint(
         with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
             data = f.read()
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {url!r}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {short_repr(url)}: {err}") from err
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
         if not trust and "weights_only" in str(err).lower().replace(" ", "_"):
             raise CheckpointError(
-                f"checkpoint {url!r} holds Python objects that safe loading "
+                f"checkpoint {short_repr(url)} holds Python objects that safe loading "
                 "(torch.load(weights_only=True)) refuses; save a plain state_dict "
                 "(model.state_dict()) or, only if you trust the file, set "
                 f"trust_checkpoint=True. Details: {err}"
             ) from err
-        raise CheckpointError(f"cannot load checkpoint {url!r}: {err}") from err
+        raise CheckpointError(f"cannot load checkpoint {short_repr(url)}: {err}") from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(
-            f"checkpoint {url!r} is not a state_dict (a mapping of parameter names to "
+            f"checkpoint {short_repr(url)} is not a state_dict (a mapping of parameter names to "
             f"tensors); got {type(obj).__name__}"
         )
     state = dict(obj)
@@ -689,7 +689,7 @@ def _load_state(net: nn.Module, spec: ModelSpec, storage_options: Mapping[str, A
             text = " ".join(str(err).split())
             reason = text if len(text) <= 300 else f"{text[:300]} ..."
         raise CheckpointError(
-            f"checkpoint {spec.checkpoint!r} does not fit {spec.source!r} "
+            f"checkpoint {short_repr(spec.checkpoint)} does not fit {short_repr(spec.source)} "
             f"(a different architecture, or set num_classes?): {reason}"
         ) from err
 
@@ -705,7 +705,7 @@ def _build_torchvision(
     known = tvm.list_models(module=tvm)
     if arch not in known:
         raise ValueError(
-            f"unknown torchvision classification model {arch!r} (known: {', '.join(sorted(known))})"
+            f"unknown torchvision classification model {short_repr(arch)} (known: {', '.join(sorted(known))})"
         )
     meta: dict[str, Any] = {}
     if weights_name is None:
@@ -724,15 +724,15 @@ def _build_torchvision(
 
     if spec.checkpoint is not None:
         raise ValueError(
-            f"give either torchvision weights ({weights_name!r}) or a checkpoint "
-            f"({spec.checkpoint!r}), not both; a checkpoint goes with 'torchvision:{arch}'"
+            f"give either torchvision weights ({short_repr(weights_name)}) or a checkpoint "
+            f"({short_repr(spec.checkpoint)}), not both; a checkpoint goes with 'torchvision:{arch}'"
         )
     enum = tvm.get_model_weights(arch)
     try:
         weights = enum[weights_name] if weights_name != "DEFAULT" else enum.DEFAULT
     except KeyError:
         raise ValueError(
-            f"unknown weights {weights_name!r} for torchvision:{arch} "
+            f"unknown weights {short_repr(weights_name)} for torchvision:{arch} "
             f"(known: DEFAULT, {', '.join(w.name for w in enum)})"
         ) from None
     if spec.num_classes is not None and spec.num_classes != len(weights.meta["categories"]):
@@ -767,14 +767,16 @@ def _call_factory(target: str) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"cannot import factory module {module_name!r}: {err}") from err
+        raise ValueError(f"cannot import factory module {short_repr(module_name)}: {err}") from err
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ValueError(f"factory {fn_name!r} not found (or not callable) in {module_name!r}")
+        raise ValueError(
+            f"factory {short_repr(fn_name)} not found (or not callable) in {short_repr(module_name)}"
+        )
     net = fn()
     if not isinstance(net, nn.Module):
         raise ValueError(
-            f"factory {target!r} returned {type(net).__name__}, expected a torch.nn.Module"
+            f"factory {short_repr(target)} returned {type(net).__name__}, expected a torch.nn.Module"
         )
     return net
 

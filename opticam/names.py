@@ -23,6 +23,8 @@ from __future__ import annotations
 import reprlib
 from dataclasses import dataclass
 
+from opticam.errors import short_repr
+
 __all__ = [
     "CROP_ROUNDINGS",
     "ERROR_STAGES",
@@ -167,7 +169,7 @@ def resolve_opticam_preset(preset: str, given: dict[str, object]) -> dict[str, o
     for key, value in given.items():
         if key in fixed and value != fixed[key]:
             raise ValueError(
-                f"preset {preset!r} sets {key}={fixed[key]!r}, which conflicts with the "
+                f"preset {short_repr(preset)} sets {key}={short_repr(fixed[key])}, which conflicts with the "
                 f"{key}={_short(value)} given; leave {key} out or use preset 'paper'"
             )
     return {**OPTICAM_SCHEDULE, **fixed, **given}

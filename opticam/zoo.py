@@ -88,7 +88,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from opticam.config import ModelSpec
-from opticam.errors import UserError
+from opticam.errors import UserError, short_repr
 from opticam.names import INTERPOLATIONS
 
 __all__ = [
@@ -276,7 +276,7 @@ def _channels_last(features: Tensor) -> Tensor:
 def _floats(value: Any, what: str) -> tuple[float, ...]:
     values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
     if len(values) != 3:
-        raise ValueError(f"expected 3 values of {what}, got {value!r}")
+        raise ValueError(f"expected 3 values of {what}, got {short_repr(value)}")
     return tuple(values)
 
 
@@ -403,13 +403,13 @@ def load_timm(
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
         hint = f"close: {', '.join(close)}; " if close else ""
-        raise ValueError(f"unknown timm model {arch!r} ({hint}see timm.list_models())")
+        raise ValueError(f"unknown timm model {short_repr(arch)} ({hint}see timm.list_models())")
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError:
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
         raise ValueError(
-            f"unknown tag {tag!r} for timm model {arch!r} (known: {', '.join(tags) or 'none'})"
+            f"unknown tag {short_repr(tag)} for timm model {short_repr(arch)} (known: {', '.join(tags) or 'none'})"
         ) from None
 
     if spec.checkpoint is not None:
@@ -432,7 +432,7 @@ def load_timm(
         )
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
             raise WeightsUnavailableError(
-                f"timm has no pretrained weights for {name!r}; pass --checkpoint <state_dict "
+                f"timm has no pretrained weights for {short_repr(name)}; pass --checkpoint <state_dict "
                 "at any fsspec URL> to load your own"
             )
         kwargs = {}
@@ -440,7 +440,7 @@ def load_timm(
             cached = _timm_cached_weights(cfg)
             if cached is None:
                 raise WeightsUnavailableError(
-                    f"timm weights for {name!r} are not cached and the Hugging Face Hub "
+                    f"timm weights for {short_repr(name)} are not cached and the Hugging Face Hub "
                     f"cannot be reached (offline, or HF_HUB_OFFLINE=1). {how}"
                 )
             kwargs["pretrained_cfg_overlay"] = {"file": cached}
@@ -448,7 +448,7 @@ def load_timm(
             net = timm.create_model(name, pretrained=True, **kwargs)
         except OSError as err:  # urllib's URLError and huggingface_hub's errors included
             raise WeightsUnavailableError(
-                f"could not obtain timm weights for {name!r}: {err}. {how}"
+                f"could not obtain timm weights for {short_repr(name)}: {err}. {how}"
             ) from err
         if not getattr(net, "num_classes", 1):
             raise ValueError(f"timm:{name} has no classifier head (num_classes=0)")
@@ -464,7 +464,7 @@ def load_timm(
     crop_mode = data.get("crop_mode") or "center"
     if crop_mode not in ("center", "squash") and spec.resize_mode is None:
         raise ValueError(
-            f"timm:{name} uses crop_mode={crop_mode!r}, which opticam cannot reproduce; "
+            f"timm:{name} uses crop_mode={short_repr(crop_mode)}, which opticam cannot reproduce; "
             "choose one with --resize-mode (and --resize-size)"
         )
     interpolation = str(data.get("interpolation") or "bilinear")
@@ -594,7 +594,9 @@ def _build_hf(
     except OSError as err:  # transformers' "not found", "offline", "no weights file" ...
         text = " ".join(str(err).split())
         if local:
-            raise ValueError(f"hf:{target}: cannot load the folder {folder!r}: {text}") from err
+            raise ValueError(
+                f"hf:{target}: cannot load the folder {short_repr(folder)}: {text}"
+            ) from err
         if kwargs.get("local_files_only"):
             raise WeightsUnavailableError(
                 f"hf:{target} is no local folder, not in the Hugging Face cache, and the Hub "
@@ -669,7 +671,7 @@ def _hf_preprocessing(processor: Any, target: str) -> dict[str, Any]:
     resample = getattr(processor, "resample", None)
     interpolation = _PIL_FILTERS.get(int(resample), "") if resample is not None else "bilinear"
     if interpolation not in INTERPOLATIONS:
-        raise refuse(f"resamples with {resample!r}")
+        raise refuse(f"resamples with {short_repr(resample)}")
     size = _size_dict(getattr(processor, "size", None))
     crop = (
         _size_dict(getattr(processor, "crop_size", None))

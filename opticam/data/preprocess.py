@@ -45,6 +45,7 @@ from torchvision.transforms import InterpolationMode
 
 from opticam.data.images import to_rgb
 from opticam.data.types import Box
+from opticam.errors import short_repr
 from opticam.names import CROP_ROUNDINGS, INTERPOLATIONS, RESIZE_MODES
 
 __all__ = ["MAX_ASPECT_RATIO", "Geometry", "Preprocess", "check_aspect_ratio"]
@@ -124,9 +125,9 @@ def _pair(value: object, what: str) -> tuple[int, int]:
     ):
         pair = (int(value[0]), int(value[1]))
     else:
-        raise ValueError(f"{what} must be an int or (height, width) ints, got {value!r}")
+        raise ValueError(f"{what} must be an int or (height, width) ints, got {short_repr(value)}")
     if min(pair) < 1:
-        raise ValueError(f"{what} must be positive, got {value!r}")
+        raise ValueError(f"{what} must be positive, got {short_repr(value)}")
     return pair
 
 
@@ -168,7 +169,7 @@ class Preprocess:
             (crop_rounding, CROP_ROUNDINGS, "crop_rounding"),
         ):
             if value not in known:
-                raise ValueError(f"unknown {what} {value!r} (known: {', '.join(known)})")
+                raise ValueError(f"unknown {what} {short_repr(value)} (known: {', '.join(known)})")
         resized: int | tuple[int, int]
         if resize_mode == "squash":
             resized = _pair(
@@ -178,7 +179,9 @@ class Preprocess:
             if resize_size is None:
                 resize_size = max(height, width)
             if not isinstance(resize_size, int) or isinstance(resize_size, bool) or resize_size < 1:
-                raise ValueError(f"resize_size must be a positive int or None, got {resize_size!r}")
+                raise ValueError(
+                    f"resize_size must be a positive int or None, got {short_repr(resize_size)}"
+                )
             resized = resize_size
         self.size: tuple[int, int] = (height, width)
         #: Shorter side (``shorter``) or ``(height, width)`` of the resized image (``squash``).
@@ -198,7 +201,7 @@ class Preprocess:
 
     def __repr__(self) -> str:
         extra = "".join(
-            f", {name}={value!r}"
+            f", {name}={short_repr(value)}"
             for name, value, default in (
                 ("interpolation", self.interpolation, "bilinear"),
                 ("resize_mode", self.resize_mode, "shorter"),

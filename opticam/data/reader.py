@@ -118,7 +118,7 @@ class ShardStreamError(OSError):
 
     def __init__(self, url: str, n_samples: int, reason: str) -> None:
         super().__init__(
-            f"shard {url!r}: the storage failed after {n_samples} samples were read "
+            f"shard {short_repr(url)}: the storage failed after {n_samples} samples were read "
             f"({reason}); read the shard again from its start"
         )
         self.url = url
@@ -539,7 +539,7 @@ class ShardReader:
             refuse_pipe(url)
         for name, limit in (("max_member_bytes", max_member_bytes), ("max_pixels", max_pixels)):
             if limit < 1:
-                raise ValueError(f"{name} must be at least 1, got {limit!r}")
+                raise ValueError(f"{name} must be at least 1, got {short_repr(limit)}")
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.allow_pipe = allow_pipe
@@ -581,7 +581,7 @@ class ShardReader:
                 e for e in self.errors if e.stage in (STAGE_OPEN, STAGE_NOT_TAR, STAGE_TAR)
             ]
             reason = shard_level[-1].message if shard_level else "iteration did not finish"
-            raise ShardReadError(f"shard {self.url!r} was not read completely: {reason}")
+            raise ShardReadError(f"shard {short_repr(self.url)} was not read completely: {reason}")
 
     def __iter__(self) -> Generator[Sample, None, None]:
         self.errors = []
@@ -721,7 +721,9 @@ class ShardReader:
                     return False
                 if key in seen_keys:
                     self._error(
-                        key, STAGE_KEY, f"key {key!r} occurs twice in the shard; later copy skipped"
+                        key,
+                        STAGE_KEY,
+                        f"key {short_repr(key)} occurs twice in the shard; later copy skipped",
                     )
                     continue
                 seen_keys.add(key)

@@ -56,6 +56,7 @@ from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
+from opticam.errors import short_repr
 from opticam.methods.common import (
     Explainer,
     Explanation,
@@ -126,10 +127,10 @@ class GradCAMBaseline(Explainer):
                 "or opticam.methods.get_explainer(name, model)"
             )
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise ValueError(f"batch_size must be a positive integer, got {short_repr(batch_size)}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(
-                f"unknown normalization {normalization!r} (known: {', '.join(NORMALIZATIONS)})"
+                f"unknown normalization {short_repr(normalization)} (known: {', '.join(NORMALIZATIONS)})"
             )
         self.target_layer = target_layer
         self.reshape_transform = reshape_transform

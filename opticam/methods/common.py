@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opticam.errors import short_repr
 from opticam.names import NORMALIZATIONS
 
 __all__ = [
@@ -100,7 +101,7 @@ def normalize_maps(
         out = torch.sigmoid(maps)
     else:
         raise ValueError(
-            f"unknown normalization {normalization!r} (known: {', '.join(NORMALIZATIONS)})"
+            f"unknown normalization {short_repr(normalization)} (known: {', '.join(NORMALIZATIONS)})"
         )
     return out.clamp(0.0, 1.0), constant
 

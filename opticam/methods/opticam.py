@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opticam.errors import short_repr
 from opticam.methods.common import (
     Explainer,
     Explanation,
@@ -258,28 +259,32 @@ class OptiCAM(Explainer):
         plateau_rtol = cast(float, schedule["plateau_rtol"])
         plateau_atol = cast(float, schedule["plateau_atol"])
         if not isinstance(iterations, int) or iterations < 0:
-            raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+            raise ValueError(f"iterations must be an integer >= 0, got {short_repr(iterations)}")
         if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
+            raise ValueError(f"lr must be > 0, got {short_repr(lr)}")
         if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+            raise ValueError(
+                f"unknown objective {short_repr(objective)} (known: {', '.join(OBJECTIVES)})"
+            )
         if score not in SCORES:
-            raise ValueError(f"unknown score {score!r} (known: {', '.join(SCORES)})")
+            raise ValueError(f"unknown score {short_repr(score)} (known: {', '.join(SCORES)})")
         if normalization not in NORMALIZATIONS:
             raise ValueError(
-                f"unknown normalization {normalization!r} (known: {', '.join(NORMALIZATIONS)})"
+                f"unknown normalization {short_repr(normalization)} (known: {', '.join(NORMALIZATIONS)})"
             )
         if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+            raise ValueError(f"tolerance must be >= 0, got {short_repr(tolerance)}")
         if lr_decay not in LR_DECAYS:
-            raise ValueError(f"unknown lr_decay {lr_decay!r} (known: {', '.join(LR_DECAYS)})")
+            raise ValueError(
+                f"unknown lr_decay {short_repr(lr_decay)} (known: {', '.join(LR_DECAYS)})"
+            )
         if start not in STARTS:
-            raise ValueError(f"unknown start {start!r} (known: {', '.join(STARTS)})")
+            raise ValueError(f"unknown start {short_repr(start)} (known: {', '.join(STARTS)})")
         if not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
+            raise ValueError(f"patience must be an integer >= 0, got {short_repr(patience)}")
         if not (plateau_rtol >= 0 and plateau_atol >= 0):
             raise ValueError(
-                f"plateau_rtol and plateau_atol must be >= 0, got {plateau_rtol!r}, {plateau_atol!r}"
+                f"plateau_rtol and plateau_atol must be >= 0, got {short_repr(plateau_rtol)}, {short_repr(plateau_atol)}"
             )
         self.target_layer = target_layer
         self.reshape_transform = reshape_transform
@@ -577,4 +582,4 @@ def _parse_amp_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
         return value
     if isinstance(value, str) and value.lower() in _AMP_DTYPES:
         return _AMP_DTYPES[value.lower()]
-    raise ValueError(f"unknown amp_dtype {value!r} (known: None, bf16, fp16)")
+    raise ValueError(f"unknown amp_dtype {short_repr(value)} (known: None, bf16, fp16)")

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from opticam.errors import short_repr, shorten
 from opticam.methods.common import Explainer
 from opticam.models import LoadedModel, ResolvedLayer, find_layer, resolve_target_layer
 from opticam.names import KNOWN_METHODS, METHODS
@@ -32,7 +33,7 @@ def explainer_class(name: str) -> type[Explainer]:
     """
     info = METHODS.get(name)
     if info is None:
-        raise ValueError(f"unknown method {name!r} (known: {', '.join(KNOWN_METHODS)})")
+        raise ValueError(f"unknown method {short_repr(name)} (known: {', '.join(KNOWN_METHODS)})")
     module, _, attr = info.target.partition(":")
     cls: type[Explainer] = getattr(importlib.import_module(module), attr)
     return cls
@@ -68,7 +69,7 @@ def get_explainer(
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for method {name!r} "
+            f"unknown option(s) {shorten(', '.join(map(short_repr, unknown)))} for method {short_repr(name)} "
             f"(accepted: {', '.join(accepted) or 'none'})"
         )
     net = model.model if isinstance(model, LoadedModel) else model
