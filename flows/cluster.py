@@ -46,6 +46,7 @@ from opticam.pipeline import run_url_of
 from opticam.redact import redact_text, redact_url
 
 from .events import Tally, emit
+from .names import printable
 
 __all__ = [
     "DEFAULT_IN_FLIGHT",
@@ -95,8 +96,9 @@ def run_tags(config: RunConfig) -> list[str]:
 
 
 def shard_run_name(shard_url: str, submission: int = 0) -> str:
-    """The shard's file name, then ``#2``, ``#3``... for later submissions."""
-    name = store.shard_file(shard_url)
+    """The shard's file name (printable, :func:`opticam_flows.names.printable`), then
+    ``#2``, ``#3``... for later submissions."""
+    name = printable(store.shard_file(shard_url))
     return name if submission == 0 else f"{name} #{submission + 1}"
 
 

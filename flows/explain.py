@@ -57,6 +57,7 @@ from opticam.pipeline import (
 from opticam.redact import redact_url
 
 from .events import ARTIFACT_PROGRESS, Tally, emit, progress_listener
+from .names import printable
 
 __all__ = [
     "ARTIFACT_LINK",
@@ -67,6 +68,7 @@ __all__ = [
     "explain_shard",
     "is_transient_error",
     "progress_listener",
+    "shard_task_name",
 ]
 
 ARTIFACT_SUMMARY = "opticam-summary"
@@ -128,12 +130,17 @@ _STORAGE_TASK: dict[str, Any] = {
 }
 
 
+def shard_task_name(shard_url: str) -> str:
+    """``shard <file name>``: the shard task run's name, printable
+    (:func:`opticam_flows.names.printable`) and without credentials."""
+    # The file name is what a person looks for in the UI.
+    return f"shard {printable(store.shard_file(shard_url))}"
+
+
 def _shard_task_name() -> str:
     from prefect.runtime import task_run
 
-    url = str(task_run.parameters.get("shard_url", "shard"))
-    # The file name is what a person looks for in the UI; credentials never reach it.
-    return f"shard {store.shard_file(url)}"
+    return shard_task_name(str(task_run.parameters.get("shard_url", "shard")))
 
 
 @task(name="explain-shard", task_run_name=_shard_task_name, **_STORAGE_TASK)

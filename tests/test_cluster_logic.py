@@ -41,9 +41,10 @@ class FakePrefect:
         self.submitted: list[tuple[str, str, dict[str, Any], list[str]]] = []
         self.most_active = 0
 
-    def add(self, key: str, name: str, steps: list[Any]) -> UUID:
+    def add(self, key: str, name: str, steps: list[Any], shard: str | None = None) -> UUID:
         run_id = uuid4()
-        self.runs[run_id] = {"name": name, "steps": list(steps), "shard": name.split(" ")[0]}
+        shard = shard or name.split(" ")[0]
+        self.runs[run_id] = {"name": name, "steps": list(steps), "shard": shard}
         self.by_key[key] = run_id
         return run_id
 
@@ -51,9 +52,9 @@ class FakePrefect:
         key = kwargs["idempotency_key"]
         self.submitted.append((key, kwargs["flow_run_name"], kwargs["parameters"], kwargs["tags"]))
         if key not in self.by_key:  # a reused key returns the existing run
-            shard = kwargs["flow_run_name"].split(" ")[0]
+            shard = kwargs["parameters"]["shard_url"].rsplit("/", 1)[-1]
             submission = int(key.rsplit(":", 1)[1])
-            self.add(key, kwargs["flow_run_name"], self.script(shard, submission))
+            self.add(key, kwargs["flow_run_name"], self.script(shard, submission), shard)
         return self._flow_run(self.by_key[key])
 
     def _flow_run(self, run_id: UUID) -> FlowRun:
@@ -287,3 +288,17 @@ def test_the_in_flight_limit_follows_the_pool() -> None:
     assert cluster.in_flight_limit(_config(max_in_flight=5), client(3)) == 5
     with pytest.raises(ConfigError, match="opticam deploy --pool gpu"):
         cluster.in_flight_limit(_config(), client(3, missing=True))
+
+
+def test_shard_run_names_are_printable(fake: Any) -> None:
+    # A newline, a right-to-left override and a terminal escape from the file name are
+    # escaped; accented letters and other scripts are kept.
+    server = fake(lambda shard, n: [Running(), Failed()] if n == 0 else [Running(), DONE])
+    tally = _run(_config(), ["a\nb\u202egpj.\x1b[2Jdonnées-東京.tar"])
+    names = [name for _, name, *_ in server.submitted]
+    assert names == [
+        "a\\nb\\u202egpj.\\x1b[2Jdonnées-東京.tar",
+        "a\\nb\\u202egpj.\\x1b[2Jdonnées-東京.tar #2",
+    ]
+    assert all(name.isprintable() for name in names)
+    assert len(tally.finished_) == 1
