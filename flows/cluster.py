@@ -11,7 +11,12 @@ The parent flow (:func:`opticam_flows.explain.explain_dataset`) hands its pendin
    a run that Crashed (its machine died: the heartbeat automation of ``opticam deploy``
    marks it) or Failed is submitted again with the next attempt number, up to
    ``shard_attempts`` runs in all; a run that Completed without rows (the shard's lease
-   was held by a worker of another run) is tried again after :data:`HELD_RETRY_SECONDS`.
+   was held by a worker of another run) is tried again after :data:`HELD_RETRY_SECONDS`;
+4. watches the runs that a worker picked up: a run still Pending ``start_timeout``
+   seconds after the parent first saw it Pending (its machine died while its flow-run
+   process was starting, before the first heartbeat the automation watches) is
+   cancelled and submitted again, which uses one of its ``shard_attempts``. A run that
+   waits Scheduled for a free worker is left alone, however long it waits.
 
 Each submission has the idempotency key ``<run id>:<shard name>:<submission>``: a
 parent that is restarted finds the runs its predecessor submitted instead of adding new
@@ -36,8 +41,10 @@ from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled
 
 from opticam import store
 from opticam.config import RunConfig, normalize_url
@@ -194,10 +201,11 @@ class _Shard:
     url: str
     max_images: int | None
     submissions: int = 0  # runs submitted so far (the idempotency key counts them)
-    failures: int = 0  # runs that crashed or failed
+    failures: int = 0  # runs that crashed, failed or did not start in time
     held_rounds: int = 0  # runs that completed while another worker held the lease
     ready_at: float = 0.0  # monotonic time before which it is not submitted
     started: bool = False
+    pending_since: float | None = None  # when its current run was first seen Pending
 
 
 def _terminal(flow_run: FlowRun) -> StateType | None:
@@ -248,6 +256,7 @@ class _Pool:
         )
         shard.submissions += 1
         shard.started = False
+        shard.pending_since = None
         self.running[flow_run.id] = shard
         self.most_in_flight = max(self.most_in_flight, len(self.running))
 
@@ -330,20 +339,52 @@ class _Pool:
         if state == StateType.CANCELLED:
             self.tally.failure(shard.url, f"cancelled: {message}")
             return
+        self._attempt_failed(shard, message)
+
+    def _attempt_failed(self, shard: _Shard, message: str) -> None:
+        """One run of the shard crashed, failed or never started: again, or failed."""
         shard.failures += 1
         if shard.failures >= self.config.shard_attempts:
             self.tally.failure(
-                shard.url, f"{shard.failures} runs crashed or failed; the last: {message}"
+                shard.url,
+                f"{shard.failures} runs crashed, failed or did not start; the last: {message}",
             )
             return
         self.logger.warning(
             "shard %s: %s; submitting it again (attempt %d of %d)",
-            public,
+            redact_url(shard.url),
             message,
             shard.failures + 1,
             self.config.shard_attempts,
         )
         self._again(shard)
+
+    def _check_start(self, client: Any, flow_run: FlowRun, shard: _Shard) -> None:
+        """Cancel and submit again a run Pending for longer than ``start_timeout``."""
+        state = flow_run.state
+        if state is None or state.type != StateType.PENDING:
+            # Scheduled (waiting for a free worker) or Cancelling: not starting yet.
+            shard.pending_since = None
+            return
+        now = time.monotonic()
+        if shard.pending_since is None:
+            shard.pending_since = now
+            return
+        waited = now - shard.pending_since
+        if waited <= self.config.start_timeout:
+            return
+        reason = (
+            f"picked up by a worker and not Running after {waited:.0f} s (start_timeout "
+            f"{self.config.start_timeout:g} s): its worker or machine is probably gone"
+        )
+        result = client.set_flow_run_state(
+            flow_run.id, Cancelled(message=f"opticam: {reason}; the shard is submitted again")
+        )
+        if result.status != SetStateStatus.ACCEPT:
+            # It moved on meanwhile (started, or ended): the next poll sees where.
+            return
+        del self.running[flow_run.id]
+        self._attempt_failed(shard, f"flow run {flow_run.name!r} {reason}")
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -360,13 +401,12 @@ class _Pool:
                     continue
                 state = _terminal(flow_run)
                 if state is None:
-                    if (
-                        not shard.started
-                        and flow_run.state is not None
-                        and flow_run.state.is_running()
-                    ):
-                        shard.started = True
-                        emit("shard_start", shard=redact_url(shard.url), device=self.deployment)
+                    if flow_run.state is not None and flow_run.state.is_running():
+                        if not shard.started:
+                            shard.started = True
+                            emit("shard_start", shard=redact_url(shard.url), device=self.deployment)
+                    else:
+                        self._check_start(client, flow_run, shard)
                     continue
                 del self.running[flow_run.id]
                 self._ended(flow_run, shard, state)

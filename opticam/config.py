@@ -65,6 +65,7 @@ from opticam.redact import redact_url
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_OUTPUT",
+    "DEFAULT_START_TIMEOUT",
     "CAMOptions",
     "MethodSpec",
     "MetricsOptions",
@@ -79,6 +80,10 @@ DEFAULT_OUTPUT = "./opticam-runs"
 #: Most pixels a decoded image may have (above a 100-megapixel photo); larger images are
 #: refused from their header, before decoding (a 180 KB PNG can decode to gigabytes).
 DEFAULT_MAX_PIXELS = 120_000_000
+#: Seconds a shard run that a worker picked up may take to turn Running (executor
+#: deployments). A process worker here takes about 7 s from Pending to Running; a
+#: container pool pulling a multi-gigabyte image onto a cold node can take minutes.
+DEFAULT_START_TIMEOUT = 600.0
 
 
 _POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -566,7 +571,15 @@ class RunConfig(BaseModel):
         ge=1,
         le=20,
         description="flow runs per shard, the first included, before a shard whose runs "
-        "crash or fail counts as failed (executor deployments)",
+        "crash, fail or never start counts as failed (executor deployments)",
+    )
+    start_timeout: float = Field(
+        default=DEFAULT_START_TIMEOUT,
+        gt=0,
+        le=86_400,
+        description="seconds a shard run picked up by a worker (Pending) may take to start "
+        "running; a run still not Running then is cancelled and submitted again, which "
+        "uses one of shard_attempts (executor deployments)",
     )
     # Secret: excluded from dumps and repr, and left out of the JSON schema so that the
     # Prefect UI never offers a form field whose value it would store in its database.

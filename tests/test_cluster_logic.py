@@ -15,9 +15,10 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running
+from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running, Scheduled
 
 import opticam_flows.cluster as cluster
 from opticam import store as real_store
@@ -40,6 +41,7 @@ class FakePrefect:
         self.done: set[str] = set()
         self.submitted: list[tuple[str, str, dict[str, Any], list[str]]] = []
         self.most_active = 0
+        self.set_states: list[tuple[str, Any]] = []  # (run name, state) the parent set
 
     def add(self, key: str, name: str, steps: list[Any], shard: str | None = None) -> UUID:
         run_id = uuid4()
@@ -80,6 +82,17 @@ class FakePrefect:
         self.most_active = max(self.most_active, active)
         return out
 
+    def set_flow_run_state(self, flow_run_id: UUID, state: Any, force: bool = False) -> Any:
+        """Like the server: a run that is Running or ended refuses to be Cancelled."""
+        run = self.runs[flow_run_id]
+        self.set_states.append((run["name"], state))
+        step = run["steps"][0]
+        current = step[0] if isinstance(step, tuple) else step
+        if current.is_running() or current.is_final():
+            return types.SimpleNamespace(status=SetStateStatus.REJECT)
+        run["steps"] = [state]
+        return types.SimpleNamespace(status=SetStateStatus.ACCEPT)
+
 
 class FakeTally:
     def __init__(self) -> None:
@@ -98,7 +111,9 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[[Script], FakePrefect]:
     def install(script: Script) -> FakePrefect:
         server = FakePrefect(script)
         monkeypatch.setattr(cluster, "run_deployment", server.run_deployment)
-        client = types.SimpleNamespace(read_flow_runs=server.read_flow_runs)
+        client = types.SimpleNamespace(
+            read_flow_runs=server.read_flow_runs, set_flow_run_state=server.set_flow_run_state
+        )
         monkeypatch.setattr(cluster, "get_client", lambda sync_client: _Context(client))
         monkeypatch.setattr(cluster, "get_run_logger", lambda: logging.getLogger("test"))
         monkeypatch.setattr(cluster, "POLL_SECONDS", 0.0)
@@ -176,7 +191,10 @@ def test_a_shard_that_keeps_failing_fails_after_its_attempts(fake: Any) -> None:
     assert len(server.submitted) == 6
     assert set(tally.failed) == {"s3://bucket/data/s-0.tar", "s3://bucket/data/s-1.tar"}
     message = tally.failed["s3://bucket/data/s-0.tar"]
-    assert "3 runs crashed or failed" in message and "ShardNotATarError: no tar" in message
+    assert (
+        "3 runs crashed, failed or did not start" in message
+        and "ShardNotATarError: no tar" in message
+    )
 
 
 def test_a_cancelled_run_is_not_retried(fake: Any) -> None:
@@ -302,3 +320,88 @@ def test_shard_run_names_are_printable(fake: Any) -> None:
     ]
     assert all(name.isprintable() for name in names)
     assert len(tally.finished_) == 1
+
+
+class FakeClock:
+    """``time`` for the pool: each sleep, even of 0 s, moves one second on."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 1.0)
+        if self.now > 1000 + 3600:
+            raise AssertionError("the parent waited an hour for a run that never starts")
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake_clock = FakeClock()
+    monkeypatch.setattr(cluster, "time", fake_clock)
+    return fake_clock
+
+
+def test_a_run_that_never_starts_is_cancelled_and_submitted_again(
+    fake: Any, clock: FakeClock
+) -> None:
+    # The first run is picked up (Pending) and its machine dies before it runs.
+    server = fake(lambda shard, n: [Scheduled(), Pending()] if n == 0 else [Running(), DONE])
+    config = _config(start_timeout=30)
+    tally = _run(config, ["s-0.tar"])
+    keys = [k for k, *_ in server.submitted]
+    assert keys == [f"{config.run_id}:s-0.tar:0", f"{config.run_id}:s-0.tar:1"]
+    ((name, state),) = server.set_states
+    assert name == "s-0.tar" and state.type == StateType.CANCELLED
+    assert "not Running after 3" in str(state.message) and "submitted again" in str(state.message)
+    assert not tally.failed and len(tally.finished_) == 1
+    # Cancelled once the bound had passed, counted from when it was first seen Pending.
+    assert 30 < clock.now - 1000 < 40
+
+
+def test_runs_that_never_start_use_up_the_shard_attempts(fake: Any, clock: FakeClock) -> None:
+    # One crash and one run that never starts: two attempts, the shard fails.
+    server = fake(
+        lambda shard, n: [Running(), Crashed(message="no heartbeat")] if n == 0 else [Pending()]
+    )
+    tally = _run(_config(start_timeout=10, shard_attempts=2), ["s-0.tar"])
+    assert len(server.submitted) == 2 and len(server.set_states) == 1
+    message = tally.failed["s3://bucket/data/s-0.tar"]
+    assert message.startswith("2 runs crashed, failed or did not start; the last: ")
+    assert "not Running after 1" in message and "start_timeout 10 s" in message
+
+
+def test_a_run_waiting_for_a_free_worker_is_left_alone(fake: Any, clock: FakeClock) -> None:
+    # Scheduled for far longer than the bound (the pool is busy), then Pending for less.
+    steps = [Scheduled()] * 100 + [Pending()] * 8 + [Running(), DONE]
+    server = fake(lambda shard, n: list(steps))
+    tally = _run(_config(start_timeout=10), ["s-0.tar"])
+    assert len(server.submitted) == 1 and server.set_states == []
+    assert len(tally.finished_) == 1
+
+
+def test_a_run_that_starts_as_it_is_cancelled_is_kept(
+    fake: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = fake(lambda shard, n: [Pending()] * 20 + [Running(), DONE])
+
+    def started_meanwhile(flow_run_id: UUID, state: Any, force: bool = False) -> Any:
+        server.runs[flow_run_id]["steps"] = [Running(), DONE]
+        return server.set_flow_run_state(flow_run_id, state, force)
+
+    client = types.SimpleNamespace(
+        read_flow_runs=server.read_flow_runs, set_flow_run_state=started_meanwhile
+    )
+    monkeypatch.setattr(cluster, "get_client", lambda sync_client: _Context(client))
+    tally = _run(_config(start_timeout=5), ["s-0.tar"])
+    # The server refused the cancellation: no second run, and the first one's rows count.
+    assert len(server.submitted) == 1 and len(server.set_states) == 1
+    assert len(tally.finished_) == 1 and not tally.failed
+
+
+def test_the_start_timeout_is_not_part_of_the_run_id() -> None:
+    assert _config(start_timeout=5).run_id == _config().run_id
+    with pytest.raises(ValueError, match="start_timeout"):
+        _config(start_timeout=0)
