@@ -382,3 +382,63 @@ def test_a_cli_run_logs_to_the_ui_and_a_webhook_hears_how_jobs_end(
     (failure,) = _posts(received, "Failed")
     assert "1 of 1 shards failed" in failure["message"] and "Failed" in failure["text"]
     assert {path for path, _ in received} == {f"/hooks/{HOOK_TOKEN}"}
+
+
+# --------------------------------------------------------------------------- lost early
+
+
+def _freeze_and_kill(machine: psutil.Process) -> None:
+    """Lose a machine at once: SIGSTOP its workers (so that none starts or reports
+    anything more), then SIGKILL them, every process they started, and the command."""
+    workers = machine.children()
+    for process in workers:
+        process.send_signal(signal.SIGSTOP)
+    tree = [*machine.children(recursive=True), machine]
+    for process in tree:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(tree, timeout=10)
+
+
+def test_a_run_lost_before_it_starts_is_cancelled_and_submitted_again(tmp_path: Path) -> None:
+    from opticam.demo.generate import make_shards
+
+    make_shards(str(tmp_path / "data"), 2, 3, seed=21)
+    with running_cluster(tmp_path / "cluster", {"OMP_NUM_THREADS": "1"}) as cluster:
+        deployed = cluster.opticam("deploy", "--pool", POOL)
+        assert deployed.returncode == 0, deployed.stderr
+        worker = [sys.executable, "-m", "opticam", "worker", "--pool", POOL, "--slots", "1"]
+        doomed = cluster.start("doomed", [*worker, "--name", "doomed"])
+        job = ["run", "--data", str(tmp_path / "data" / "demo-*.tar"), "--device", "cpu"]
+        job += ["--methods", "gradcam", "--no-insertion-deletion", "--executor", "deployments"]
+        job += ["--pool", POOL, "--start-timeout", "40", "--output", str(tmp_path / "runs")]
+        parent = cluster.start("run", [sys.executable, "-m", "opticam", *job])
+
+        # The only worker picks a run up (Pending) and its machine dies at once, while the
+        # run's flow-run process is starting: no heartbeat, no Running, nothing more.
+        def picked_up() -> dict[str, Any] | None:
+            assert parent.poll() is None, cluster.log("run")
+            pending = [
+                r for r in cluster.flow_runs("explain-shard") if r["state_type"] == "PENDING"
+            ]
+            return pending[0] if pending else None
+
+        victim = wait_for("a shard run picked up", picked_up, timeout=180, every=0.2)
+        _freeze_and_kill(psutil.Process(doomed.pid))
+        cluster.start("healthy", [*worker, "--name", "healthy"])
+
+        assert parent.wait(timeout=420) == 0, cluster.log("run")[-4000:]
+        states = cluster.states(victim["id"])
+        assert [s["type"] for s in states if s["type"] == "RUNNING"] == []
+        assert states[-1]["type"] == "CANCELLED", states
+        assert "not Running after" in states[-1]["message"], states[-1]
+        shard_runs = {r["name"]: r for r in cluster.flow_runs("explain-shard")}
+        assert shard_runs[f"{victim['name']} #2"]["state_type"] == "COMPLETED"
+        # Each shard was computed once, by the healthy machine.
+        (run,) = (tmp_path / "runs").iterdir()
+        statuses = [store.read_status(str(run), str(p)) for p in (tmp_path / "data").iterdir()]
+        assert all(s is not None and s.worker.startswith("healthy") for s in statuses)
+        (parent_run,) = cluster.flow_runs("explain-dataset")
+        assert parent_run["state_type"] == "COMPLETED"
