@@ -16,7 +16,11 @@ The parent flow (:func:`opticam_flows.explain.explain_dataset`) hands its pendin
    seconds after the parent first saw it Pending (its machine died while its flow-run
    process was starting, before the first heartbeat the automation watches) is
    cancelled and submitted again, which uses one of its ``shard_attempts``. A run that
-   waits Scheduled for a free worker is left alone, however long it waits.
+   waits Scheduled for a free worker is left alone, however long it waits;
+5. when the server no longer knows the parent (it came back without its database: the
+   runs and the deployment are gone), stops submitting, waits for the shards whose lease
+   is still live in the run folder (their processes keep computing), and counts the
+   other pending shards as not run (:meth:`opticam_flows.events.Tally.unfinished`).
 
 Each submission has the idempotency key ``<run id>:<shard name>:<submission>``: a
 parent that is restarted finds the runs its predecessor submitted instead of adding new
@@ -51,6 +55,7 @@ from opticam.config import RunConfig, normalize_url
 from opticam.errors import ConfigError
 from opticam.pipeline import run_url_of
 from opticam.redact import redact_text, redact_url
+from opticam.store.leases import current_lease
 
 from .events import Tally, emit
 from .names import printable
@@ -237,6 +242,10 @@ class _Pool:
         self.running: dict[UUID, _Shard] = {}
         self.most_in_flight = 0
         self._submit_errors = 0
+        from prefect.runtime import flow_run as this_run
+
+        # The parent's own flow run (None outside a flow run, as in unit tests).
+        self.parent_id: str | None = this_run.id
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -260,7 +269,17 @@ class _Pool:
         self.running[flow_run.id] = shard
         self.most_in_flight = max(self.most_in_flight, len(self.running))
 
-    def _fill(self) -> None:
+    def _parent_gone(self, client: Any) -> bool:
+        """Whether the server no longer knows the parent's own flow run."""
+        if self.parent_id is None:
+            return False
+        try:
+            client.read_flow_run(self.parent_id)
+        except ObjectNotFound:
+            return True
+        return False
+
+    def _fill(self, client: Any) -> None:
         """Submit ready shards until ``limit`` runs are in flight."""
         now = time.monotonic()
         later: list[_Shard] = []
@@ -276,6 +295,10 @@ class _Pool:
             try:
                 self._submit(shard)
             except ObjectNotFound:
+                if self._parent_gone(client):
+                    self.tally.server_lost(f"deployment {self.deployment!r} is gone")
+                    later.append(shard)
+                    break
                 raise ConfigError(
                     f"deployment {self.deployment!r} disappeared from the Prefect server; "
                     f"create it again with: opticam deploy --pool {self.config.pool}"
@@ -395,6 +418,13 @@ class _Pool:
             runs = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)), limit=len(page)
             )
+            missing = set(page) - {r.id for r in runs}
+            if missing and self._parent_gone(client):
+                self.tally.server_lost("its flow run and its shard runs are gone")
+                return
+            for run_id in missing:  # deleted one by one, by a person or a retention rule
+                gone = self.running.pop(run_id)
+                self._attempt_failed(gone, f"flow run {run_id} is gone from the Prefect server")
             for flow_run in runs:
                 shard = self.running.get(flow_run.id)
                 if shard is None:
@@ -423,13 +453,41 @@ class _Pool:
         # Absolute local paths: the workers' working folders are not ours.
         self.waiting.extend(_Shard(normalize_url(p["url"]), p["max_images"]) for p in pending)
         with get_client(sync_client=True) as client:
-            while self.waiting or self.running:
-                self._fill()
-                if not self.waiting and not self.running:
+            while (self.waiting or self.running) and self.tally.lost is None:
+                self._fill(client)
+                if self.tally.lost is not None or not (self.waiting or self.running):
                     break
                 self._sleep()
                 if self.running:
                     self._poll(client)
+        if self.tally.lost is not None:
+            self._drain()
+
+    def _drain(self) -> None:
+        """The server forgot the run: wait for the shards still computing (their lease is
+        live), then count every other pending shard as not run."""
+        for shard in self.waiting:
+            if store.is_done(self.run, shard.url, self.options):
+                self._finished_with_rows(shard)
+            else:
+                self.tally.unfinished(shard.url)
+        self.waiting.clear()
+        computing = list(self.running.values())
+        self.running.clear()
+        while computing:
+            still: list[_Shard] = []
+            for shard in computing:
+                if store.is_done(self.run, shard.url, self.options):
+                    self._finished_with_rows(shard, worker_ran_it=True)
+                    continue
+                lease = current_lease(self.run, shard.url, self.options)
+                if lease is not None and not lease.expired():
+                    still.append(shard)
+                else:
+                    self.tally.unfinished(shard.url)
+            computing = still
+            if computing:
+                time.sleep(POLL_SECONDS)
 
 
 def run_on_pool(config: RunConfig, pending: list[dict[str, Any]], tally: Tally) -> int:

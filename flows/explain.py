@@ -19,7 +19,13 @@ result persistence off; storage options (credentials) live in excluded config fi
 they never reach the parameters Prefect stores.
 
 The parent ends Failed when a shard failed (its result is still the run's summary) and
-Completed otherwise. Listeners (:func:`progress_listener`, :mod:`opticam_flows.events`) let an
+Completed otherwise. A Prefect server that restarts on its database in the middle of a
+run is waited for (the client retries). One that comes back without it no longer knows
+the run: the run warns once and goes on from storage, which holds every result. With
+executor ``local`` it computes every shard and writes its report; with ``deployments``
+it cannot submit more shard runs (their deployment is gone too), so it waits for the
+runs still computing, writes the report of what is done, and lists the shards not run.
+The final state cannot be set then, so :func:`run_dataset` returns the summary itself. Listeners (:func:`progress_listener`, :mod:`opticam_flows.events`) let an
 in-process caller such as the CLI follow progress.
 """
 
@@ -56,7 +62,14 @@ from opticam.pipeline import (
 )
 from opticam.redact import redact_url
 
-from .events import ARTIFACT_PROGRESS, Tally, emit, progress_listener
+from .events import (
+    ARTIFACT_PROGRESS,
+    Tally,
+    emit,
+    progress_listener,
+    quiet_forgotten_run,
+    server_forgot,
+)
 from .names import printable
 
 __all__ = [
@@ -68,6 +81,7 @@ __all__ = [
     "explain_shard",
     "is_transient_error",
     "progress_listener",
+    "run_dataset",
     "shard_task_name",
 ]
 
@@ -273,7 +287,8 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         ``shards_held``, ``held`` (shard URL -> the other worker holding its lease),
         ``images``, ``rows``, ``errors``, ``incomplete`` (shard URLs), ``report_url``,
         ``summary`` (the report's summary rows), ``most_in_flight`` (shards running at
-        once). Call with ``return_state=True`` and read ``state.result(raise_on_failure=
+        once), ``server_lost`` (the warning when the Prefect server forgot the run, else
+        None), ``shards_not_run`` and ``not_run`` (shard URLs it could not submit then). Call with ``return_state=True`` and read ``state.result(raise_on_failure=
         False)`` to get the dict whatever the state.
 
     Raises:
@@ -321,7 +336,13 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         most_in_flight = min(len(devices), len(pending))
 
     report = report_task(config)
-    _publish(config, report)
+    if tally.lost is None:
+        try:
+            _publish(config, report)
+        except Exception as exc:
+            if not server_forgot(exc):
+                raise
+            tally.server_lost("its artifacts cannot be created")
     emit("report", **report)
     results = tally.results
     summary = {
@@ -342,6 +363,9 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         "report_url": report["index_url"],
         "summary": report["summary"],
         "most_in_flight": most_in_flight,
+        "server_lost": tally.lost,
+        "shards_not_run": len(tally.not_run),
+        "not_run": tally.not_run,
     }
     elapsed = time.monotonic() - started
     logger.info(
@@ -357,13 +381,54 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         summary["images"] / elapsed if elapsed > 0 else 0.0,
         redact_url(report["index_url"]),
     )
-    if tally.failed:
+    # For run_dataset, when the server forgot this run and no final state can be set.
+    emit("summary", **summary)
+    if tally.failed or tally.not_run:
         message = (
-            f"{len(tally.failed)} of {len(plan)} shards failed; rerun the same job to retry them"
+            f"{len(tally.failed) + len(tally.not_run)} of {len(plan)} shards failed or were "
+            "not run; rerun the same job to retry them"
+            if tally.not_run
+            else f"{len(tally.failed)} of {len(plan)} shards failed; rerun the same job to "
+            "retry them"
         )
         logger.error(message)
         return Failed(message=message, data=summary)
     return Completed(message=f"{len(plan)} shards done", data=summary)
+
+
+def run_dataset(config: RunConfig) -> dict[str, Any]:
+    """Run :func:`explain_dataset` in this process and return its summary dict.
+
+    The summary is returned whether the run ends Completed or Failed, and also when the
+    Prefect server forgot the run in its middle (restarted without its database), in
+    which case the run's final state cannot be set and ``summary["server_lost"]`` says
+    so.
+
+    Raises:
+        Whatever :func:`explain_dataset` raises before it has a summary (bad input, a
+        missing deployment, an API that stays unreachable).
+    """
+    summaries: list[dict[str, Any]] = []
+
+    def keep(event: str, data: dict[str, Any]) -> None:
+        if event == "summary":
+            summaries.append(data)
+
+    try:
+        with progress_listener(keep):
+            try:
+                state = explain_dataset(config, return_state=True)
+            except Exception as exc:
+                if summaries and summaries[-1]["server_lost"] and server_forgot(exc):
+                    return summaries[-1]
+                raise
+    finally:
+        quiet_forgotten_run(False)
+    outcome: Any = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    result: dict[str, Any] = outcome
+    return result
 
 
 def _publish(config: RunConfig, report: dict[str, Any]) -> None:

@@ -42,6 +42,9 @@ class FakePrefect:
         self.submitted: list[tuple[str, str, dict[str, Any], list[str]]] = []
         self.most_active = 0
         self.set_states: list[tuple[str, Any]] = []  # (run name, state) the parent set
+        self.polls = 0
+        self.forget_at: int | None = None  # the poll at which the server loses its database
+        self.forgotten = False
 
     def add(self, key: str, name: str, steps: list[Any], shard: str | None = None) -> UUID:
         run_id = uuid4()
@@ -51,6 +54,8 @@ class FakePrefect:
         return run_id
 
     def run_deployment(self, name: str, **kwargs: Any) -> FlowRun:
+        if self.forgotten:
+            raise ObjectNotFound(http_exc=Exception(name))
         key = kwargs["idempotency_key"]
         self.submitted.append((key, kwargs["flow_run_name"], kwargs["parameters"], kwargs["tags"]))
         if key not in self.by_key:  # a reused key returns the existing run
@@ -65,8 +70,18 @@ class FakePrefect:
         state = step[0] if isinstance(step, tuple) else step
         return FlowRun(id=run_id, name=run["name"], flow_id=uuid4(), state=state)
 
+    def read_flow_run(self, flow_run_id: Any) -> FlowRun:
+        """The parent's own run: gone once the server forgot everything."""
+        if self.forgotten:
+            raise ObjectNotFound(http_exc=Exception(str(flow_run_id)))
+        return FlowRun(id=flow_run_id, name="explain-x", flow_id=uuid4(), state=Running())
+
     def read_flow_runs(self, flow_run_filter: Any, limit: int) -> list[FlowRun]:
-        ids = list(flow_run_filter.id.any_)
+        self.polls += 1
+        if self.polls == self.forget_at:
+            self.runs.clear()
+            self.forgotten = True
+        ids = [i for i in flow_run_filter.id.any_ if i in self.runs]
         active = 0
         out = []
         for run_id in ids:
@@ -98,6 +113,14 @@ class FakeTally:
     def __init__(self) -> None:
         self.finished_: list[dict[str, Any]] = []
         self.failed: dict[str, str] = {}
+        self.not_run: list[str] = []
+        self.lost: str | None = None
+
+    def server_lost(self, what: str) -> None:
+        self.lost = self.lost or what
+
+    def unfinished(self, shard_url: str) -> None:
+        self.not_run.append(shard_url)
 
     def finished(self, result: dict[str, Any]) -> None:
         self.finished_.append(result)
@@ -112,7 +135,10 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[[Script], FakePrefect]:
         server = FakePrefect(script)
         monkeypatch.setattr(cluster, "run_deployment", server.run_deployment)
         client = types.SimpleNamespace(
-            read_flow_runs=server.read_flow_runs, set_flow_run_state=server.set_flow_run_state
+            # Looked up at each call, so that a test may replace it.
+            read_flow_runs=lambda *args, **kwargs: server.read_flow_runs(*args, **kwargs),
+            set_flow_run_state=server.set_flow_run_state,
+            read_flow_run=server.read_flow_run,
         )
         monkeypatch.setattr(cluster, "get_client", lambda sync_client: _Context(client))
         monkeypatch.setattr(cluster, "get_run_logger", lambda: logging.getLogger("test"))
@@ -160,9 +186,11 @@ def _config(**changes: Any) -> RunConfig:
     return RunConfig(**fields)
 
 
-def _run(config: RunConfig, shards: list[str], limit: int = 8) -> FakeTally:
+def _run(config: RunConfig, shards: list[str], limit: int = 8, parent: bool = False) -> FakeTally:
     tally = FakeTally()
     pool = cluster._Pool(config, tally, limit)  # type: ignore[arg-type]
+    if parent:  # as inside a flow run, which the server may forget
+        pool.parent_id = str(uuid4())
     pool.run_all([{"url": f"s3://bucket/data/{s}", "max_images": None} for s in shards])
     return tally
 
@@ -405,3 +433,61 @@ def test_the_start_timeout_is_not_part_of_the_run_id() -> None:
     assert _config(start_timeout=5).run_id == _config().run_id
     with pytest.raises(ValueError, match="start_timeout"):
         _config(start_timeout=0)
+
+
+def test_a_server_that_forgot_the_run_ends_it_from_storage(
+    fake: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # s-0 is done at the 2nd poll, and s-3 submitted in its place; the server loses its
+    # database at the 3rd. s-1 is still computing then (its lease is live) and writes
+    # its rows later; s-2 and s-3 wait Scheduled: neither can run now.
+    def script(shard: str, n: int) -> list[Any]:
+        if shard == "s-0.tar":
+            return [Running(), DONE]
+        return [Running()] if shard == "s-1.tar" else [Scheduled()]
+
+    server = fake(script)
+    server.forget_at = 3
+    asked: list[str] = []
+
+    def current_lease(run: str, url: str, options: Any = None) -> Any:
+        name = url.rsplit("/", 1)[-1]
+        asked.append(name)
+        if name != "s-1.tar":
+            return None
+        if asked.count(name) == 3:  # its process finishes the shard
+            server.done.add(name)
+        return types.SimpleNamespace(expired=lambda: False)
+
+    monkeypatch.setattr(cluster, "current_lease", current_lease)
+    tally = _run(_config(), ["s-0.tar", "s-1.tar", "s-2.tar", "s-3.tar"], limit=3, parent=True)
+    assert tally.lost == "its flow run and its shard runs are gone"
+    assert [r["name"] for r in tally.finished_] == ["s-0.tar", "s-1.tar"]
+    assert tally.finished_[1]["skipped"] is False  # computed by its worker
+    assert sorted(tally.not_run) == ["s3://bucket/data/s-2.tar", "s3://bucket/data/s-3.tar"]
+    assert tally.failed == {}  # no error row: the next run computes them
+    assert len(server.submitted) == 4
+
+
+def test_a_server_that_forgot_the_run_is_seen_when_submitting(fake: Any) -> None:
+    server = fake(lambda shard, n: [Running(), DONE])
+    server.forgotten = True
+    tally = _run(_config(), ["s-0.tar"], parent=True)
+    assert tally.lost == "deployment 'explain-shard/gpu' is gone"
+    assert tally.not_run == ["s3://bucket/data/s-0.tar"] and not tally.failed
+
+
+def test_a_shard_run_deleted_from_the_server_uses_an_attempt(fake: Any) -> None:
+    server = fake(lambda shard, n: [Running()] if n == 0 else [Running(), DONE])
+    first = {"deleted": False}
+    real_read = server.read_flow_runs
+
+    def read_flow_runs(flow_run_filter: Any, limit: int) -> list[FlowRun]:
+        if server.polls == 1 and not first["deleted"]:  # a person deletes the first run
+            first["deleted"] = True
+            server.runs.pop(next(iter(server.runs)))
+        return real_read(flow_run_filter, limit)
+
+    server.read_flow_runs = read_flow_runs  # type: ignore[method-assign]
+    tally = _run(_config(), ["s-0.tar"], parent=True)
+    assert tally.lost is None and len(server.submitted) == 2 and len(tally.finished_) == 1
