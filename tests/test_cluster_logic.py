@@ -491,3 +491,34 @@ def test_a_shard_run_deleted_from_the_server_uses_an_attempt(fake: Any) -> None:
     server.read_flow_runs = read_flow_runs  # type: ignore[method-assign]
     tally = _run(_config(), ["s-0.tar"], parent=True)
     assert tally.lost is None and len(server.submitted) == 2 and len(tally.finished_) == 1
+
+
+def test_the_webhook_hears_of_a_parent_that_does_not_start() -> None:
+    from datetime import timedelta
+
+    from prefect.automations import Posture
+
+    from opticam.config import DEFAULT_START_TIMEOUT
+    from opticam_flows.deploy import NOTIFY_START_AUTOMATION, notify_start_automation
+
+    block = uuid4()
+    automation = notify_start_automation(block, 45)
+    trigger = automation.trigger
+    assert automation.name == NOTIFY_START_AUTOMATION
+    assert trigger.posture == Posture.Proactive  # type: ignore[union-attr]
+    # Picked up by a worker, or overdue without one, and then not Running in time.
+    assert trigger.after == {"prefect.flow-run.Pending", "prefect.flow-run.Late"}  # type: ignore[union-attr]
+    assert {"prefect.flow-run.Running", "prefect.flow-run.Cancelled"} <= trigger.expect  # type: ignore[union-attr]
+    assert trigger.within == timedelta(seconds=45)  # type: ignore[union-attr]
+    assert trigger.match_related.root == {  # type: ignore[union-attr]
+        "prefect.resource.role": "flow",
+        "prefect.resource.name": "explain-dataset",
+    }
+    (action,) = automation.actions
+    assert action.block_document_id == block  # type: ignore[union-attr]
+    assert "not started within 45 s" in action.payload  # type: ignore[union-attr]
+    # The same bound as a shard run's start by default.
+    default = notify_start_automation(block).trigger
+    assert default.within == timedelta(seconds=DEFAULT_START_TIMEOUT)  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="start_timeout must be between 30 seconds"):
+        notify_start_automation(block, 5)
