@@ -81,8 +81,10 @@ DEFAULT_OUTPUT = "./opticam-runs"
 #: refused from their header, before decoding (a 180 KB PNG can decode to gigabytes).
 DEFAULT_MAX_PIXELS = 120_000_000
 #: Seconds a shard run that a worker picked up may take to turn Running (executor
-#: deployments). A process worker here takes about 7 s from Pending to Running; a
-#: container pool pulling a multi-gigabyte image onto a cold node can take minutes.
+#: deployments). A process worker on a 2-core machine takes 5.3 s from Pending to
+#: Running (median of 6, max 5.4 s; benchmarks/start_times.py), up to 13 s while other
+#: jobs load the machine; a container pool that pulls a multi-gigabyte image onto a cold
+#: node can take minutes, hence 10 minutes.
 DEFAULT_START_TIMEOUT = 600.0
 
 
