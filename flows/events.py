@@ -3,7 +3,8 @@
 - :func:`progress_listener` lets an in-process caller (the CLI) follow a run: it receives
   ``(event, data)`` with events ``"plan"``, ``"shard_start"``, ``"images"``,
   ``"shard_done"``, ``"shard_skipped"`` (held by another run, or done by one since the
-  plan), ``"shard_failed"`` and ``"report"``.
+  plan), ``"shard_failed"``, ``"server_lost"`` (the Prefect server forgot the run),
+  ``"report"`` and ``"summary"`` (the run's summary dict, last).
 - :class:`Tally` counts the outcome of every shard, keeps the ``opticam-progress``
   artifact up to date, logs, and records a failed shard in its errors file.
 - When the Prefect server no longer knows the run (it came back without its database),

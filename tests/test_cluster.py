@@ -159,8 +159,9 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
         if not computing or time.monotonic() > choosy_until:
             return dict(computing[0]) if computing else None
         # Preferably a machine with no run still starting: a run lost before its first
-        # heartbeat stays Pending for ever (a documented limit: the automation watches
-        # runs that sent a heartbeat), and the parent would wait for it.
+        # heartbeat stays Pending until the parent's --start-timeout (600 s) cancels it
+        # (test_a_run_lost_before_it_starts_is_cancelled_and_submitted_again), longer
+        # than this test waits.
         starting = [r for r in runs if r["state_type"] in ("PENDING", "RUNNING")]
         starting = [r for r in starting if r not in computing]
         busy = {_machine_pid(r) for r in starting}
