@@ -11,7 +11,16 @@ The parent flow (:func:`opticam_flows.explain.explain_dataset`) hands its pendin
    a run that Crashed (its machine died: the heartbeat automation of ``opticam deploy``
    marks it) or Failed is submitted again with the next attempt number, up to
    ``shard_attempts`` runs in all; a run that Completed without rows (the shard's lease
-   was held by a worker of another run) is tried again after :data:`HELD_RETRY_SECONDS`.
+   was held by a worker of another run) is tried again after :data:`HELD_RETRY_SECONDS`;
+4. watches the runs that a worker picked up: a run still Pending ``start_timeout``
+   seconds after the parent first saw it Pending (its machine died while its flow-run
+   process was starting, before the first heartbeat the automation watches) is
+   cancelled and submitted again, which uses one of its ``shard_attempts``. A run that
+   waits Scheduled for a free worker is left alone, however long it waits;
+5. when the server no longer knows the parent (it came back without its database: the
+   runs and the deployment are gone), stops submitting, waits for the shards whose lease
+   is still live in the run folder (their processes keep computing), and counts the
+   other pending shards as not run (:meth:`opticam_flows.events.Tally.unfinished`).
 
 Each submission has the idempotency key ``<run id>:<shard name>:<submission>``: a
 parent that is restarted finds the runs its predecessor submitted instead of adding new
@@ -36,16 +45,20 @@ from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled
 
 from opticam import store
 from opticam.config import RunConfig, normalize_url
-from opticam.errors import ConfigError
+from opticam.errors import STORAGE_FAILED_PREFIX, ConfigError
 from opticam.pipeline import run_url_of
 from opticam.redact import redact_text, redact_url
+from opticam.store.leases import current_lease
 
 from .events import Tally, emit
+from .names import printable
 
 __all__ = [
     "DEFAULT_IN_FLIGHT",
@@ -95,8 +108,9 @@ def run_tags(config: RunConfig) -> list[str]:
 
 
 def shard_run_name(shard_url: str, submission: int = 0) -> str:
-    """The shard's file name, then ``#2``, ``#3``... for later submissions."""
-    name = store.shard_file(shard_url)
+    """The shard's file name (printable, :func:`opticam_flows.names.printable`), then
+    ``#2``, ``#3``... for later submissions."""
+    name = printable(store.shard_file(shard_url))
     return name if submission == 0 else f"{name} #{submission + 1}"
 
 
@@ -192,10 +206,11 @@ class _Shard:
     url: str
     max_images: int | None
     submissions: int = 0  # runs submitted so far (the idempotency key counts them)
-    failures: int = 0  # runs that crashed or failed
+    failures: int = 0  # runs that crashed, failed or did not start in time
     held_rounds: int = 0  # runs that completed while another worker held the lease
     ready_at: float = 0.0  # monotonic time before which it is not submitted
     started: bool = False
+    pending_since: float | None = None  # when its current run was first seen Pending
 
 
 def _terminal(flow_run: FlowRun) -> StateType | None:
@@ -227,6 +242,10 @@ class _Pool:
         self.running: dict[UUID, _Shard] = {}
         self.most_in_flight = 0
         self._submit_errors = 0
+        from prefect.runtime import flow_run as this_run
+
+        # The parent's own flow run (None outside a flow run, as in unit tests).
+        self.parent_id: str | None = this_run.id
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -246,10 +265,21 @@ class _Pool:
         )
         shard.submissions += 1
         shard.started = False
+        shard.pending_since = None
         self.running[flow_run.id] = shard
         self.most_in_flight = max(self.most_in_flight, len(self.running))
 
-    def _fill(self) -> None:
+    def _parent_gone(self, client: Any) -> bool:
+        """Whether the server no longer knows the parent's own flow run."""
+        if self.parent_id is None:
+            return False
+        try:
+            client.read_flow_run(self.parent_id)
+        except ObjectNotFound:
+            return True
+        return False
+
+    def _fill(self, client: Any) -> None:
         """Submit ready shards until ``limit`` runs are in flight."""
         now = time.monotonic()
         later: list[_Shard] = []
@@ -265,6 +295,10 @@ class _Pool:
             try:
                 self._submit(shard)
             except ObjectNotFound:
+                if self._parent_gone(client):
+                    self.tally.server_lost(f"deployment {self.deployment!r} is gone")
+                    later.append(shard)
+                    break
                 raise ConfigError(
                     f"deployment {self.deployment!r} disappeared from the Prefect server; "
                     f"create it again with: opticam deploy --pool {self.config.pool}"
@@ -328,20 +362,56 @@ class _Pool:
         if state == StateType.CANCELLED:
             self.tally.failure(shard.url, f"cancelled: {message}")
             return
+        if STORAGE_FAILED_PREFIX in message:
+            # Another run would fail the same way: no new shard starts (see run_all).
+            self.tally.storage_failure(shard.url, message[message.index(STORAGE_FAILED_PREFIX) :])
+            return
+        self._attempt_failed(shard, message)
+
+    def _attempt_failed(self, shard: _Shard, message: str) -> None:
+        """One run of the shard crashed, failed or never started: again, or failed."""
         shard.failures += 1
         if shard.failures >= self.config.shard_attempts:
             self.tally.failure(
-                shard.url, f"{shard.failures} runs crashed or failed; the last: {message}"
+                shard.url,
+                f"{shard.failures} runs crashed, failed or did not start; the last: {message}",
             )
             return
         self.logger.warning(
             "shard %s: %s; submitting it again (attempt %d of %d)",
-            public,
+            redact_url(shard.url),
             message,
             shard.failures + 1,
             self.config.shard_attempts,
         )
         self._again(shard)
+
+    def _check_start(self, client: Any, flow_run: FlowRun, shard: _Shard) -> None:
+        """Cancel and submit again a run Pending for longer than ``start_timeout``."""
+        state = flow_run.state
+        if state is None or state.type != StateType.PENDING:
+            # Scheduled (waiting for a free worker) or Cancelling: not starting yet.
+            shard.pending_since = None
+            return
+        now = time.monotonic()
+        if shard.pending_since is None:
+            shard.pending_since = now
+            return
+        waited = now - shard.pending_since
+        if waited <= self.config.start_timeout:
+            return
+        reason = (
+            f"picked up by a worker and not Running after {waited:.0f} s (start_timeout "
+            f"{self.config.start_timeout:g} s): its worker or machine is probably gone"
+        )
+        result = client.set_flow_run_state(
+            flow_run.id, Cancelled(message=f"opticam: {reason}; the shard is submitted again")
+        )
+        if result.status != SetStateStatus.ACCEPT:
+            # It moved on meanwhile (started, or ended): the next poll sees where.
+            return
+        del self.running[flow_run.id]
+        self._attempt_failed(shard, f"flow run {flow_run.name!r} {reason}")
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -352,19 +422,25 @@ class _Pool:
             runs = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)), limit=len(page)
             )
+            missing = set(page) - {r.id for r in runs}
+            if missing and self._parent_gone(client):
+                self.tally.server_lost("its flow run and its shard runs are gone")
+                return
+            for run_id in missing:  # deleted one by one, by a person or a retention rule
+                gone = self.running.pop(run_id)
+                self._attempt_failed(gone, f"flow run {run_id} is gone from the Prefect server")
             for flow_run in runs:
                 shard = self.running.get(flow_run.id)
                 if shard is None:
                     continue
                 state = _terminal(flow_run)
                 if state is None:
-                    if (
-                        not shard.started
-                        and flow_run.state is not None
-                        and flow_run.state.is_running()
-                    ):
-                        shard.started = True
-                        emit("shard_start", shard=redact_url(shard.url), device=self.deployment)
+                    if flow_run.state is not None and flow_run.state.is_running():
+                        if not shard.started:
+                            shard.started = True
+                            emit("shard_start", shard=redact_url(shard.url), device=self.deployment)
+                    else:
+                        self._check_start(client, flow_run, shard)
                     continue
                 del self.running[flow_run.id]
                 self._ended(flow_run, shard, state)
@@ -381,13 +457,44 @@ class _Pool:
         # Absolute local paths: the workers' working folders are not ours.
         self.waiting.extend(_Shard(normalize_url(p["url"]), p["max_images"]) for p in pending)
         with get_client(sync_client=True) as client:
-            while self.waiting or self.running:
-                self._fill()
-                if not self.waiting and not self.running:
+            while (self.waiting or self.running) and self.tally.lost is None:
+                if self.tally.storage_failed is not None:
+                    # The output storage failed for good: let the runs in flight end.
+                    self.waiting.clear()
+                self._fill(client)
+                if self.tally.lost is not None or not (self.waiting or self.running):
                     break
                 self._sleep()
                 if self.running:
                     self._poll(client)
+        if self.tally.lost is not None:
+            self._drain()
+
+    def _drain(self) -> None:
+        """The server forgot the run: wait for the shards still computing (their lease is
+        live), then count every other pending shard as not run."""
+        for shard in self.waiting:
+            if store.is_done(self.run, shard.url, self.options):
+                self._finished_with_rows(shard)
+            else:
+                self.tally.unfinished(shard.url)
+        self.waiting.clear()
+        computing = list(self.running.values())
+        self.running.clear()
+        while computing:
+            still: list[_Shard] = []
+            for shard in computing:
+                if store.is_done(self.run, shard.url, self.options):
+                    self._finished_with_rows(shard, worker_ran_it=True)
+                    continue
+                lease = current_lease(self.run, shard.url, self.options)
+                if lease is not None and not lease.expired():
+                    still.append(shard)
+                else:
+                    self.tally.unfinished(shard.url)
+            computing = still
+            if computing:
+                time.sleep(POLL_SECONDS)
 
 
 def run_on_pool(config: RunConfig, pending: list[dict[str, Any]], tally: Tally) -> int:

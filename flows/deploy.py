@@ -19,7 +19,13 @@
   :data:`NOTIFY_BLOCK` holding the URL (a secret: chat webhook URLs carry tokens) and the
   automation :data:`NOTIFY_AUTOMATION`, which POSTs a JSON message (:data:`NOTIFY_PAYLOAD`)
   to it when a run of ``explain-dataset`` ends Completed, Failed or Crashed. Its ``text``
-  field is what Slack and Mattermost incoming webhooks show.
+  field is what Slack and Mattermost incoming webhooks show. A second automation,
+  :data:`NOTIFY_START_AUTOMATION`, posts :data:`NOTIFY_START_PAYLOAD` to the same block
+  when a run of ``explain-dataset`` that a worker picked up (Pending), or that is past its
+  start time and still waits for one (Late), has not turned Running within
+  ``start_timeout`` seconds (the bound shard runs get,
+  :data:`opticam.config.DEFAULT_START_TIMEOUT`): a parent that never starts ends in no
+  state, so the first automation would never hear of it.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from pydantic import SecretStr
 
+from opticam.config import DEFAULT_START_TIMEOUT
 from opticam.errors import ConfigError
 
 from .cluster import dataset_deployment, shard_deployment
@@ -56,10 +63,13 @@ __all__ = [
     "NOTIFY_AUTOMATION",
     "NOTIFY_BLOCK",
     "NOTIFY_PAYLOAD",
+    "NOTIFY_START_AUTOMATION",
+    "NOTIFY_START_PAYLOAD",
     "check_notify_url",
     "crash_automation",
     "deploy",
     "notify_automation",
+    "notify_start_automation",
 ]
 
 #: Name of the crash-detection automation.
@@ -85,6 +95,27 @@ NOTIFY_PAYLOAD = (
     '"flow_run_id": "{{ flow_run.id }}", '
     '"state": {{ flow_run.state.name | tojson }}, '
     '"message": {{ (flow_run.state.message or "") | tojson }}, '
+    '"url": {{ ((flow_run | ui_url) or "") | tojson }}'
+    "}"
+)
+
+
+#: Name of the automation that posts to the webhook when a job does not start.
+NOTIFY_START_AUTOMATION = "opticam: post to a webhook when explain-dataset does not start"
+# What starts the wait for Running: a worker picked the run up, or it is overdue.
+_START_WAITS = ["Pending", "Late"]
+# What ends it: the run started, or ended without starting (cancelled, say).
+_STARTED = ["Running", "Completed", "Failed", "Cancelled", "Crashed"]
+#: The body posted when a parent run does not start (same fields as NOTIFY_PAYLOAD).
+NOTIFY_START_PAYLOAD = (
+    "{"
+    '"text": {{ ("opticam: " ~ flow_run.name ~ " has not started within __BOUND__ s (still "'
+    ' ~ flow_run.state.name ~ "): no worker runs it; start one on its pool or cancel it")'
+    " | tojson }}, "
+    '"flow_run": {{ flow_run.name | tojson }}, '
+    '"flow_run_id": "{{ flow_run.id }}", '
+    '"state": {{ flow_run.state.name | tojson }}, '
+    '"message": "not started within __BOUND__ s", '
     '"url": {{ ((flow_run | ui_url) or "") | tojson }}'
     "}"
 )
@@ -159,8 +190,42 @@ def notify_automation(block_document_id: UUID) -> Automation:
     )
 
 
-def _ensure_notify(url: str) -> list[str]:
-    """Save the URL in the Webhook block and create or update the automation."""
+def notify_start_automation(
+    block_document_id: UUID, start_timeout: float = DEFAULT_START_TIMEOUT
+) -> Automation:
+    """The automation that posts :data:`NOTIFY_START_PAYLOAD` to a Webhook block when a
+    run of ``explain-dataset`` stays Pending or Late ``start_timeout`` s (not yet saved)."""
+    if not 30 <= start_timeout <= 86_400:
+        raise ConfigError(
+            f"start_timeout must be between 30 seconds and a day, got {start_timeout!r}"
+        )
+    trigger = EventTrigger(
+        match={"prefect.resource.id": "prefect.flow-run.*"},
+        match_related={"prefect.resource.role": "flow", "prefect.resource.name": "explain-dataset"},
+        after={f"prefect.flow-run.{s}" for s in _START_WAITS},
+        expect={f"prefect.flow-run.{s}" for s in _STARTED},
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=timedelta(seconds=start_timeout),
+    )
+    bound = f"{start_timeout:.0f}"
+    return Automation(
+        name=NOTIFY_START_AUTOMATION,
+        description="Posts to the opticam-notify webhook when a run of explain-dataset "
+        f"stays Pending or Late for {bound} s without running.",
+        trigger=trigger,
+        actions=[
+            CallWebhook(
+                block_document_id=block_document_id,
+                payload=NOTIFY_START_PAYLOAD.replace("__BOUND__", bound),
+            )
+        ],
+    )
+
+
+def _ensure_notify(url: str, start_timeout: float = DEFAULT_START_TIMEOUT) -> list[str]:
+    """Save the URL in the Webhook block and create or update both automations."""
     from prefect.blocks.webhook import Webhook
     from prefect.types import SecretDict
 
@@ -169,7 +234,9 @@ def _ensure_notify(url: str) -> list[str]:
     block_id = cast(UUID, block.save(NOTIFY_BLOCK, overwrite=True))
     where = urlsplit(url).hostname
     done = [f"saved webhook block {NOTIFY_BLOCK!r} (host {where})"]
-    return [*done, _save_automation(notify_automation(block_id))]
+    done.append(_save_automation(notify_automation(block_id)))
+    started = notify_start_automation(block_id, start_timeout)
+    return [*done, f"{_save_automation(started)} ({start_timeout:.0f} s)"]
 
 
 def _save_automation(wanted: Automation) -> str:
@@ -270,6 +337,7 @@ def deploy(
     control_pool: str | None = None,
     crash_after: float = DEFAULT_CRASH_AFTER,
     notify: str | None = None,
+    start_timeout: float = DEFAULT_START_TIMEOUT,
 ) -> list[str]:
     """Create or update the pools, both deployments and the automations.
 
@@ -280,8 +348,10 @@ def deploy(
         base_job_template: a JSON base job template file for the pool.
         control_pool: the process pool for parent runs; default ``<pool>-control``.
         crash_after: seconds without a heartbeat before a run is marked Crashed.
-        notify: a webhook URL to post to when a run of explain-dataset ends; None leaves
-            the notification as it is (absent, or as set before).
+        notify: a webhook URL to post to when a run of explain-dataset ends or does not
+            start; None leaves the notifications as they are (absent, or as set before).
+        start_timeout: seconds a run of explain-dataset may stay Pending or Late before
+            the webhook hears that it does not start (with ``notify``).
 
     Returns:
         One line per thing done, for the user.
@@ -296,6 +366,7 @@ def deploy(
     crash = crash_automation(crash_after)
     if notify is not None:
         check_notify_url(notify)
+        notify_start_automation(UUID(int=0), start_timeout)  # a bad bound fails here
     done: list[str] = []
     with get_client(sync_client=True) as client:
         done.append(_ensure_pool(client, pool, pool_type, limit, base_job_template))
@@ -312,5 +383,5 @@ def deploy(
     done.append(f"deployed {dataset_deployment(pool)} on {control!r}")
     done.append(f"{_save_automation(crash)} ({crash_after:.0f} s)")
     if notify is not None:
-        done += _ensure_notify(notify)
+        done += _ensure_notify(notify, start_timeout)
     return done

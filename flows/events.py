@@ -3,14 +3,19 @@
 - :func:`progress_listener` lets an in-process caller (the CLI) follow a run: it receives
   ``(event, data)`` with events ``"plan"``, ``"shard_start"``, ``"images"``,
   ``"shard_done"``, ``"shard_skipped"`` (held by another run, or done by one since the
-  plan), ``"shard_failed"`` and ``"report"``.
+  plan), ``"shard_failed"``, ``"server_lost"`` (the Prefect server forgot the run),
+  ``"report"`` and ``"summary"`` (the run's summary dict, last).
 - :class:`Tally` counts the outcome of every shard, keeps the ``opticam-progress``
   artifact up to date, logs, and records a failed shard in its errors file.
+- When the Prefect server no longer knows the run (it came back without its database),
+  :meth:`Tally.server_lost` warns once; the run goes on from storage, and nothing more
+  is sent about it to the server (:func:`server_forgot` tells such an error).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +29,15 @@ from opticam.names import STAGE_SHARD
 from opticam.pipeline import run_url_of
 from opticam.redact import redact_text, redact_url
 
-__all__ = ["ARTIFACT_PROGRESS", "Listener", "Tally", "emit", "progress_listener", "record_failure"]
+__all__ = [
+    "ARTIFACT_PROGRESS",
+    "Listener",
+    "Tally",
+    "emit",
+    "progress_listener",
+    "record_failure",
+    "server_forgot",
+]
 
 ARTIFACT_PROGRESS = "opticam-progress"
 
@@ -53,6 +66,36 @@ def emit(event: str, **data: Any) -> None:
         # A display problem must never fail a shard.
         with contextlib.suppress(Exception):
             fn(event, data)
+
+
+def server_forgot(exc: BaseException) -> bool:
+    """Whether a Prefect API error says that the server does not know the object (404)."""
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    if isinstance(exc, ObjectNotFound):
+        return True
+    return isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code == 404
+
+
+class _ForgottenRunFilter(logging.Filter):
+    """Drops the flow engine's traceback for a state it can no longer set on the server
+    (the run's one warning has said why)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or not server_forgot(exc)
+
+
+_FORGOTTEN_FILTER = _ForgottenRunFilter()
+
+
+def quiet_forgotten_run(on: bool) -> None:
+    """Add (or remove) the filter of the engine's tracebacks for a forgotten run."""
+    engine_logger = logging.getLogger("prefect.flow_runs")
+    if on:
+        engine_logger.addFilter(_FORGOTTEN_FILTER)
+    else:
+        engine_logger.removeFilter(_FORGOTTEN_FILTER)
 
 
 def record_failure(config: RunConfig, shard_url: str, message: str) -> None:
@@ -94,6 +137,9 @@ class Tally:
         #: The one line of a storage failure that ended the run, or None.
         self.storage_failed: str | None = None
         self.held: dict[str, str] = {}
+        self.not_run: list[str] = []
+        #: Why the server no longer knows this run; None while it does.
+        self.lost: str | None = None
         self._logger = get_run_logger()
         self._progress_id: Any = create_progress_artifact(
             progress=self._percent(),
@@ -103,10 +149,33 @@ class Tally:
 
     def _percent(self) -> float:
         finished = self.skipped + len(self.results) + len(self.failed) + len(self.held)
-        return 100.0 * finished / max(self.planned, 1)
+        return 100.0 * (finished + len(self.not_run)) / max(self.planned, 1)
 
     def _advance(self) -> None:
-        update_progress_artifact(self._progress_id, self._percent())
+        if self.lost is not None:
+            return
+        try:
+            update_progress_artifact(self._progress_id, self._percent())
+        except Exception as exc:
+            if not server_forgot(exc):
+                raise
+            self.server_lost("its progress artifact is gone")
+
+    def server_lost(self, what: str) -> None:
+        """The Prefect server no longer knows this run: warn once, send nothing more."""
+        if self.lost is not None:
+            return
+        from prefect.settings import PREFECT_API_URL
+
+        self.lost = (
+            f"the Prefect server at {redact_url(str(PREFECT_API_URL.value() or '?'))} no longer knows "
+            f"this run ({what}): it restarted without its database? The run goes on from "
+            f"its storage ({redact_url(run_url_of(self.config))}); Prefect will not show its "
+            "progress, artifacts or final state"
+        )
+        self._logger.warning("%s", self.lost)
+        quiet_forgotten_run(True)
+        emit("server_lost", message=self.lost)
 
     def finished(self, result: dict[str, Any]) -> None:
         """A shard's :meth:`opticam.store.ShardStatus.to_dict`: computed, done by another
@@ -140,4 +209,10 @@ class Tally:
         self._logger.error("shard %s failed: %s", public, self.failed[public])
         record_failure(self.config, shard_url, self.failed[public])
         emit("shard_failed", shard=public, message=self.failed[public])
+        self._advance()
+
+    def unfinished(self, shard_url: str) -> None:
+        """A shard that the run could not compute after the server forgot it (no error
+        row: the next run of the job computes it)."""
+        self.not_run.append(redact_url(shard_url))
         self._advance()

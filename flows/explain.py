@@ -19,7 +19,13 @@ result persistence off; storage options (credentials) live in excluded config fi
 they never reach the parameters Prefect stores.
 
 The parent ends Failed when a shard failed (its result is still the run's summary) and
-Completed otherwise. Listeners (:func:`progress_listener`, :mod:`opticam_flows.events`) let an
+Completed otherwise. A Prefect server that restarts on its database in the middle of a
+run is waited for (the client retries). One that comes back without it no longer knows
+the run: the run warns once and goes on from storage, which holds every result. With
+executor ``local`` it computes every shard and writes its report; with ``deployments``
+it cannot submit more shard runs (their deployment is gone too), so it waits for the
+runs still computing, writes the report of what is done, and lists the shards not run.
+The final state cannot be set then, so :func:`run_dataset` returns the summary itself. Listeners (:func:`progress_listener`, :mod:`opticam_flows.events`) let an
 in-process caller such as the CLI follow progress.
 """
 
@@ -59,7 +65,15 @@ from opticam.pipeline import (
 from opticam.progress import duplicates_note
 from opticam.redact import redact_url
 
-from .events import ARTIFACT_PROGRESS, Tally, emit, progress_listener
+from .events import (
+    ARTIFACT_PROGRESS,
+    Tally,
+    emit,
+    progress_listener,
+    quiet_forgotten_run,
+    server_forgot,
+)
+from .names import printable
 
 __all__ = [
     "ARTIFACT_LINK",
@@ -70,6 +84,8 @@ __all__ = [
     "explain_shard",
     "is_transient_error",
     "progress_listener",
+    "run_dataset",
+    "shard_task_name",
 ]
 
 ARTIFACT_SUMMARY = "opticam-summary"
@@ -136,12 +152,17 @@ _STORAGE_TASK: dict[str, Any] = {
 }
 
 
+def shard_task_name(shard_url: str) -> str:
+    """``shard <file name>``: the shard task run's name, printable
+    (:func:`opticam_flows.names.printable`) and without credentials."""
+    # The file name is what a person looks for in the UI.
+    return f"shard {printable(store.shard_file(shard_url))}"
+
+
 def _shard_task_name() -> str:
     from prefect.runtime import task_run
 
-    url = str(task_run.parameters.get("shard_url", "shard"))
-    # The file name is what a person looks for in the UI; credentials never reach it.
-    return f"shard {store.shard_file(url)}"
+    return shard_task_name(str(task_run.parameters.get("shard_url", "shard")))
 
 
 @task(name="explain-shard", task_run_name=_shard_task_name, **_STORAGE_TASK)
@@ -285,7 +306,8 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         ``shards_held``, ``held`` (shard URL -> the other worker holding its lease),
         ``images``, ``rows``, ``errors``, ``incomplete`` (shard URLs), ``report_url``,
         ``summary`` (the report's summary rows), ``most_in_flight`` (shards running at
-        once). Call with ``return_state=True`` and read ``state.result(raise_on_failure=
+        once), ``server_lost`` (the warning when the Prefect server forgot the run, else
+        None), ``shards_not_run`` and ``not_run`` (shard URLs it could not submit then). Call with ``return_state=True`` and read ``state.result(raise_on_failure=
         False)`` to get the dict whatever the state.
 
     Raises:
@@ -356,7 +378,13 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
             logger.error("%s; no report", tally.storage_failed)
         else:
             report = built
-            _publish(config, report)
+            if tally.lost is None:
+                try:
+                    _publish(config, report)
+                except Exception as exc:
+                    if not server_forgot(exc):
+                        raise
+                    tally.server_lost("its artifacts cannot be created")
             emit("report", **report)
     results = tally.results
     summary = {
@@ -378,6 +406,9 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         "summary": report["summary"],
         "most_in_flight": most_in_flight,
         STORAGE_FAILED: tally.storage_failed,
+        "server_lost": tally.lost,
+        "shards_not_run": len(tally.not_run),
+        "not_run": tally.not_run,
     }
     elapsed = time.monotonic() - started
     logger.info(
@@ -393,11 +424,17 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         summary["images"] / elapsed if elapsed > 0 else 0.0,
         redact_url(report["index_url"]) or "not written",
     )
+    # For run_dataset, when the server forgot this run and no final state can be set.
+    emit("summary", **summary)
     if tally.storage_failed is not None:
         return Failed(message=tally.storage_failed, data=summary)
-    if tally.failed:
+    if tally.failed or tally.not_run:
         message = (
-            f"{len(tally.failed)} of {len(plan)} shards failed; rerun the same job to retry them"
+            f"{len(tally.failed) + len(tally.not_run)} of {len(plan)} shards failed or were "
+            "not run; rerun the same job to retry them"
+            if tally.not_run
+            else f"{len(tally.failed)} of {len(plan)} shards failed; rerun the same job to "
+            "retry them"
         )
         logger.error(message)
         return Failed(message=message, data=summary)
@@ -424,8 +461,46 @@ def _ended_early(config: RunConfig, run: str, planned: int, message: str) -> dic
         "report_url": "",
         "summary": [],
         "most_in_flight": 0,
+        "server_lost": None,
+        "shards_not_run": 0,
+        "not_run": [],
         STORAGE_FAILED: message,
     }
+
+
+def run_dataset(config: RunConfig) -> dict[str, Any]:
+    """Run :func:`explain_dataset` in this process and return its summary dict.
+
+    The summary is returned whether the run ends Completed or Failed, and also when the
+    Prefect server forgot the run in its middle (restarted without its database), in
+    which case the run's final state cannot be set and ``summary["server_lost"]`` says
+    so.
+
+    Raises:
+        Whatever :func:`explain_dataset` raises before it has a summary (bad input, a
+        missing deployment, an API that stays unreachable).
+    """
+    summaries: list[dict[str, Any]] = []
+
+    def keep(event: str, data: dict[str, Any]) -> None:
+        if event == "summary":
+            summaries.append(data)
+
+    try:
+        with progress_listener(keep):
+            try:
+                state = explain_dataset(config, return_state=True)
+            except Exception as exc:
+                if summaries and summaries[-1]["server_lost"] and server_forgot(exc):
+                    return summaries[-1]
+                raise
+    finally:
+        quiet_forgotten_run(False)
+    outcome: Any = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    result: dict[str, Any] = outcome
+    return result
 
 
 def _publish(config: RunConfig, report: dict[str, Any]) -> None:
@@ -479,4 +554,8 @@ def explain_shard(
     chosen = device or resolve_device(config.device)[0]
     # The task logs the shard's line, in this flow run's Logs tab too.
     result: dict[str, Any] = shard_task(config, shard_url, chosen, max_images)
+    if STORAGE_FAILED in result:
+        # Failed with the one line: the parent starts no further shard (it would fail too).
+        get_run_logger().error("%s", result[STORAGE_FAILED])
+        return Failed(message=result[STORAGE_FAILED], data=result)  # type: ignore[return-value]
     return result

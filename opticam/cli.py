@@ -51,6 +51,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from opticam.config import (
+    DEFAULT_START_TIMEOUT,
     CAMOptions,
     MetricsOptions,
     ModelSpec,
@@ -428,7 +429,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from opticam.lifeline import supervised
     from opticam.progress import RunProgress
     from opticam.report import format_table
-    from opticam_flows.explain import explain_dataset, progress_listener
+    from opticam_flows.explain import progress_listener, run_dataset
 
     progress = RunProgress()
     # SIGTERM or SIGINT stops Prefect's temporary server and anything else the run
@@ -436,12 +437,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with supervised("opticam run", on_abandon=progress.close):
         try:
             with progress_listener(progress):
-                # Failed when a shard failed; the result is the run's summary either way.
-                state = explain_dataset(config, return_state=True)
-                outcome: Any = state.result(raise_on_failure=False)
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                result: dict[str, Any] = outcome
+                # The run's summary, whether it ended Completed or Failed (or the Prefect
+                # server forgot it on the way).
+                result = run_dataset(config)
         finally:
             progress.close()
         elapsed = time.monotonic() - start
@@ -478,8 +476,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     for url, message in result["failed"].items():
         sys.stderr.write(f"failed shard {url}: {message}\n")
+    if result["not_run"]:
+        sys.stderr.write(
+            f"{len(result['not_run'])} shards not run: the Prefect server forgot this run and "
+            "its deployments; run 'opticam deploy' again, then rerun the same job\n"
+        )
     # Exit 1 whenever images were lost: a failed shard (rerun to retry it) or a truncated one.
-    return 1 if result["shards_failed"] or result["incomplete"] else 0
+    return 1 if result["shards_failed"] or result["incomplete"] or result["not_run"] else 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -732,7 +735,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--notify",
         metavar="URL",
         help="webhook to POST to when a run of explain-dataset completes or fails "
-        "(stored in the Prefect block 'opticam-notify'; e.g. a Slack incoming webhook)",
+        "(stored in the Prefect block 'opticam-notify'; e.g. a Slack incoming webhook), "
+        "or does not start within --start-timeout",
+    )
+    deploy.add_argument(
+        "--start-timeout",
+        type=float,
+        default=DEFAULT_START_TIMEOUT,
+        metavar="SECONDS",
+        help="with --notify: seconds a run of explain-dataset may stay Pending or Late "
+        f"before the webhook hears that it does not start (default: {DEFAULT_START_TIMEOUT:.0f})",
     )
     deploy.set_defaults(func=cmd_deploy)
 
@@ -776,6 +788,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         control_pool=args.control_pool,
         crash_after=args.crash_after,
         notify=args.notify,
+        start_timeout=args.start_timeout,
     ):
         print(line)
     print(

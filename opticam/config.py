@@ -70,6 +70,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_OUTPUT",
+    "DEFAULT_START_TIMEOUT",
     "CAMOptions",
     "MethodSpec",
     "MetricsOptions",
@@ -86,6 +87,12 @@ DEFAULT_OUTPUT = "./opticam-runs"
 DEFAULT_MAX_PIXELS = 120_000_000
 #: Images per batch unless the job says otherwise (``RunConfig.batch_size``).
 DEFAULT_BATCH_SIZE = 32
+#: Seconds a shard run that a worker picked up may take to turn Running (executor
+#: deployments). A process worker on a 2-core machine takes 5.3 s from Pending to
+#: Running (median of 6, max 5.4 s; benchmarks/start_times.py), up to 13 s while other
+#: jobs load the machine; a container pool that pulls a multi-gigabyte image onto a cold
+#: node can take minutes, hence 10 minutes.
+DEFAULT_START_TIMEOUT = 600.0
 
 
 _POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -584,7 +591,15 @@ class RunConfig(BaseModel):
         ge=1,
         le=20,
         description="flow runs per shard, the first included, before a shard whose runs "
-        "crash or fail counts as failed (executor deployments)",
+        "crash, fail or never start counts as failed (executor deployments)",
+    )
+    start_timeout: float = Field(
+        default=DEFAULT_START_TIMEOUT,
+        gt=0,
+        le=86_400,
+        description="seconds a shard run picked up by a worker (Pending) may take to start "
+        "running; a run still not Running then is cancelled and submitted again, which "
+        "uses one of shard_attempts (executor deployments)",
     )
     # Secret: excluded from dumps and repr, and left out of the JSON schema so that the
     # Prefect UI never offers a form field whose value it would store in its database.

@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "MAX_MESSAGE_CHARS",
     "MAX_QUOTED_CHARS",
+    "STORAGE_FAILED_PREFIX",
     "ConfigError",
     "OutputError",
     "StorageFailedError",
@@ -22,6 +23,9 @@ __all__ = [
     "short_repr",
 ]
 
+#: How every :class:`StorageFailedError` message starts (a shard run's Failed state
+#: carries it to the parent, which then starts no further shard).
+STORAGE_FAILED_PREFIX = "the output storage failed for good"
 #: Most characters of a user's value quoted in a message (:func:`short_repr`).
 MAX_QUOTED_CHARS = 200
 #: Most characters of any :class:`UserError` message: a backstop for values quoted
@@ -97,4 +101,4 @@ class StorageFailedError(OutputError):
         self.url = url
         self.cause = cause
         extra = f" ({shorten(detail)})" if detail and detail != cause else ""
-        super().__init__(f"the output storage failed for good: {cause}, writing {url}{extra}")
+        super().__init__(f"{STORAGE_FAILED_PREFIX}: {cause}, writing {url}{extra}")

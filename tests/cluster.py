@@ -100,9 +100,10 @@ class Cluster:
             timeout=timeout,
         )
 
-    def start_server(self) -> None:
+    def start_server(self, name: str = "server") -> None:
         argv = [sys.executable, "-m", "prefect", "server", "start"]
-        server = self.start("server", [*argv, "--host", "127.0.0.1", "--port", str(self.port)])
+        server = self.start(name, [*argv, "--host", "127.0.0.1", "--port", str(self.port)])
+        self.server = server
 
         def up() -> bool:
             if server.poll() is not None:
@@ -110,6 +111,25 @@ class Cluster:
             return self._healthy()
 
         wait_for("the Prefect server", up, timeout=120)
+
+    def restart_server(self, forget: bool = False) -> None:
+        """Stop the server (SIGTERM, then SIGKILL of what is left) and start it again on
+        the same port: on the same database, or on an empty one with ``forget``."""
+        tree = [psutil.Process(self.server.pid)]
+        tree += tree[0].children(recursive=True)
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=20)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(alive, timeout=5)
+        self.processes.remove(self.server)
+        if forget:
+            for path in self.home.glob("prefect.db*"):
+                path.unlink()
+        self.start_server(name=f"server-{len(list(self.logs.glob('server*.log'))) + 1}")
 
     def _healthy(self) -> bool:
         try:

@@ -338,6 +338,7 @@ SAMPLES: dict[tuple[str, str], tuple[list[str], Any]] = {
     ("run", "pool"): (["gpu-a100"], "gpu-a100"),
     ("run", "max_in_flight"): (["8"], 8),
     ("run", "shard_attempts"): (["2"], 2),
+    ("run", "start_timeout"): (["45"], 45.0),
     ("model", "source"): (["torchvision:resnet18"], "torchvision:resnet18"),
     ("model", "checkpoint"): (["s3://b/c.pt"], "s3://b/c.pt"),
     ("model", "trust_checkpoint"): ([], True),

@@ -159,8 +159,9 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
         if not computing or time.monotonic() > choosy_until:
             return dict(computing[0]) if computing else None
         # Preferably a machine with no run still starting: a run lost before its first
-        # heartbeat stays Pending for ever (a documented limit: the automation watches
-        # runs that sent a heartbeat), and the parent would wait for it.
+        # heartbeat stays Pending until the parent's --start-timeout (600 s) cancels it
+        # (test_a_run_lost_before_it_starts_is_cancelled_and_submitted_again), longer
+        # than this test waits.
         starting = [r for r in runs if r["state_type"] in ("PENDING", "RUNNING")]
         starting = [r for r in starting if r not in computing]
         busy = {_machine_pid(r) for r in starting}
@@ -256,7 +257,10 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
     (bad_json,) = set(fs.glob(f"{s3_bucket}/runs/*/run.json")) - {run_json}
     bad_run = "s3://" + bad_json.rsplit("/", 1)[0]
     errors = store.read_errors(bad_run, s3_storage_options).to_pylist()
-    assert any(e["stage"] == "shard" and "2 runs crashed or failed" in e["message"] for e in errors)
+    assert any(
+        e["stage"] == "shard" and "2 runs crashed, failed or did not start" in e["message"]
+        for e in errors
+    )
     assert fs.exists(f"{bad_run}/report/index.html")
     bad_runs = [r for r in cluster.flow_runs("explain-shard") if "demo-000001.tar" in r["name"]]
     bad_runs = [r for r in bad_runs if r["parameters"]["shard_url"].startswith(f"{s3_bucket}/bad")]
@@ -378,4 +382,158 @@ def test_a_cli_run_logs_to_the_ui_and_a_webhook_hears_how_jobs_end(
     assert completed["text"].startswith(f"opticam: {parent['name']} Completed")
     (failure,) = _posts(received, "Failed")
     assert "1 of 1 shards failed" in failure["message"] and "Failed" in failure["text"]
+    assert {path for path, _ in received} == {f"/hooks/{HOOK_TOKEN}"}
+
+
+# --------------------------------------------------------------------------- lost early
+
+
+def _freeze_and_kill(machine: psutil.Process) -> None:
+    """Lose a machine at once: SIGSTOP its command and workers (so that none starts or
+    reports anything more), then SIGKILL them and every process they started."""
+    for process in [machine, *machine.children()]:
+        process.send_signal(signal.SIGSTOP)
+    tree = [*machine.children(recursive=True), machine]
+    for process in tree:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(tree, timeout=10)
+
+
+def test_a_run_lost_before_it_starts_is_cancelled_and_submitted_again(tmp_path: Path) -> None:
+    from opticam.demo.generate import make_shards
+
+    make_shards(str(tmp_path / "data"), 2, 3, seed=21)
+    with running_cluster(tmp_path / "cluster", {"OMP_NUM_THREADS": "1"}) as cluster:
+        deployed = cluster.opticam("deploy", "--pool", POOL)
+        assert deployed.returncode == 0, deployed.stderr
+        worker = [sys.executable, "-m", "opticam", "worker", "--pool", POOL, "--slots", "1"]
+        doomed = cluster.start("doomed", [*worker, "--name", "doomed"])
+        job = ["run", "--data", str(tmp_path / "data" / "demo-*.tar"), "--device", "cpu"]
+        job += ["--methods", "gradcam", "--no-insertion-deletion", "--executor", "deployments"]
+        job += ["--pool", POOL, "--start-timeout", "40", "--output", str(tmp_path / "runs")]
+        parent = cluster.start("run", [sys.executable, "-m", "opticam", *job])
+
+        # The only worker picks a run up (Pending) and its machine dies at once, while the
+        # run's flow-run process is starting: no heartbeat, no Running, nothing more.
+        def picked_up() -> dict[str, Any] | None:
+            assert parent.poll() is None, cluster.log("run")
+            pending = [
+                r for r in cluster.flow_runs("explain-shard") if r["state_type"] == "PENDING"
+            ]
+            return pending[0] if pending else None
+
+        victim = wait_for("a shard run picked up", picked_up, timeout=180, every=0.2)
+        _freeze_and_kill(psutil.Process(doomed.pid))
+        cluster.start("healthy", [*worker, "--name", "healthy"])
+
+        assert parent.wait(timeout=420) == 0, cluster.log("run")[-4000:]
+        states = cluster.states(victim["id"])
+        assert [s["type"] for s in states if s["type"] == "RUNNING"] == []
+        assert states[-1]["type"] == "CANCELLED", states
+        assert "not Running after" in states[-1]["message"], states[-1]
+        shard_runs = {r["name"]: r for r in cluster.flow_runs("explain-shard")}
+        assert shard_runs[f"{victim['name']} #2"]["state_type"] == "COMPLETED"
+        # Each shard was computed once, by the healthy machine.
+        (run,) = (tmp_path / "runs").iterdir()
+        statuses = [store.read_status(str(run), str(p)) for p in (tmp_path / "data").iterdir()]
+        assert all(s is not None and s.worker.startswith("healthy") for s in statuses)
+        (parent_run,) = cluster.flow_runs("explain-dataset")
+        assert parent_run["state_type"] == "COMPLETED"
+
+
+# --------------------------------------------------------------------------- server restarts
+
+
+@pytest.mark.parametrize("executor", ["local", "deployments"])
+@pytest.mark.parametrize("database", ["kept", "lost"])
+def test_a_run_goes_on_when_the_server_restarts(
+    tmp_path: Path, executor: str, database: str
+) -> None:
+    from opticam.demo.generate import make_shards
+
+    make_shards(str(tmp_path / "data"), 3, 4, seed=31)
+    runs = tmp_path / "runs"
+    with running_cluster(tmp_path / "cluster", {"OMP_NUM_THREADS": "1"}) as cluster:
+        job = ["run", "--data", str(tmp_path / "data" / "demo-*.tar"), "--device", "cpu"]
+        job += ["--methods", "opticam", "--iterations", "100", "--steps", "8"]
+        job += ["--output", str(runs)]
+        if executor == "deployments":
+            assert cluster.opticam("deploy", "--pool", POOL).returncode == 0
+            argv = [sys.executable, "-m", "opticam", "worker", "--pool", POOL, "--slots", "1"]
+            cluster.start("machine", argv)
+            job += ["--executor", "deployments", "--pool", POOL]
+        parent = cluster.start("run", [sys.executable, "-m", "opticam", *job])
+
+        def first_shard() -> list[Path]:
+            assert parent.poll() is None, cluster.log("run")
+            return list(runs.glob("*/shards/*.parquet"))
+
+        wait_for("the first shard's rows", first_shard, timeout=300, every=0.2)
+        # In the middle of the run: the server stops, and comes back on the same
+        # database or on an empty one (a container without a volume).
+        cluster.restart_server(forget=database == "lost")
+        code = parent.wait(timeout=420)
+        out = cluster.log("run")
+        assert "Traceback" not in out, out[-4000:]
+        (run,) = runs.iterdir()
+        done = list((run / "shards").glob("*.parquet"))
+        assert (run / "report" / "index.html").exists()
+        assert out.count("no longer knows this run") == (database == "lost"), out[-4000:]
+        if database == "kept" or executor == "local":
+            # The run went on: every shard, the report, exit status 0.
+            assert code == 0, out[-4000:]
+            assert "3 shards processed, 0 skipped, 0 failed; 12 images" in out
+            assert len(done) == 3
+            return
+        # Deployments: the server lost the shard deployment with its database, so what
+        # was not done is listed, with the summary of what was.
+        assert code == 1, out[-4000:]
+        assert f"{len(done)} shards processed" in out
+        assert f"{3 - len(done)} shards not run: the Prefect server forgot this run" in out
+        # Nothing is lost: deployed again, a rerun computes only the rest.
+        assert cluster.opticam("deploy", "--pool", POOL).returncode == 0
+        rerun = cluster.opticam(*job)
+        assert rerun.returncode == 0, rerun.stderr[-4000:]
+        assert f"{3 - len(done)} shards processed, {len(done)} skipped, 0 failed" in rerun.stdout
+
+
+def test_a_webhook_hears_of_a_job_that_does_not_start(
+    tmp_path: Path, webhook: tuple[str, list[tuple[str, bytes]]]
+) -> None:
+    url, received = webhook
+    with running_cluster(tmp_path / "cluster", {}) as cluster:
+        deploy = ["deploy", "--pool", POOL, "--notify", url, "--start-timeout", "30"]
+        deployed = cluster.opticam(*deploy)
+        assert deployed.returncode == 0, deployed.stderr
+        name = "opticam: post to a webhook when explain-dataset does not start"
+        assert f"created automation {name!r} (30 s)" in deployed.stdout
+        argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", f"{POOL}-control"]
+        control = cluster.start("control", [*argv, "--limit", "1"])
+        body = {"deployments": {"name": {"any_": [POOL]}}}
+        body["flows"] = {"name": {"any_": ["explain-dataset"]}}
+        (deployment,) = cluster.post("/deployments/filter", body)
+        config = {"data": str(tmp_path / "d-*.tar"), "executor": "deployments", "pool": POOL}
+        parent = cluster.post(
+            f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"config": config}}
+        )
+
+        # The control worker picks the parent up and its machine dies at once.
+        def pending() -> bool:
+            run = cluster.get(f"/flow_runs/{parent['id']}")
+            assert run["state_type"] in ("SCHEDULED", "PENDING"), run["state_type"]
+            return bool(run["state_type"] == "PENDING")
+
+        wait_for("the parent picked up", pending, timeout=120, every=0.2)
+        _freeze_and_kill(psutil.Process(control.pid))
+
+        def heard() -> list[dict[str, Any]]:
+            return _posts(received, "Pending")
+
+        (post,) = wait_for("the webhook post", heard, timeout=120)
+    assert post["flow_run_id"] == parent["id"]
+    assert "has not started within 30 s (still Pending)" in post["text"], post
+    assert post["message"] == "not started within 30 s"
     assert {path for path, _ in received} == {f"/hooks/{HOOK_TOKEN}"}

@@ -146,7 +146,9 @@ def test_demo_end_to_end_local(local_run: dict[str, Any]) -> None:
     assert saved["loaded_model"]["target_layer"] == "features.block6"
     assert (saved["loaded_model"]["mean"], saved["loaded_model"]["std"]) == (None, None)
     events = [e for e, _ in local_run["events"]]
-    assert events[0] == "plan" and events.count("shard_done") == 2 and events[-1] == "report"
+    assert events[0] == "plan" and events.count("shard_done") == 2
+    assert events[-2:] == ["report", "summary"]
+    assert local_run["events"][-1][1] == local_run["result"]
     assert sum(d["n"] for e, d in local_run["events"] if e == "images") == 12
 
 
@@ -439,3 +441,27 @@ def test_botocore_errors_are_transient() -> None:
     from opticam_flows.explain import is_transient_error
 
     assert is_transient_error(EndpointConnectionError(endpoint_url="http://x"))
+
+
+def test_shard_task_runs_have_printable_names(
+    flows: Any, shards: list[str], tmp_path: Path
+) -> None:
+    import shutil
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    odd = tmp_path / "data" / "x\n\u200fy\u2028z-é.tar"
+    odd.parent.mkdir()
+    shutil.copy(shards[0], odd)
+    config = make_config([str(odd)], str(tmp_path / "runs"), data=str(odd), methods=["fakecam"])
+    state = flows.explain_shard(config, str(odd), max_images=1, return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    assert [t.name for t in tasks] == ["shard x\\n\\u200fy\\u2028z-é.tar"]
+    assert flows.shard_task_name("s3://b/d\u00e9j\u00e0 vu\r.tar") == "shard déjà vu\\r.tar"
