@@ -52,7 +52,7 @@ from prefect.states import Cancelled
 
 from opticam import store
 from opticam.config import RunConfig, normalize_url
-from opticam.errors import STORAGE_FAILED_PREFIX, ConfigError
+from opticam.errors import STORAGE_FAILED_PREFIX, ConfigError, short_repr
 from opticam.pipeline import run_url_of
 from opticam.redact import redact_text, redact_url
 from opticam.store.leases import current_lease
@@ -127,7 +127,7 @@ def check_config(config: RunConfig) -> None:
     for url in [*config.data_urls(), config.output]:
         if redact_url(url) != url:
             raise ConfigError(
-                f"URL {redact_url(url)!r} carries credentials; with executor 'deployments' "
+                f"URL {short_repr(redact_url(url))} carries credentials; with executor 'deployments' "
                 "the URL travels to the workers in flow-run parameters, which the Prefect "
                 "server stores: give the workers credentials through their environment "
                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a netrc file, an instance role)"
@@ -187,7 +187,7 @@ def in_flight_limit(config: RunConfig, client: Any) -> int:
         deployment = client.read_deployment_by_name(name)
     except ObjectNotFound:
         raise ConfigError(
-            f"no deployment {name!r} on the Prefect server; create it with: "
+            f"no deployment {short_repr(name)} on the Prefect server; create it with: "
             f"opticam deploy --pool {config.pool}"
         ) from None
     if config.max_in_flight is not None:
@@ -222,7 +222,9 @@ def _message(flow_run: FlowRun) -> str:
     state = flow_run.state
     name = state.name if state is not None else "Unknown"
     text = (state.message or "").strip() if state is not None else ""
-    return redact_text(f"flow run {flow_run.name!r} {name}: {text}" if text else f"{name}")
+    return redact_text(
+        f"flow run {short_repr(flow_run.name)} {name}: {text}" if text else f"{name}"
+    )
 
 
 class _Pool:
@@ -296,11 +298,11 @@ class _Pool:
                 self._submit(shard)
             except ObjectNotFound:
                 if self._parent_gone(client):
-                    self.tally.server_lost(f"deployment {self.deployment!r} is gone")
+                    self.tally.server_lost(f"deployment {short_repr(self.deployment)} is gone")
                     later.append(shard)
                     break
                 raise ConfigError(
-                    f"deployment {self.deployment!r} disappeared from the Prefect server; "
+                    f"deployment {short_repr(self.deployment)} disappeared from the Prefect server; "
                     f"create it again with: opticam deploy --pool {self.config.pool}"
                 ) from None
             except Exception as exc:  # the API is unreachable or refusing: try later
@@ -411,7 +413,7 @@ class _Pool:
             # It moved on meanwhile (started, or ended): the next poll sees where.
             return
         del self.running[flow_run.id]
-        self._attempt_failed(shard, f"flow run {flow_run.name!r} {reason}")
+        self._attempt_failed(shard, f"flow run {short_repr(flow_run.name)} {reason}")
 
     # -- polling ---------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import SecretStr
 
 from opticam.config import DEFAULT_START_TIMEOUT
-from opticam.errors import ConfigError
+from opticam.errors import ConfigError, short_repr
 
 from .cluster import dataset_deployment, shard_deployment
 from .explain import explain_dataset, explain_shard
@@ -166,7 +166,7 @@ def check_notify_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             f"--notify needs an http:// or https:// URL with a host, got scheme "
-            f"{parts.scheme!r} and host {parts.hostname!r}"
+            f"{short_repr(parts.scheme)} and host {short_repr(parts.hostname)}"
         )
     return url
 
@@ -197,7 +197,7 @@ def notify_start_automation(
     run of ``explain-dataset`` stays Pending or Late ``start_timeout`` s (not yet saved)."""
     if not 30 <= start_timeout <= 86_400:
         raise ConfigError(
-            f"start_timeout must be between 30 seconds and a day, got {start_timeout!r}"
+            f"start_timeout must be between 30 seconds and a day, got {short_repr(start_timeout)}"
         )
     trigger = EventTrigger(
         match={"prefect.resource.id": "prefect.flow-run.*"},
@@ -233,7 +233,7 @@ def _ensure_notify(url: str, start_timeout: float = DEFAULT_START_TIMEOUT) -> li
     block = Webhook(method="POST", url=SecretStr(url), headers=headers)
     block_id = cast(UUID, block.save(NOTIFY_BLOCK, overwrite=True))
     where = urlsplit(url).hostname
-    done = [f"saved webhook block {NOTIFY_BLOCK!r} (host {where})"]
+    done = [f"saved webhook block {short_repr(NOTIFY_BLOCK)} (host {where})"]
     done.append(_save_automation(notify_automation(block_id)))
     started = notify_start_automation(block_id, start_timeout)
     return [*done, f"{_save_automation(started)} ({start_timeout:.0f} s)"]
@@ -247,9 +247,9 @@ def _save_automation(wanted: Automation) -> str:
             client.update_automation(existing[0].id, wanted)
             for extra in existing[1:]:
                 client.delete_automation(extra.id)
-            return f"updated automation {wanted.name!r}"
+            return f"updated automation {short_repr(wanted.name)}"
     wanted.create()
-    return f"created automation {wanted.name!r}"
+    return f"created automation {short_repr(wanted.name)}"
 
 
 def _template(pool_type: str, path: str | None) -> dict[str, Any]:
@@ -258,13 +258,13 @@ def _template(pool_type: str, path: str | None) -> dict[str, Any]:
             template = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
             raise ConfigError(
-                f"base job template {path!r} is not a readable JSON file: {err}"
+                f"base job template {short_repr(path)} is not a readable JSON file: {err}"
             ) from None
         if not isinstance(template, dict) or not {"job_configuration", "variables"} <= set(
             template
         ):
             raise ConfigError(
-                f"base job template {path!r} needs 'job_configuration' and 'variables'"
+                f"base job template {short_repr(path)} needs 'job_configuration' and 'variables'"
             )
         return template
     if pool_type == "process":
@@ -272,7 +272,7 @@ def _template(pool_type: str, path: str | None) -> dict[str, Any]:
 
         return ProcessWorker.get_default_base_job_template()
     raise ConfigError(
-        f"a {pool_type!r} pool needs --base-job-template (see deployments/templates/)"
+        f"a {short_repr(pool_type)} pool needs --base-job-template (see deployments/templates/)"
     )
 
 
@@ -291,12 +291,12 @@ def _ensure_pool(
                 concurrency_limit=limit,
             )
         )
-        return f"created work pool {name!r} ({pool_type}" + (
+        return f"created work pool {short_repr(name)} ({pool_type}" + (
             f", at most {limit} runs at once)" if limit else ")"
         )
     if pool.type != pool_type:
         raise ConfigError(
-            f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}; "
+            f"work pool {short_repr(name)} exists with type {short_repr(pool.type)}, not {short_repr(pool_type)}; "
             "choose another pool name or the same type"
         )
     update: dict[str, Any] = {}
@@ -306,8 +306,8 @@ def _ensure_pool(
         update["base_job_template"] = _template(pool_type, template_path)
     if update:
         client.update_work_pool(name, WorkPoolUpdate(**update))
-        return f"updated work pool {name!r} ({', '.join(sorted(update))})"
-    return f"work pool {name!r} exists ({pool.type})"
+        return f"updated work pool {short_repr(name)} ({', '.join(sorted(update))})"
+    return f"work pool {short_repr(name)} exists ({pool.type})"
 
 
 def _apply(flow: Any, name: str, work_pool: str, description: str) -> None:
@@ -359,7 +359,7 @@ def deploy(
     control = control_pool or f"{pool}-control"
     if control == pool:
         raise ConfigError(
-            f"the control pool must differ from the shard pool {pool!r}: a parent run "
+            f"the control pool must differ from the shard pool {short_repr(pool)}: a parent run "
             "would hold a shard worker's slot while it waits for its shards"
         )
     # Bad values fail before anything changes on the server.
@@ -372,15 +372,15 @@ def deploy(
         done.append(_ensure_pool(client, pool, pool_type, limit, base_job_template))
         done.append(_ensure_pool(client, control, "process", None, None))
     _apply(explain_shard, pool, pool, "One shard of an opticam run (submitted by explain-dataset).")
-    done.append(f"deployed {shard_deployment(pool)} on {pool!r}")
+    done.append(f"deployed {shard_deployment(pool)} on {short_repr(pool)}")
     _apply(
         explain_dataset,
         pool,
         control,
-        f"A whole opticam run; set executor 'deployments' and pool {pool!r} to spread its "
+        f"A whole opticam run; set executor 'deployments' and pool {short_repr(pool)} to spread its "
         "shards over the shard pool.",
     )
-    done.append(f"deployed {dataset_deployment(pool)} on {control!r}")
+    done.append(f"deployed {dataset_deployment(pool)} on {short_repr(control)}")
     done.append(f"{_save_automation(crash)} ({crash_after:.0f} s)")
     if notify is not None:
         done += _ensure_notify(notify, start_timeout)
