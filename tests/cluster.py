@@ -116,15 +116,7 @@ class Cluster:
         """Stop the server (SIGTERM, then SIGKILL of what is left) and start it again on
         the same port: on the same database, or on an empty one with ``forget``."""
         tree = [psutil.Process(self.server.pid)]
-        tree += tree[0].children(recursive=True)
-        for process in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=20)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        psutil.wait_procs(alive, timeout=5)
+        _terminate([*tree, *tree[0].children(recursive=True)], grace=20)
         self.processes.remove(self.server)
         if forget:
             for path in self.home.glob("prefect.db*"):
@@ -149,14 +141,7 @@ class Cluster:
             with contextlib.suppress(psutil.NoSuchProcess):
                 parent = psutil.Process(process.pid)
                 tree += [parent, *parent.children(recursive=True)]
-        for process in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        psutil.wait_procs(alive, timeout=5)
+        _terminate(tree, grace=10)
 
     # -- the API -----------------------------------------------------------------------
 
@@ -203,3 +188,15 @@ def running_cluster(home: Path, extra_env: dict[str, str]) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def _terminate(tree: list[psutil.Process], grace: float) -> None:
+    """SIGTERM every process of ``tree``, SIGKILL what is left ``grace`` seconds later."""
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
