@@ -31,8 +31,10 @@ SETTINGS = {
 def _one(model: str, chunk: int, device: str) -> dict[str, float]:
     import torch
 
-    import opticam.methods  # noqa: F401 - the allocator settings a run has (opticam.allocator)
+    from opticam.allocator import tune_allocator
     from opticam.metrics import insertion_deletion
+
+    tune_allocator()  # the allocator settings a run has (applied by its first explanation)
 
     torch.manual_seed(0)
     size, n, steps = SETTINGS[model]

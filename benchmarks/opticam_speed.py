@@ -146,9 +146,13 @@ def reference_maps(
 
 def _run_row(args: argparse.Namespace) -> None:
     """One row in this process: writes maps, seconds, memory and AD/AG/AI to --out."""
+    from opticam.allocator import tune_allocator
     from opticam.methods import get_explainer
     from opticam.metrics.faithfulness import faithfulness_terms
 
+    # Every row, the reference loop included, under the allocator settings a run has
+    # (an explainer applies them on its first call; the reference loop has none).
+    tune_allocator()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     model, images, targets, layer = _inputs(args.arch, args.images, device)

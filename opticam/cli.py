@@ -60,7 +60,7 @@ from opticam.config import (
     method_options_model,
 )
 from opticam.demo.cache import DEMO_METHODS, DEMO_STEPS
-from opticam.errors import MAX_MESSAGE_CHARS, UserError, short_repr, shorten
+from opticam.errors import MAX_MESSAGE_CHARS, CLIError, UserError, short_repr, shorten
 
 __all__ = [
     "EXIT_STORAGE_FAILED",
@@ -75,10 +75,6 @@ __all__ = [
 #: Exit status of ``opticam run`` when the output storage failed for good mid-run (no
 #: space, a quota, permission denied, a read-only file system, a missing bucket).
 EXIT_STORAGE_FAILED = 3
-
-
-class CLIError(UserError):
-    """A user error reported as one line with exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,6 @@
-"""Errors that mean "the input was wrong", as opposed to a bug.
+"""Errors that mean "the input was wrong", as opposed to a bug: every such class lives
+here (the modules that raise them import them from here), with the helpers that keep their
+messages short (:func:`short_repr`, :func:`shorten`).
 
 The command line prints a :class:`UserError` as one line and exits with status 2; any
 other exception keeps its traceback, because it is a bug to report. Each class also
@@ -13,6 +15,13 @@ from typing import Any
 
 __all__ = [
     "MAX_MESSAGE_CHARS",
+    "CLIError",
+    "CheckpointError",
+    "MissingPackageError",
+    "NoShardsError",
+    "RunCollisionError",
+    "ShardPatternError",
+    "WeightsUnavailableError",
     "MAX_QUOTED_CHARS",
     "STORAGE_FAILED_PREFIX",
     "ConfigError",
@@ -102,3 +111,40 @@ class StorageFailedError(OutputError):
         self.cause = cause
         extra = f" ({shorten(detail)})" if detail and detail != cause else ""
         super().__init__(f"{STORAGE_FAILED_PREFIX}: {cause}, writing {url}{extra}")
+
+
+# --------------------------------------------------------------------------- by area
+
+
+class CLIError(UserError):
+    """A user error reported as one line with exit status 2."""
+
+
+class ShardPatternError(UserError, ValueError):
+    """A shard pattern that cannot be used: unbalanced braces, too many names, a refused
+    ``pipe:`` URL, an empty pattern. A :class:`~opticam.errors.UserError` and a
+    ``ValueError``."""
+
+
+class NoShardsError(UserError, ValueError):
+    """A shard pattern (or an element of a list of patterns) matched no existing shard.
+
+    A :class:`~opticam.errors.UserError` (the command line prints it as one line) and,
+    as before, a ``ValueError``.
+    """
+
+
+class RunCollisionError(UserError, ValueError):
+    """A run folder already holds a run.json for a different job (same run id)."""
+
+
+class WeightsUnavailableError(UserError, RuntimeError):
+    """Pretrained weights could not be obtained (typically: no network, nothing cached)."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint could not be read or does not fit the architecture."""
+
+
+class MissingPackageError(UserError, ImportError):
+    """A model source needs a package that is not installed (the message says which extra)."""

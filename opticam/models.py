@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from opticam.config import ModelSpec
-from opticam.errors import UserError, short_repr
+from opticam.errors import CheckpointError, WeightsUnavailableError, short_repr
 from opticam.zoo import HFClassifier, MissingPackageError
 
 if TYPE_CHECKING:
@@ -89,14 +89,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # say otherwise (their transforms carry crop_size / resize_size).
 _IMAGENET_INPUT_SIZE = 224
 _IMAGENET_RESIZE_SIZE = 256
-
-
-class WeightsUnavailableError(UserError, RuntimeError):
-    """Pretrained weights could not be obtained (typically: no network, nothing cached)."""
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint could not be read or does not fit the architecture."""
 
 
 class Normalized(nn.Module):

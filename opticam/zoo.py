@@ -88,7 +88,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from opticam.config import ModelSpec
-from opticam.errors import UserError, short_repr
+from opticam.errors import MissingPackageError, short_repr
 from opticam.names import INTERPOLATIONS
 
 __all__ = [
@@ -115,10 +115,6 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # timm's default eval crop_pct when a config has none.
 _TIMM_CROP_PCT = 0.875
-
-
-class MissingPackageError(UserError, ImportError):
-    """A model source needs a package that is not installed (the message says which extra)."""
 
 
 @dataclass

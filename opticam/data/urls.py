@@ -20,7 +20,7 @@ from typing import Any
 from braceexpand import braceexpand
 from fsspec.core import split_protocol, url_to_fs
 
-from opticam.errors import UserError, short_repr
+from opticam.errors import NoShardsError, ShardPatternError, short_repr
 
 __all__ = [
     "MAX_BRACE_EXPANSION",
@@ -43,20 +43,6 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _INT_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?\}")
 # Above this many names in one folder, one listing is cheaper than one request per name.
 _LIST_INSTEAD_OF_EXISTS = 64
-
-
-class ShardPatternError(UserError, ValueError):
-    """A shard pattern that cannot be used: unbalanced braces, too many names, a refused
-    ``pipe:`` URL, an empty pattern. A :class:`~opticam.errors.UserError` and a
-    ``ValueError``."""
-
-
-class NoShardsError(UserError, ValueError):
-    """A shard pattern (or an element of a list of patterns) matched no existing shard.
-
-    A :class:`~opticam.errors.UserError` (the command line prints it as one line) and,
-    as before, a ``ValueError``.
-    """
 
 
 # --------------------------------------------------------------------------- storage options

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from opticam.errors import UserError, short_repr
+from opticam.errors import RunCollisionError, short_repr
 from opticam.redact import redact_url
 from opticam.store.layout import atomic_write_bytes, filesystem, invalidate, run_json_url
 from opticam.store.tables import SCHEMA_VERSION
@@ -29,10 +29,6 @@ __all__ = [
     "read_run_json",
     "write_run_json",
 ]
-
-
-class RunCollisionError(UserError, ValueError):
-    """A run folder already holds a run.json for a different job (same run id)."""
 
 
 def package_versions() -> dict[str, str]:
