@@ -546,20 +546,20 @@ def test_exit_status_says_whether_images_were_lost(
     import contextlib
     import types
 
-    def fake_run(config: Any, return_state: bool = False) -> Any:
-        result = {
+    def fake_run(config: Any) -> dict[str, Any]:
+        # What run_dataset returns: the run's summary, whatever its final state.
+        return {
             "run_id": config.run_id, "shards_processed": 2, "shards_skipped": 0,
             "shards_failed": len(failed), "failed": failed, "shards_held": 1,
             "held": {"/d/h.tar": "host:1:x"}, "incomplete": incomplete, "images": 8,
             "errors": 0, "summary": [], "report_url": str(tmp_path / "index.html"),
+            "not_run": [], "shards_not_run": 0, "server_lost": None, "storage_failed": None,
         }  # fmt: skip
-        # The flow's final state: Failed when a shard failed, its result the summary.
-        return types.SimpleNamespace(result=lambda raise_on_failure=True: result)
 
     # A stand-in for flows.explain: importing Prefect here, under capsys, would bind its
     # log handlers to this test's captured stream and break later tests' logging.
     fake = types.ModuleType("opticam_flows.explain")
-    fake.explain_dataset = fake_run  # type: ignore[attr-defined]
+    fake.run_dataset = fake_run  # type: ignore[attr-defined]
     fake.progress_listener = lambda fn: contextlib.nullcontext()  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "opticam_flows.explain", fake)
     argv = ["run", "--data", shards[0], "--output", str(tmp_path), "--methods", "fakecam"]
