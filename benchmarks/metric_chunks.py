@@ -45,7 +45,8 @@ def _one(model: str, chunk: int, device: str) -> dict[str, float]:
     else:
         import torchvision
 
-        from opticam.models import IMAGENET_MEAN, IMAGENET_STD, Normalized
+        from opticam.models import IMAGENET_MEAN, IMAGENET_STD
+        from opticam.wrappers import Normalized
 
         base = torchvision.models.get_model(model, weights=None)
         net = Normalized(base, IMAGENET_MEAN, IMAGENET_STD).to(device).eval()

@@ -34,7 +34,7 @@ def _model(name: str) -> tuple[nn.Module, nn.Module, str, int]:
         return loaded.model, loaded.target_layer, loaded.target_layer_name, size
     import torchvision
 
-    from opticam.models import resolve_target_layer
+    from opticam.layers import resolve_target_layer
 
     torch.manual_seed(0)
     net = getattr(torchvision.models, name)(num_classes=1000).eval()

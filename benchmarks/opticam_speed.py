@@ -63,15 +63,9 @@ ROWS: dict[str, dict[str, Any] | None] = {
 
 def _inputs(arch: str, images: int, device: torch.device) -> tuple[Any, Any, Any, Any]:
     """(model, images, targets, target layer module), the same in every row's process."""
-    from opticam.models import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        ModelSpec,
-        Normalized,
-        default_target_layer,
-        find_layer,
-        load_model,
-    )
+    from opticam.layers import default_target_layer, find_layer
+    from opticam.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, load_model
+    from opticam.wrappers import Normalized
 
     torch.manual_seed(0)
     if arch == "demo":

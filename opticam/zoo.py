@@ -2,7 +2,7 @@
 
 Both give a classifier on normalized inputs plus everything :func:`opticam.models.load_model`
 needs to wrap it for [0,1] images (METHOD.md section 1): mean and std (applied inside the
-model by :class:`~opticam.models.Normalized`), the number of classes, and the evaluation
+model by :class:`~opticam.wrappers.Normalized`), the number of classes, and the evaluation
 preprocessing as :class:`~opticam.data.Preprocess` settings. Neither package is imported
 before a zoo source is loaded; a missing one is a :class:`MissingPackageError` that says
 which extra to install.
@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import importlib
 import math
 import os
@@ -76,7 +75,7 @@ import pickle
 import re
 import socket
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -85,23 +84,19 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import nn
 
 from opticam.config import ModelSpec
-from opticam.errors import MissingPackageError, short_repr
+from opticam.errors import CheckpointError, MissingPackageError, WeightsUnavailableError, short_repr
 from opticam.names import INTERPOLATIONS
+from opticam.wrappers import HFClassifier
 
 __all__ = [
     "PROBE_TIMEOUT",
-    "FamilyLayer",
-    "HFClassifier",
-    "MissingPackageError",
     "ZooModel",
-    "family_layer",
     "hub_reachable",
     "load_hf",
     "load_timm",
-    "token_grid_reshape",
 ]
 
 #: Seconds the Hub's host has to accept a TCP connection before it counts as unreachable.
@@ -151,32 +146,6 @@ class ZooModel:
         if input_size == self.input_size:
             return self.resize_size
         return max(1, math.floor(input_size / self.crop_fraction))
-
-
-@dataclass(frozen=True)
-class FamilyLayer:
-    """A family's default target layer and how to read its output as (B,C,h,w) maps."""
-
-    name: str
-    reshape_transform: Callable[[Tensor], Tensor] | None
-    relu_features: bool
-
-
-class HFClassifier(nn.Module):
-    """A transformers image classifier as a plain module: ``forward(x) = model(x).logits``.
-
-    Args:
-        model: e.g. ``ViTForImageClassification``; ``x`` is its ``pixel_values``
-            (B,3,H,W), normalized as its image processor does.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalized images (B,3,H,W) -> logits (B, num_labels)."""
-        return self.model(pixel_values=x).logits  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- shared
@@ -232,43 +201,6 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:
         return False
 
 
-def token_grid_reshape(
-    tokens: Tensor, prefix_tokens: int = 1, grid: tuple[int, int] | None = None
-) -> Tensor:
-    """Transformer tokens (B, prefix + h*w, C) -> feature maps (B, C, h, w).
-
-    The first ``prefix_tokens`` tokens (class, distillation, register tokens) are
-    dropped; the rest are patch tokens in row-major order on ``grid`` = (h, w), or on a
-    square grid when ``grid`` is None. Maps that are already 4-D (the output of a
-    convolution such as the patch embedding) are returned as they are.
-
-    Raises:
-        ValueError: the token count does not fit the grid (a wrong prefix count, or an
-            input size other than the model's).
-    """
-    if tokens.dim() == 4:
-        return tokens
-    if tokens.dim() != 3:
-        raise ValueError(f"expected tokens of shape (B, N, C), got {tuple(tokens.shape)}")
-    b, n, c = tokens.shape
-    patches = n - prefix_tokens
-    if grid is None:
-        side = math.isqrt(max(patches, 0))
-        grid = (side, side)
-    if patches <= 0 or grid[0] * grid[1] != patches:
-        raise ValueError(
-            f"cannot reshape {n} tokens ({prefix_tokens} prefix tokens dropped) to a "
-            f"{grid[0]}x{grid[1]} patch grid; pass a reshape_transform for this layer"
-        )
-    return tokens[:, prefix_tokens:, :].reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
-
-
-def _channels_last(features: Tensor) -> Tensor:
-    from opticam.models import channels_last_reshape_transform
-
-    return channels_last_reshape_transform(features)
-
-
 def _floats(value: Any, what: str) -> tuple[float, ...]:
     values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
     if len(values) != 3:
@@ -277,94 +209,6 @@ def _floats(value: Any, what: str) -> tuple[float, ...]:
 
 
 # --------------------------------------------------------------------------- target layers
-
-
-def family_layer(model: nn.Module) -> FamilyLayer | None:
-    """The default target layer of a timm or transformers classifier (module doc), or None.
-
-    ``model`` is the unwrapped classifier (:func:`opticam.models.unwrap`); None for a
-    model from neither zoo, or one whose family has no rule here.
-    """
-    module = type(model).__module__
-    if module.startswith("timm."):
-        return _timm_layer(model)
-    if module.startswith("transformers."):
-        return _hf_layer(model)
-    return None
-
-
-def _timm_layer(model: nn.Module) -> FamilyLayer | None:
-    blocks = getattr(model, "blocks", None)
-    patch_embed = getattr(model, "patch_embed", None)
-    if (
-        isinstance(blocks, nn.Sequential | nn.ModuleList)
-        and len(blocks) > 0
-        and patch_embed is not None
-        and hasattr(blocks[-1], "norm1")
-    ):
-        prefix = getattr(model, "num_prefix_tokens", None)
-        if prefix is None:
-            prefix = int(getattr(model, "cls_token", None) is not None)
-        size = getattr(patch_embed, "grid_size", None)
-        grid = None
-        if size is not None and not getattr(model, "dynamic_img_size", False):
-            grid = (int(size[0]), int(size[1]))
-        reshape = functools.partial(token_grid_reshape, prefix_tokens=int(prefix), grid=grid)
-        return FamilyLayer(f"blocks.{len(blocks) - 1}.norm1", reshape, relu_features=False)
-    layers = getattr(model, "layers", None)
-    last_blocks = (
-        getattr(layers[-1], "blocks", None)
-        if isinstance(layers, nn.Sequential | nn.ModuleList) and len(layers)
-        else None
-    )
-    if (
-        isinstance(last_blocks, nn.Sequential | nn.ModuleList)
-        and len(last_blocks) > 0
-        and hasattr(last_blocks[-1], "norm1")
-    ):  # Swin (v1, v2): channels-last (B, H, W, C) maps
-        assert layers is not None
-        name = f"layers.{len(layers) - 1}.blocks.{len(last_blocks) - 1}.norm1"
-        return FamilyLayer(name, _channels_last, relu_features=False)
-    if type(model).__name__ == "EfficientNet" and hasattr(model, "bn2"):
-        return FamilyLayer("bn2", None, relu_features=True)
-    info = getattr(model, "feature_info", None)
-    if isinstance(info, Sequence) and info and isinstance(info[-1], Mapping):
-        stage = info[-1].get("module")
-        if isinstance(stage, str) and stage:
-            return FamilyLayer(stage, None, relu_features=True)
-    return None
-
-
-def _hf_prefix_tokens(model: nn.Module) -> int:
-    base = getattr(model, "base_model", model)
-    embeddings = getattr(base, "embeddings", None)
-    count = sum(
-        getattr(embeddings, name, None) is not None for name in ("cls_token", "distillation_token")
-    )
-    registers = getattr(embeddings, "register_tokens", None)
-    if isinstance(registers, Tensor) and registers.dim() >= 2:
-        count += int(registers.shape[1])
-    return count
-
-
-def _hf_layer(model: nn.Module) -> FamilyLayer | None:
-    modules = list(model.named_modules())
-    norms = [name for name, _ in modules if name.endswith("layernorm_before")]
-    if norms:  # ViT, DeiT, Swin, ...: the last layer's first norm
-        reshape = functools.partial(token_grid_reshape, prefix_tokens=_hf_prefix_tokens(model))
-        return FamilyLayer(norms[-1], reshape, relu_features=False)
-    tops = [name for name, _ in modules if name.endswith("top_activation")]
-    if tops:  # EfficientNet: after the 1x1 head conv, BN and activation
-        return FamilyLayer(tops[-1], None, relu_features=True)
-    stages = [
-        (name, m)
-        for name, m in modules
-        if name.rsplit(".", 1)[-1] == "stages" and isinstance(m, nn.ModuleList) and len(m) > 0
-    ]
-    if stages:
-        name, stage_list = stages[-1]
-        return FamilyLayer(f"{name}.{len(stage_list) - 1}", None, relu_features=True)
-    return None
 
 
 # --------------------------------------------------------------------------- timm
@@ -388,7 +232,6 @@ def load_timm(
         WeightsUnavailableError: no checkpoint and no pretrained weights to be had.
         ValueError: unknown model or tag, non-square input, a crop mode opticam lacks.
     """
-    from opticam.models import WeightsUnavailableError
 
     timm = _require("timm", "timm")
     from timm.data import resolve_data_config
@@ -568,7 +411,6 @@ def _build_hf(
     spec: ModelSpec,
     load_state: Callable[[nn.Module], None],
 ) -> ZooModel:
-    from opticam.models import WeightsUnavailableError
 
     try:
         config = transformers.AutoConfig.from_pretrained(location, **kwargs)
@@ -607,8 +449,6 @@ def _build_hf(
             ) from err
         raise WeightsUnavailableError(f"could not obtain hf:{target}: {text}") from err
     except pickle.UnpicklingError as err:
-        from opticam.models import CheckpointError
-
         raise CheckpointError(
             f"hf:{target}: its pytorch_model.bin holds Python objects that safe loading "
             "(torch.load(weights_only=True)) refuses; transformers reads .bin files no other "

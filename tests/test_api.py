@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 import opticam
 from opticam.methods import KNOWN_METHODS, Explanation, get_explainer
-from opticam.models import LoadedModel, Normalized
+from opticam.models import LoadedModel
+from opticam.wrappers import Normalized
 
 torch.set_num_threads(1)
 

@@ -13,20 +13,15 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from opticam.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    CheckpointError,
-    ModelSpec,
-    Normalized,
-    WeightsUnavailableError,
+from opticam.errors import CheckpointError, WeightsUnavailableError
+from opticam.layers import (
     default_target_layer,
     find_layer,
-    load_checkpoint,
-    load_model,
     resolve_target_layer,
     vit_reshape_transform,
 )
+from opticam.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, load_checkpoint, load_model
+from opticam.wrappers import Normalized
 
 torch.set_num_threads(1)
 

@@ -43,17 +43,15 @@ from opticam import store, zoo  # noqa: E402
 from opticam.config import ModelSpec, RunConfig  # noqa: E402
 from opticam.data import Preprocess  # noqa: E402
 from opticam.demo import make_shards  # noqa: E402
-from opticam.methods import get_explainer  # noqa: E402
-from opticam.models import (  # noqa: E402
+from opticam.errors import (  # noqa: E402
     CheckpointError,
     MissingPackageError,
-    Normalized,
-    ResolvedLayer,
     WeightsUnavailableError,
-    find_layer,
-    load_model,
-    resolve_target_layer,
 )
+from opticam.layers import ResolvedLayer, find_layer, resolve_target_layer  # noqa: E402
+from opticam.methods import get_explainer  # noqa: E402
+from opticam.models import load_model  # noqa: E402
+from opticam.wrappers import Normalized  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

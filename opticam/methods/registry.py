@@ -13,8 +13,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from opticam.errors import short_repr, shorten
+from opticam.layers import ResolvedLayer, find_layer, resolve_target_layer
 from opticam.methods.common import Explainer
-from opticam.models import LoadedModel, ResolvedLayer, find_layer, resolve_target_layer
+from opticam.models import LoadedModel
 from opticam.names import KNOWN_METHODS, METHODS
 
 __all__ = ["KNOWN_METHODS", "explainer_class", "get_explainer"]
@@ -52,7 +53,7 @@ def get_explainer(
         name: one of :data:`KNOWN_METHODS`.
         model: a :class:`~opticam.models.LoadedModel`, or any classifier taking
             (B,3,H,W) images in [0,1] (its target layer then defaults per family, see
-            :func:`opticam.models.default_target_layer`).
+            :func:`opticam.layers.default_target_layer`).
         target_layer: dotted module name or the module itself; None means the
             LoadedModel's layer or the family default.
         **options: method options, e.g. ``iterations``, ``lr``, ``objective``, ``score``,
