@@ -18,6 +18,7 @@ from opticam.allocator import tune_allocator
 _PROBE = """
 import json, resource, sys
 import torch
+import opticam.methods  # what a run imports before its first explanation
 from opticam.allocator import tune_allocator
 tune_allocator()  # what an explainer's first call does
 x = torch.ones(12 << 20)  # warm-up: the heap grows once
