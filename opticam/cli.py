@@ -44,7 +44,6 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
@@ -512,65 +511,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    """``opticam explain IMAGE...``: overlay PNGs of saliency maps for a few images."""
-    import fsspec
-    import torch
+    """``opticam explain IMAGE...``: overlay PNGs of saliency maps for a few images
+    (:func:`opticam.overlays.write_overlays`)."""
+    from opticam.overlays import write_overlays
 
-    from opticam.data import decode_image
-    from opticam.data.preprocess import check_aspect_ratio
-    from opticam.methods import get_explainer
-    from opticam.models import load_model
-    from opticam.pipeline import resolve_device
-    from opticam.report.colors import overlay
-
-    device = resolve_device(args.device)[0]
-    storage = _storage(args)
-    spec = ModelSpec(**_group_values(args, "model"))
-    opticam_options = _group_values(args, "opticam")
-    pictures, stems = [], []
-    for url in args.images:  # read first: a typo should not wait for a model to load
-        try:
-            with fsspec.open(url, "rb", **storage) as f:
-                pictures.append(decode_image(f.read()))
-            check_aspect_ratio(*pictures[-1].size)  # what preprocessing would refuse
-        except FileNotFoundError:
-            raise CLIError(f"image {short_repr(url)} not found") from None
-        except (OSError, ValueError) as err:
-            raise CLIError(f"cannot read image {short_repr(url)}: {err}") from err
-        stems.append(Path(url.rstrip("/").rsplit("/", 1)[-1]).stem)
-    methods = [m.strip().lower() for m in args.method.split(",") if m.strip()]
-    if opticam_options and "opticam" not in methods:
-        raise CLIError(f"Opti-CAM options given, but method opticam is not in {methods}")
-    explainers = {}
-    loaded = load_model(spec, device, storage_options=storage)
-    for method in methods:
-        options = OptiCAMOptions(**opticam_options) if method == "opticam" else None
-        given = {k: getattr(options, k) for k in opticam_options} if options else {}
-        try:
-            explainers[method] = get_explainer(method, loaded, **given)
-        except ValueError as err:
-            raise CLIError(str(err)) from err
-    preprocess = loaded.preprocess()
-    images = torch.stack([preprocess(p, [])[0] for p in pictures]).to(device)
-    with torch.no_grad():
-        probs = torch.softmax(loaded.model(images).float(), dim=1)
-    if args.target_class is not None:
-        if not 0 <= args.target_class < loaded.num_classes:
-            raise CLIError(
-                f"--target-class {args.target_class} out of range (0..{loaded.num_classes - 1})"
-            )
-        targets = torch.full((len(stems),), args.target_class, dtype=torch.long, device=device)
-    else:
-        targets = probs.argmax(dim=1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for method, explainer in explainers.items():
-        maps = explainer(images, targets).maps[:, 0].detach().cpu().numpy()
-        for i, stem in enumerate(stems):
-            path = out / f"{stem}-{method}.png"
-            overlay(images[i].cpu().numpy(), maps[i]).save(path)
-            c = int(targets[i])
-            sys.stdout.write(f"{path}  class {c}  p={float(probs[i, c]):.3f}\n")
+    written = write_overlays(
+        args.images,
+        args.out,
+        model=ModelSpec(**_group_values(args, "model")),
+        methods=args.method.split(","),
+        opticam_options=_group_values(args, "opticam"),
+        target_class=args.target_class,
+        device=args.device,
+        storage_options=_storage(args),
+    )
+    for item in written:
+        sys.stdout.write(f"{item.path}  class {item.target}  p={item.probability:.3f}\n")
     return 0
 
 

@@ -720,3 +720,23 @@ def test_help_and_mistakes_load_neither_torch_nor_prefect(argv: list[str], tmp_p
     )  # fmt: skip
     assert "HEAVY [] STATUS" in done.stdout, done.stdout + done.stderr
     assert done.stdout.rsplit("STATUS ", 1)[1].strip() in ("0", "2"), done.stdout + done.stderr
+
+
+def test_overlays_are_a_library_call(tmp_path: Path) -> None:
+    from opticam.errors import UserError
+    from opticam.overlays import write_overlays
+
+    image, *_ = generate_sample(3, 7)
+    path = tmp_path / "shape.png"
+    image.save(path)
+    written = write_overlays([str(path)], tmp_path / "out", methods=["fakecam", "gradcam"],
+                             target_class=2, device="cpu")  # fmt: skip
+    assert [(w.path.name, w.method, w.target) for w in written] == [
+        ("shape-fakecam.png", "fakecam", 2),
+        ("shape-gradcam.png", "gradcam", 2),
+    ]
+    assert all(w.path.is_file() and 0 <= w.probability <= 1 for w in written)
+    with pytest.raises(UserError, match="out of range"):
+        write_overlays([str(path)], tmp_path / "out", methods=["fakecam"], target_class=99)
+    with pytest.raises(UserError, match="not found"):
+        write_overlays([str(tmp_path / "nope.png")], tmp_path / "out")
