@@ -75,7 +75,8 @@ class MethodInfo:
     Attributes:
         name: the name in configs, on the CLI and in the Parquet ``method`` column.
         title: how people write it (report legends).
-        target: ``"module:Class"`` of its :class:`opticam.methods.Explainer` subclass.
+        class_path: ``"module:Class"`` import path of its :class:`opticam.methods.Explainer`
+            subclass.
         uses_layer: whether it reads a target layer (Fake-CAM does not).
         batch_dependent: whether its map of an image depends on the other images of its
             batch by more than float rounding. Opti-CAM's does: its 100 steps amplify
@@ -86,7 +87,7 @@ class MethodInfo:
 
     name: str
     title: str
-    target: str
+    class_path: str
     uses_layer: bool = True
     batch_dependent: bool = False
 

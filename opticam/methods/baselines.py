@@ -344,9 +344,9 @@ class HiResCAMMethod(GradCAMBaseline):
 
 #: Method name -> pytorch-grad-cam class, read off :data:`opticam.names.METHODS`.
 CAM_METHODS: dict[str, type[BaseCAM]] = {
-    name: globals()[info.target.rsplit(":", 1)[1]].cam_class
+    name: globals()[info.class_path.rsplit(":", 1)[1]].cam_class
     for name, info in METHODS.items()
-    if info.target.startswith(f"{__name__}:") and info.uses_layer
+    if info.class_path.startswith(f"{__name__}:") and info.uses_layer
 }
 
 

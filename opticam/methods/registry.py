@@ -35,7 +35,7 @@ def explainer_class(name: str) -> type[Explainer]:
     info = METHODS.get(name)
     if info is None:
         raise ValueError(f"unknown method {short_repr(name)} (known: {', '.join(KNOWN_METHODS)})")
-    module, _, attr = info.target.partition(":")
+    module, _, attr = info.class_path.partition(":")
     cls: type[Explainer] = getattr(importlib.import_module(module), attr)
     return cls
 
