@@ -84,7 +84,7 @@ def test_process_shard_writes_rows_that_match_the_schema(shards: list[str], tmp_
     fake_map = maps[(shards[0], fake[0]["key"], "fakecam")]
     assert fake_map[0, 0] == 0.0 and fake_map.min() == 0.0 and (fake_map[1:, 1:] == 1.0).all()
     assert pq.read_table(result.errors_url).num_rows == 0
-    status = store.read_shard_status(run)[0]
+    status = store.read_statuses(run)[0]
     assert status["complete"] is True
     # The report rebuilds the model inputs from the data shards with this resize size.
     assert status["resize_size"] == 64
@@ -173,7 +173,7 @@ def test_truncated_shard_is_written_and_flagged_incomplete(
     assert not result.complete and 0 < result.n_images < 5
     errors = pq.read_table(result.errors_url).to_pylist()
     assert "incomplete" in {e["stage"] for e in errors}
-    status = store.read_shard_status(pipeline.run_url_of(config))[0]
+    status = store.read_statuses(pipeline.run_url_of(config))[0]
     assert status["complete"] is False and status["done"] is True
 
 
@@ -194,7 +194,7 @@ def test_max_images_limits_the_shard(shards: list[str], tmp_path: Path) -> None:
     config = make_config(shards[0], tmp_path, methods=["fakecam"])
     result = pipeline.process_shard(config, shards[0], "cpu", max_images=2)
     assert result.n_images == 2 and result.complete
-    status = store.read_shard_status(pipeline.run_url_of(config))[0]
+    status = store.read_statuses(pipeline.run_url_of(config))[0]
     assert status["limit_reached"] is True and status["max_images"] == 2
 
 

@@ -290,7 +290,7 @@ def test_readers_on_a_local_run(tmp_path: Path) -> None:
     assert errors.to_pylist() == [
         {"run_id": "r", "shard": shards[1], "key": "bad", "stage": "decode", "message": "corrupt"}
     ]
-    status = {s["shard"]: s for s in store.read_shard_status(run)}
+    status = {s["shard"]: s for s in store.read_statuses(run)}
     assert status[shards[0]]["complete"] is True and status[shards[1]]["complete"] is False
     assert all(s["done"] for s in status.values())
 

@@ -42,7 +42,7 @@ def test_the_errors_file_records_the_rows_file_as_written(
     shards: list[str], tmp_path: Path
 ) -> None:
     _, run, files = finished_run(shards[:1], tmp_path)
-    status = store.read_shard_status(run)[0]
+    status = store.read_statuses(run)[0]
     data = files[0].read_bytes()
     assert status["rows_bytes"] == len(data)
     assert status["rows_sha256"] == hashlib.sha256(data).hexdigest()

@@ -663,6 +663,6 @@ def test_opticam_run_with_timm_and_hf_models(hf_folders: dict[str, str], tmp_pat
         assert set(rows.column("input_height").to_pylist()) == {side}
         (target_layer,) = set(rows.column("target_layer").to_pylist())
         assert target_layer.startswith(layer)
-        (status,) = store.read_shard_status(str(run))
+        (status,) = store.read_statuses(str(run))
         assert {k: status[k] for k in settings} == settings
         assert (run / "report" / "index.html").is_file()

@@ -407,7 +407,7 @@ def build_report(
     rows = store.read_rows(run_url, _ROW_COLUMNS, storage_options, unreadable=unreadable)
     errors = store.read_errors(run_url, storage_options, unreadable=unreadable)
     done = store.list_done_shards(run_url, storage_options)
-    statuses = store.read_shard_status(run_url, storage_options)
+    statuses = store.read_statuses(run_url, storage_options)
     run_id = (run_json or {}).get("run_id")
     if run_id is None and rows.num_rows:
         run_id = rows.column("run_id")[0].as_py()

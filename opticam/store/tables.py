@@ -53,7 +53,7 @@ __all__ = [
     "list_done_shards",
     "read_errors",
     "read_rows",
-    "read_shard_status",
+    "read_statuses",
     "rows_file_bytes",
     "rows_to_table",
     "write_errors",
@@ -466,7 +466,7 @@ def _stored_status(fs: Any, path: str) -> dict[str, Any] | None:
     return dict(json.loads(raw)) if raw else None
 
 
-def read_shard_status(
+def read_statuses(
     run: str, storage_options: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """The :class:`ShardStatus` (as dicts) of every shard that has an errors file.
