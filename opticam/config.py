@@ -457,11 +457,6 @@ class MethodSpec(BaseModel):
         defaults = method_options_model(self.name)()
         return {k: v for k, v in self.options.items() if getattr(defaults, k) != v}
 
-    @property
-    def label(self) -> str:
-        """The name used in the Parquet ``method`` column (the method name)."""
-        return self.name
-
 
 # --------------------------------------------------------------------------- metrics
 

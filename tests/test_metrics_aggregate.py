@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from opticam.metrics import (
-    METRIC_DIRECTIONS,
-    PAPER_UNITS,
-    MetricAggregator,
-    bootstrap_ci,
-    to_paper_units,
-)
+from opticam.metrics import MetricAggregator, bootstrap_ci, to_paper_units
 from opticam.metrics.aggregate import _MAX_DRAWS_PER_BLOCK
 from opticam.names import METRICS
 
@@ -140,16 +134,7 @@ def test_paper_units_and_directions() -> None:
     np.testing.assert_allclose(out["average_increase"], [0.0, 100.0])
     np.testing.assert_allclose(out["insertion"], [60.0, 70.0])
     np.testing.assert_allclose(out["seconds_per_image"], [0.5, 0.25])
-    summary_names = {name for name, _ in PAPER_UNITS.values()}
-    assert summary_names == set(METRIC_DIRECTIONS)
-    assert set(METRIC_DIRECTIONS.values()) == {"lower", "higher"}
-    lower = {k for k, v in METRIC_DIRECTIONS.items() if v == "lower"}
+    assert {m.direction for m in METRICS} == {"lower", "higher"}
+    lower = {m.name for m in METRICS if m.direction == "lower"}
     assert lower == {"average_drop", "deletion", "loc_error", "seconds_per_image"}
-
-
-def test_units_and_directions_are_views_of_the_one_table() -> None:
-    # No second copy: every entry is read from opticam.names.METRICS, and nothing else.
-    assert {m.column: (m.name, m.scale) for m in METRICS} == PAPER_UNITS
-    assert {m.name: m.direction for m in METRICS} == METRIC_DIRECTIONS
-    assert PAPER_UNITS["seconds"] == ("seconds_per_image", 1.0)
-    assert all(scale == 100.0 for column, (_, scale) in PAPER_UNITS.items() if column != "seconds")
+    assert all(m.scale == (1.0 if m.column == "seconds" else 100.0) for m in METRICS)

@@ -808,11 +808,9 @@ def test_missing_values_are_left_out_and_empty_metrics_are_none() -> None:
 
 
 def test_summary_metrics_are_the_one_table() -> None:
-    from opticam.names import METRICS, Metric
-    from opticam.report import SUMMARY_METRICS, MetricInfo
+    from opticam.names import METRICS
     from opticam.report.summary import SOURCE_COLUMNS, better, metric_header
 
-    assert SUMMARY_METRICS is METRICS and MetricInfo is Metric
     assert (*(m.column for m in METRICS), "constant_map") == SOURCE_COLUMNS
     assert [metric_header(m) for m in METRICS][:3] == ["AD ↓", "AG ↑", "AI ↑"]
     assert metric_header("seconds_per_image") == "s/img ↓"
@@ -825,11 +823,10 @@ def test_summary_metrics_are_the_one_table() -> None:
 
 
 def test_best_mean_is_bold_by_displayed_value() -> None:
+    from opticam.names import METRICS_BY_NAME
     from opticam.report.page import _best
-    from opticam.report.summary import SUMMARY_METRICS
 
-    drop = next(m for m in SUMMARY_METRICS if m.name == "average_drop")
-    gain = next(m for m in SUMMARY_METRICS if m.name == "average_gain")
+    drop, gain = METRICS_BY_NAME["average_drop"], METRICS_BY_NAME["average_gain"]
     rows = [
         {"model": "a", "average_drop": 1.04, "average_gain": 5.0},
         {"model": "a", "average_drop": 1.01, "average_gain": 5.0},

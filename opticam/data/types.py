@@ -14,28 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-# Re-exported so that `from opticam.data.types import STAGE_DECODE` keeps working; the
-# one registry of stage names (and their meanings) is opticam.names.STAGES.
-from opticam.names import (
-    STAGE_BOXES,
-    STAGE_DECODE,
-    STAGE_KEY,
-    STAGE_LABEL,
-    STAGE_OPEN,
-    STAGE_PREPROCESS,
-    STAGE_TAR,
-    STAGE_UNSAFE,
-)
-
 __all__ = [
-    "STAGE_BOXES",
-    "STAGE_DECODE",
-    "STAGE_KEY",
-    "STAGE_LABEL",
-    "STAGE_OPEN",
-    "STAGE_PREPROCESS",
-    "STAGE_TAR",
-    "STAGE_UNSAFE",
     "Batch",
     "Box",
     "ErrorRecord",

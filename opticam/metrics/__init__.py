@@ -6,8 +6,6 @@ All per-image functions take and return torch tensors on the inputs' device; see
 """
 
 from opticam.metrics.aggregate import (
-    METRIC_DIRECTIONS,
-    PAPER_UNITS,
     MetricAggregator,
     MetricSummary,
     bootstrap_ci,
@@ -46,8 +44,6 @@ __all__ = [
     "DEFAULT_STEPS",
     "LOCALIZATION_METRICS",
     "MAP_TOLERANCE",
-    "METRIC_DIRECTIONS",
-    "PAPER_UNITS",
     "MetricAggregator",
     "MetricSummary",
     "average_drop",

@@ -21,23 +21,15 @@ import torch
 from torch import Tensor
 
 from opticam.errors import short_repr
-from opticam.names import METRICS
+from opticam.names import METRICS_BY_COLUMN
 
 __all__ = [
-    "METRIC_DIRECTIONS",
-    "PAPER_UNITS",
     "MetricSummary",
     "to_paper_units",
     "bootstrap_ci",
     "MetricAggregator",
 ]
 
-#: Summary metric name -> which direction is better (a view of :data:`opticam.names.METRICS`).
-METRIC_DIRECTIONS: dict[str, str] = {m.name: m.direction for m in METRICS}
-
-#: Per-image column -> (summary metric, scale), a view of :data:`opticam.names.METRICS`:
-#: ``summary = scale * mean(column)`` (fractions become percent, seconds stay seconds).
-PAPER_UNITS: dict[str, tuple[str, float]] = {m.column: (m.name, m.scale) for m in METRICS}
 
 # Bootstrap resamples are drawn in blocks of at most this many indices, so memory stays
 # bounded (32 MiB of int64) however many images there are.
@@ -82,7 +74,7 @@ def to_paper_units(per_image: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
     average_gain``, ``increase -> average_increase``, ``insertion_auc -> insertion``,
     ``deletion_auc -> deletion`` and the localization columns keep their names, all times
     100 (percent); ``seconds -> seconds_per_image`` times 1. Keys not in
-    :data:`PAPER_UNITS` (``p_clean``, curves, ...) are left out.
+    :data:`opticam.names.METRICS_BY_COLUMN` (``p_clean``, curves, ...) are left out.
 
     Args:
         per_image: per-image columns, e.g. the dicts returned by the metric functions.
@@ -92,9 +84,9 @@ def to_paper_units(per_image: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
     """
     out: dict[str, np.ndarray] = {}
     for key, values in per_image.items():
-        if key in PAPER_UNITS:
-            name, scale = PAPER_UNITS[key]
-            out[name] = _to_numpy(values, key) * scale
+        metric = METRICS_BY_COLUMN.get(key)
+        if metric is not None:
+            out[metric.name] = _to_numpy(values, key) * metric.scale
     return out
 
 

@@ -43,11 +43,6 @@ from opticam.pipeline.shard import (
 from opticam.pipeline.targets import BatchTargets, choose_targets, label_problem
 from opticam.store import ShardStatus
 
-#: The name of :class:`~opticam.store.ShardStatus` before the two types became one.
-ShardResult = ShardStatus
-#: The name of :func:`done_status` before the two types became one.
-done_result = done_status
-
 __all__ = [
     "CPU_BATCH_SIZE",
     "READ_ATTEMPTS",
@@ -55,14 +50,12 @@ __all__ = [
     "BatchOutOfMemoryError",
     "BatchTargets",
     "ShardNotATarError",
-    "ShardResult",
     "ShardStatus",
     "ShardUnavailableError",
     "check_methods",
     "choose_targets",
     "clear_batch_sizes",
     "clear_model_cache",
-    "done_result",
     "done_status",
     "explainers",
     "get_loaded_model",

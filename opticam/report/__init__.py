@@ -29,9 +29,7 @@ from opticam.lazy import lazy_attributes
 if TYPE_CHECKING:
     from opticam.report.build import ReportResult, build_report
     from opticam.report.summary import (
-        SUMMARY_METRICS,
         SUMMARY_SCHEMA,
-        MetricInfo,
         format_table,
         markdown_text,
         summarize,
@@ -40,9 +38,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "SUMMARY_METRICS",
     "SUMMARY_SCHEMA",
-    "MetricInfo",
     "ReportResult",
     "build_report",
     "format_table",
@@ -57,9 +53,7 @@ _LAZY = {
     "build_report": "opticam.report.build",
     **dict.fromkeys(
         (
-            "SUMMARY_METRICS",
             "SUMMARY_SCHEMA",
-            "MetricInfo",
             "format_table",
             "markdown_text",
             "summarize",

@@ -41,8 +41,8 @@ from opticam.report.gallery import GALLERY_COLUMNS, build_gallery
 from opticam.report.page import Figure, PageContent, render_index
 from opticam.report.summary import (
     CONFIDENCE,
+    METRICS,
     SOURCE_COLUMNS,
-    SUMMARY_METRICS,
     better,
     float_column,
     markdown_text,
@@ -211,7 +211,7 @@ def _figures(
 
     # One bar chart per group of opticam.names.METRICS, named after the group.
     for metric_group, title, caption in _BAR_CHARTS:
-        metrics = [m for m in SUMMARY_METRICS if m.group == metric_group]
+        metrics = [m for m in METRICS if m.group == metric_group]
         add(
             f"{metric_group}.png",
             title,

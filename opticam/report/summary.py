@@ -34,10 +34,8 @@ from opticam.names import METRICS, METRICS_BY_NAME, Metric
 
 __all__ = [
     "CONFIDENCE",
-    "SUMMARY_METRICS",
     "SUMMARY_SCHEMA",
     "SOURCE_COLUMNS",
-    "MetricInfo",
     "better",
     "float_column",
     "format_table",
@@ -54,16 +52,8 @@ __all__ = [
 CONFIDENCE = 0.95
 
 
-#: How a summary metric is named and shown: :class:`opticam.names.Metric` (``name`` is
-#: the summary key, ``column`` the per-image column, ``short`` the table header).
-MetricInfo = Metric
-
-#: Summary metrics in display order: faithfulness, insertion/deletion, localization, time
-#: (the one table, :data:`opticam.names.METRICS`).
-SUMMARY_METRICS: tuple[Metric, ...] = METRICS
-
 #: Per-image columns the summary reads (besides model and method).
-SOURCE_COLUMNS: tuple[str, ...] = (*(m.column for m in SUMMARY_METRICS), "constant_map")
+SOURCE_COLUMNS: tuple[str, ...] = (*(m.column for m in METRICS), "constant_map")
 
 _COUNT_FIELDS = ("images", "images_with_boxes", "constant_maps")
 
@@ -75,7 +65,7 @@ def _summary_fields() -> list[pa.Field]:
         pa.field("method", pa.string()),
         *(pa.field(name, pa.int64()) for name in _COUNT_FIELDS),
     ]
-    for m in SUMMARY_METRICS:
+    for m in METRICS:
         fields += [
             pa.field(m.name, pa.float64()),
             pa.field(f"{m.name}_ci_low", pa.float64()),
@@ -134,7 +124,7 @@ def summarize(
         {(str(a), str(b)) for a, b in zip(models, methods, strict=True)},
         key=lambda g: (g[0], rank.get(g[1], len(rank)), g[1]),
     )
-    per_image = {m.column: float_column(rows, m.column) for m in SUMMARY_METRICS}
+    per_image = {m.column: float_column(rows, m.column) for m in METRICS}
     constant = float_column(rows, "constant_map")
 
     summary = []
@@ -151,7 +141,7 @@ def summarize(
             "images_with_boxes": int(stats["pointing_game"]["n"]),
             "constant_maps": int(np.nansum(constant[mask])),
         }
-        for m in SUMMARY_METRICS:
+        for m in METRICS:
             s = stats[m.name]
             row[m.name] = _nan_to_none(s["mean"])
             row[f"{m.name}_ci_low"] = _nan_to_none(s["ci_low"])
@@ -210,7 +200,7 @@ def markdown_text(text: str) -> str:
 
 def summary_columns(summary: Sequence[Mapping[str, Any]]) -> list[Metric]:
     """The metrics that have a value in at least one summary row, in display order."""
-    return [m for m in SUMMARY_METRICS if any(r.get(m.name) is not None for r in summary)]
+    return [m for m in METRICS if any(r.get(m.name) is not None for r in summary)]
 
 
 def _metric(metric: str | Metric) -> Metric:
