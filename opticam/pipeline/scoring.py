@@ -108,6 +108,14 @@ def method_rows(
         if name in curves:
             finite &= np.isfinite(curves[name])
 
+    # Per-image scores that are columns of the schema: the faithfulness terms (the
+    # probabilities and the per-image AD/AG/AI terms) and the insertion/deletion AUCs.
+    scores = {
+        column: values
+        for column, values in {**terms, **curves}.items()
+        if column in store.SCHEMA.names and values.ndim == 1
+    }
+    localized = {column: loc[column] for column in LOCALIZATION_COLUMNS if column in loc}
     rows = []
     for i, key in enumerate(batch.keys):
         if not finite[i]:
@@ -117,37 +125,35 @@ def method_rows(
         blob, shape, fmt = store.encode_map(
             None if low_np is None else low_np[i], maps_np[i], normalization, config.map_format
         )
-        row: dict[str, Any] = {
-            "run_id": config.run_id,
-            "shard": shard_url,
-            "key": key,
-            "method": method,
-            "model": loaded.name,
-            "target_layer": layer,
-            "label": batch.labels[i],
-            "predicted": int(predicted[i]),
-            "target": int(targets[i]),
-            "p_clean": float(terms["p_clean"][i]),
-            "p_masked": float(terms["p_masked"][i]),
-            "drop": float(terms["drop"][i]),
-            "gain": float(terms["gain"][i]),
-            "increase": float(terms["increase"][i]),
-            "insertion_auc": float(curves["insertion_auc"][i]) if curves else None,
-            "deletion_auc": float(curves["deletion_auc"][i]) if curves else None,
-            "insertion_curve": curves["insertion_curve"][i].tolist() if keep_curves else None,
-            "deletion_curve": curves["deletion_curve"][i].tolist() if keep_curves else None,
-            "iterations": None if iterations is None else int(iterations[i]),
-            "constant_map": bool(constant[i]) if constant is not None else False,
-            "seconds": seconds,
-            "saliency": blob,
-            "saliency_shape": shape,
-            "map_format": fmt,
-            "input_height": height,
-            "input_width": width,
+        # Every column of the schema, null unless set here; the scores by column name.
+        row: dict[str, Any] = dict.fromkeys(store.SCHEMA.names)
+        row.update(
+            run_id=config.run_id,
+            shard=shard_url,
+            key=key,
+            method=method,
+            model=loaded.name,
+            target_layer=layer,
+            label=batch.labels[i],
+            predicted=int(predicted[i]),
+            target=int(targets[i]),
+            iterations=None if iterations is None else int(iterations[i]),
+            constant_map=bool(constant[i]) if constant is not None else False,
+            seconds=seconds,
+            saliency=blob,
+            saliency_shape=shape,
+            map_format=fmt,
+            input_height=height,
+            input_width=width,
             # Stored maps are already normalized for methods without a low-res form.
-            "normalization": normalization if fmt == "lowres" else (normalization or "none"),
-        }
-        for name in LOCALIZATION_COLUMNS:
-            row[name] = _optional(float(loc[name][i])) if name in loc else None
+            normalization=normalization if fmt == "lowres" else (normalization or "none"),
+        )
+        for column, values in scores.items():
+            row[column] = float(values[i])
+        for column, values in localized.items():
+            row[column] = _optional(float(values[i]))
+        if keep_curves:
+            row["insertion_curve"] = curves["insertion_curve"][i].tolist()
+            row["deletion_curve"] = curves["deletion_curve"][i].tolist()
         rows.append(row)
     return rows
