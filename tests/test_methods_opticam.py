@@ -408,13 +408,15 @@ def test_lr_decay_changes_the_steps_but_not_their_number(decay: str) -> None:
 
 
 def test_lr_decay_factors() -> None:
-    from opticam.methods.opticam import _decay
+    from opticam.methods.schedule import Schedule
 
-    assert [_decay("cosine", t, 4) for t in range(4)] == pytest.approx(
-        [1.0, 0.8535534, 0.5, 0.1464466]
-    )
-    assert [_decay("linear", t, 4) for t in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    assert _decay("none", 3, 4) == 1.0
+    def rates(kind: str) -> list[float]:
+        schedule = Schedule(iterations=4, lr=2.0, tolerance=0.0, lr_decay=kind)
+        return [schedule.lr_at(t) / 2.0 for t in range(4)]
+
+    assert rates("cosine") == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    assert rates("linear") == [1.0, 0.75, 0.5, 0.25]
+    assert rates("none") == [1.0] * 4
 
 
 class _RecordingAdam(torch.optim.Adam):

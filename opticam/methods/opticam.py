@@ -31,7 +31,6 @@ computation faster (``channels_last``, ``compile``).
 
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from opticam.methods.common import (
     frozen,
     upsample_normalize,
 )
+from opticam.methods.schedule import Schedule
 from opticam.names import (
     LR_DECAYS,
     NORMALIZATIONS,
@@ -304,6 +304,15 @@ class OptiCAM(Explainer):
         self.plateau_atol = float(plateau_atol)
         self.channels_last = bool(channels_last)
         self.compile = bool(compile)
+        self.schedule = Schedule(
+            iterations=self.iterations,
+            lr=self.lr,
+            tolerance=self.tolerance,
+            lr_decay=self.lr_decay,
+            patience=self.patience,
+            plateau_rtol=self.plateau_rtol,
+            plateau_atol=self.plateau_atol,
+        )
         if self.channels_last:
             # In place (nn.Module.to returns the module): values are unchanged, only the
             # weights' memory layout, so other users of the model see the same outputs.
@@ -386,14 +395,10 @@ class OptiCAM(Explainer):
         best_u = u.detach().clone()
         best = torch.full((batch,), -torch.inf, device=device)
         initial = torch.zeros(batch, device=device)
-        previous = torch.zeros(batch, device=device)
         active = torch.ones(batch, dtype=torch.bool, device=device)
         steps = torch.zeros(batch, dtype=torch.long, device=device)
         passes = torch.zeros(batch, dtype=torch.long, device=device)
-        # Plateau rule: the best value at the last improvement that counted, and the
-        # number of iterations since then.
-        anchor = torch.full((batch,), -torch.inf, device=device)
-        stale = torch.zeros(batch, dtype=torch.long, device=device)
+        stop = self.schedule.stop_rule(batch, device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
         for step in range(self.iterations + 1):
@@ -419,15 +424,9 @@ class OptiCAM(Explainer):
             best_rows = rows[improved]
             best[best_rows] = value[improved]
             best_u[best_rows] = u.detach()[best_rows]
-            if step > 0:
-                # The paper's stopping rule, per image.
-                done = (value - previous[rows]).abs() < self.tolerance
-                if self.patience > 0:
-                    done |= self._plateau(value, rows, anchor, stale)
+            done = stop.update(step, value, rows)
+            if done is not None:
                 active[rows[done]] = False
-            elif self.patience > 0:
-                self._plateau(value, rows, anchor, stale)
-            previous[rows] = value
             if last or not bool(active.any()):
                 break
 
@@ -437,7 +436,7 @@ class OptiCAM(Explainer):
             before = u.detach().clone()
             if self.lr_decay != "none":
                 for group in optimizer.param_groups:
-                    group["lr"] = self.lr * _decay(self.lr_decay, step, self.iterations)
+                    group["lr"] = self.schedule.lr_at(step)
             if scaler is None:
                 loss.backward()
                 optimizer.step()
@@ -458,20 +457,6 @@ class OptiCAM(Explainer):
             "final_objective": best,
         }
         return best_u, diagnostics
-
-    def _plateau(self, value: Tensor, rows: Tensor, anchor: Tensor, stale: Tensor) -> Tensor:
-        """Update the plateau rule for ``rows`` with their ``value``; which rows are done.
-
-        An improvement counts when it beats the anchor (the best value at the last
-        improvement that counted) by more than ``max(plateau_atol, plateau_rtol * |anchor|)``.
-        """
-        base = anchor[rows]
-        margin = torch.clamp(self.plateau_rtol * base.abs(), min=self.plateau_atol)
-        # The first value always counts (base = -inf; inf * 0 would be NaN).
-        counted = torch.isinf(base) | (value > base + torch.nan_to_num(margin, posinf=0.0))
-        anchor[rows[counted]] = value[counted]
-        stale[rows] = torch.where(counted, torch.zeros_like(stale[rows]), stale[rows] + 1)
-        return stale[rows] >= self.patience
 
     def _gradcam_start(
         self,
@@ -564,15 +549,6 @@ class OptiCAM(Explainer):
             )
             return nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
-
-
-def _decay(kind: str, step: int, total: int) -> float:
-    """Learning-rate factor of step ``step`` (0-based) of ``total``: 1 at step 0."""
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * step / total))
-    if kind == "linear":
-        return 1.0 - step / total
-    return 1.0
 
 
 def _parse_amp_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
