@@ -358,6 +358,16 @@ class OptiCAMOptions(_LayerOptions):
         "eager with a warning); same maps up to rounding, compiling costs time up front",
     )
 
+    @field_validator("amp_dtype", mode="before")
+    @classmethod
+    def _check_amp_dtype(cls, value: object) -> object:
+        names = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
+        if value is None or value in ("bf16", "fp16"):
+            return value
+        if isinstance(value, str) and value.lower() in names:
+            return names[value.lower()]
+        raise ValueError(f"unknown amp_dtype {short_repr(value)} (known: None, bf16, fp16)")
+
     @field_validator("objective", "score", "preset", "lr_decay", "start")
     @classmethod
     def _check_choice(cls, value: str, info: ValidationInfo) -> str:

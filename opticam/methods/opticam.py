@@ -35,12 +35,13 @@ import threading
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opticam.config import OptiCAMOptions
 from opticam.errors import short_repr
 from opticam.methods.common import (
     Explainer,
@@ -50,14 +51,7 @@ from opticam.methods.common import (
     upsample_normalize,
 )
 from opticam.methods.schedule import Schedule
-from opticam.names import (
-    LR_DECAYS,
-    NORMALIZATIONS,
-    OBJECTIVES,
-    SCORES,
-    STARTS,
-    resolve_opticam_preset,
-)
+from opticam.names import OBJECTIVES, OPTICAM_SCHEDULE, SCORES, resolve_opticam_preset
 
 __all__ = ["OBJECTIVES", "SCORES", "OptiCAM", "capture_features"]
 
@@ -196,22 +190,10 @@ class OptiCAM(Explainer):
     frozen (a LoadedModel's are): the feature hook only records its own thread's pass.
     """
 
-    options: ClassVar[tuple[str, ...]] = (
-        "iterations",
-        "lr",
-        "objective",
-        "score",
-        "normalization",
-        "tolerance",
-        "amp_dtype",
-        "preset",
-        "lr_decay",
-        "start",
-        "patience",
-        "plateau_rtol",
-        "plateau_atol",
-        "channels_last",
-        "compile",
+    #: The options, declared once: the fields of :class:`opticam.config.OptiCAMOptions`
+    #: (``relu_features`` is a layer option, resolved with the layer).
+    options: ClassVar[tuple[str, ...]] = tuple(
+        name for name in OptiCAMOptions.model_fields if name != "relu_features"
     )
 
     def __init__(
@@ -221,35 +203,19 @@ class OptiCAM(Explainer):
         *,
         reshape_transform: Callable[[Tensor], Tensor] | None = None,
         relu_features: bool = True,
-        iterations: int | None = None,
-        lr: float | None = None,
-        objective: str = "mask",
-        score: str = "logit",
-        normalization: str = "range",
-        tolerance: float = 1e-10,
-        amp_dtype: str | torch.dtype | None = None,
-        preset: str = "paper",
-        lr_decay: str | None = None,
-        start: str | None = None,
-        patience: int | None = None,
-        plateau_rtol: float | None = None,
-        plateau_atol: float | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
+        settings: OptiCAMOptions | None = None,
+        **given: Any,
     ) -> None:
         super().__init__(model)
-        given = {
-            "iterations": iterations,
-            "lr": lr,
-            "lr_decay": lr_decay,
-            "start": start,
-            "patience": patience,
-            "plateau_rtol": plateau_rtol,
-            "plateau_atol": plateau_atol,
-        }
-        # None means "not given": the preset's value, else the paper's.
+        if settings is not None and given:
+            raise TypeError("pass Opti-CAM's options as settings= or as keywords, not both")
+        if settings is None:
+            # Validated in one place, the pydantic model (also for the CLI and job files).
+            settings = OptiCAMOptions(**_amp_names(given))
+        # The options the caller gave, over the preset's, over the paper's.
         schedule = resolve_opticam_preset(
-            preset, {key: value for key, value in given.items() if value is not None}
+            settings.preset,
+            {k: getattr(settings, k) for k in OPTICAM_SCHEDULE if k in settings.model_fields_set},
         )
         iterations = cast(int, schedule["iterations"])
         lr = cast(float, schedule["lr"])
@@ -258,34 +224,10 @@ class OptiCAM(Explainer):
         patience = cast(int, schedule["patience"])
         plateau_rtol = cast(float, schedule["plateau_rtol"])
         plateau_atol = cast(float, schedule["plateau_atol"])
-        if not isinstance(iterations, int) or iterations < 0:
-            raise ValueError(f"iterations must be an integer >= 0, got {short_repr(iterations)}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {short_repr(lr)}")
-        if objective not in OBJECTIVES:
-            raise ValueError(
-                f"unknown objective {short_repr(objective)} (known: {', '.join(OBJECTIVES)})"
-            )
-        if score not in SCORES:
-            raise ValueError(f"unknown score {short_repr(score)} (known: {', '.join(SCORES)})")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"unknown normalization {short_repr(normalization)} (known: {', '.join(NORMALIZATIONS)})"
-            )
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {short_repr(tolerance)}")
-        if lr_decay not in LR_DECAYS:
-            raise ValueError(
-                f"unknown lr_decay {short_repr(lr_decay)} (known: {', '.join(LR_DECAYS)})"
-            )
-        if start not in STARTS:
-            raise ValueError(f"unknown start {short_repr(start)} (known: {', '.join(STARTS)})")
-        if not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, got {short_repr(patience)}")
-        if not (plateau_rtol >= 0 and plateau_atol >= 0):
-            raise ValueError(
-                f"plateau_rtol and plateau_atol must be >= 0, got {short_repr(plateau_rtol)}, {short_repr(plateau_atol)}"
-            )
+        objective, score = settings.objective, settings.score
+        normalization, tolerance = settings.normalization, settings.tolerance
+        amp_dtype, preset = settings.amp_dtype, settings.preset
+        channels_last, compile = settings.channels_last, settings.compile
         self.target_layer = target_layer
         self.reshape_transform = reshape_transform
         self.relu_features = relu_features
@@ -549,6 +491,17 @@ class OptiCAM(Explainer):
             )
             return nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
+
+
+def _amp_names(given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with an ``amp_dtype`` torch dtype or long name as the option's short name."""
+    value = given.get("amp_dtype")
+    if isinstance(value, torch.dtype):
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: None}
+        if value not in names:
+            raise ValueError(f"unknown amp_dtype {short_repr(value)} (known: None, bf16, fp16)")
+        return {**given, "amp_dtype": names[value]}
+    return given
 
 
 def _parse_amp_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
