@@ -143,6 +143,8 @@ class OptiCAM(Explainer):
         target_layer: module whose output gives the features ``A``.
         reshape_transform: maps the layer's output to (B,K,h,w) (ViT tokens), or None.
         relu_features: ReLU the features (CNNs in the paper; not for transformers).
+        settings: the options below as one :class:`opticam.config.OptiCAMOptions`; or
+            give them as keywords (validated by that model either way).
         iterations: at most this many Adam steps (paper and default: 100).
         lr: Adam learning rate (paper and default: 0.1).
         objective: ``mask`` maximizes ``g_c(f(x*M))``; ``diff`` minimizes
