@@ -32,8 +32,14 @@ system-deps:
 pytest: $(STAMP) system-deps
 	$(BIN)/pytest -q
 
-## Install what the tests need (venv, packages, Chromium), lint, type-check, run the tests.
-test: lint typecheck pytest
+## Install what the tests need (venv, packages, Chromium), lint, type-check, run the tests,
+## build the manual.
+test: lint typecheck pytest docs
+
+## Build the manual into site/; --strict fails on a dead link, anchor or reference.
+.PHONY: docs
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) opticam-runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) opticam-runs site .pytest_cache .mypy_cache .ruff_cache
