@@ -145,39 +145,42 @@ class OptiCAM(Explainer):
         relu_features: ReLU the features (CNNs in the paper; not for transformers).
         settings: the options below as one :class:`opticam.config.OptiCAMOptions`; or
             give them as keywords (validated by that model either way).
-        iterations: at most this many Adam steps (paper and default: 100).
-        lr: Adam learning rate (paper and default: 0.1).
-        objective: ``mask`` maximizes ``g_c(f(x*M))``; ``diff`` minimizes
+        **given: the options below, as keywords.
+
+    Keyword Args:
+        iterations (int): at most this many Adam steps (paper and default: 100).
+        lr (float): Adam learning rate (paper and default: 0.1).
+        objective (str): ``mask`` maximizes ``g_c(f(x*M))``; ``diff`` minimizes
             ``|g_c(f(x)) - g_c(f(x*M))|``, i.e. maximizes its negative.
-        score: ``g_c`` is the ``logit`` (default) or the softmax ``probability`` of c.
-        normalization: ``n`` in ``M = n(up(S))``: ``range``, ``max`` or ``sigmoid``.
-        tolerance: an image stops (its ``u`` frozen) once its objective changes by less
+        score (str): ``g_c`` is the ``logit`` (default) or the softmax ``probability`` of c.
+        normalization (str): ``n`` in ``M = n(up(S))``: ``range``, ``max`` or ``sigmoid``.
+        tolerance (float): an image stops (its ``u`` frozen) once its objective changes by less
             than this between consecutive iterations; 1e-10 is the paper's rule.
-        amp_dtype: ``bf16`` or ``fp16`` runs the model under CUDA autocast; ignored, with a
+        amp_dtype (str | None): ``bf16`` or ``fp16`` runs the model under CUDA autocast; ignored, with a
             warning, on other devices.
-        preset: a named schedule (:data:`opticam.names.OPTICAM_PRESETS`): ``paper``
+        preset (str): a named schedule (:data:`opticam.names.OPTICAM_PRESETS`): ``paper``
             (default, the options as given) or ``fast``. A schedule option (``iterations``,
             ``lr``, ``lr_decay``, ``start``, ``patience``, ``plateau_rtol``,
             ``plateau_atol``) left out (None) takes the preset's value, else the paper's
             (:data:`opticam.names.OPTICAM_SCHEDULE`); one given explicitly is used as
             given, and must equal the preset's value where the preset sets one (also
             when it is the paper's value), otherwise ValueError.
-        lr_decay: learning rate at step ``t`` of ``T = iterations``: ``none`` (constant,
+        lr_decay (str): learning rate at step ``t`` of ``T = iterations``: ``none`` (constant,
             paper, default), ``cosine`` (``lr * (1 + cos(pi t / T)) / 2``) or ``linear``
             (``lr * (1 - t / T)``).
-        start: ``uniform`` (``u = 0``, paper, default) or ``gradcam``: ``softmax(u)`` starts at
+        start (str): ``uniform`` (``u = 0``, paper, default) or ``gradcam``: ``softmax(u)`` starts at
             the positive part of Grad-CAM's channel weights (gradient of the class logit
             averaged over the map), normalized, plus a small uniform floor; an image
             whose weights are all <= 0 starts uniform. Costs one backward pass.
-        patience: when > 0, an image stops once its best objective has not improved by
+        patience (int): when > 0, an image stops once its best objective has not improved by
             more than ``max(plateau_atol, plateau_rtol * |best|)`` for this many
             consecutive iterations. 0 (default) turns the rule off.
-        plateau_rtol: relative part of the plateau rule's threshold (default 0).
-        plateau_atol: absolute part of the plateau rule's threshold (default 0).
-        channels_last: convert the model's weights to channels_last memory format (in
+        plateau_rtol (float): relative part of the plateau rule's threshold (default 0).
+        plateau_atol (float): absolute part of the plateau rule's threshold (default 0).
+        channels_last (bool): convert the model's weights to channels_last memory format (in
             place, once, at construction; values are unchanged) and feed it
             channels_last masked images. Same maps up to rounding.
-        compile: run the iterations' forward through ``torch.compile(model)``. When
+        compile (bool): run the iterations' forward through ``torch.compile(model)``. When
             compilation is unavailable or fails, a warning is given and the call is
             redone eagerly. Same maps up to rounding; the first call (and each new
             batch size) pays the compilation.
