@@ -36,6 +36,25 @@ REWORDED: dict[str, str] = {
     "Measured with `.venv/bin/python benchmarks/cluster_overhead.py`": (
         "moved from the cluster page to docs/benchmarks.md: 'the benchmarks below' became 'above'"
     ),
+    # Issue 18's code moves, after the cut: the architecture table follows the modules.
+    "| user errors (one line, exit 2) vs bugs (traceback)": (
+        "docs/architecture.md: every user error class now lives in opticam/errors.py"
+    ),
+    "| classifiers: `ModelSpec` → `LoadedModel`, target layers": (
+        "docs/architecture.md: target layers moved to opticam/layers.py"
+    ),
+    "| timm and Hugging Face models: loading, their preprocessing, default layers": (
+        "docs/architecture.md: the zoo's default layers moved to opticam/layers.py"
+    ),
+    "| Opti-CAM; the pytorch-grad-cam baselines and Fake-CAM; name → explainer": (
+        "docs/architecture.md: Opti-CAM's schedule moved to opticam/methods/schedule.py"
+    ),
+    "| run folder layout and atomic writes; Parquet schemas and `ShardStatus`; `run.json`": (
+        "docs/architecture.md: store/checks.py (damaged rows files, issue 17) added"
+    ),
+    "Error files have `run_id, shard, key, stage, message`; both files carry": (
+        "docs/output-schema.md: store.read_shard_status was renamed store.read_statuses"
+    ),
 }
 
 _LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
