@@ -67,3 +67,32 @@ def s3_bucket(s3_endpoint: str, s3_storage_options: dict[str, Any]) -> str:
     fs.call_s3("create_bucket", Bucket=name)
     fs.invalidate_cache()
     return f"s3://{name}"
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A fresh bucket (created without a LocationConstraint, which moto rejects for
+    us-east-1; the shared ``s3_bucket`` fixture passes one through s3fs)."""
+    import boto3
+
+    name = f"store-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+# The synthetic run of tests/report_run.py and its report, shared by the report's tests
+# (summary, build, page, gallery): written once per session.
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict[str, Any]]]:
+    from report_run import make_synthetic_run
+
+    return make_synthetic_run(str(tmp_path_factory.mktemp("full")))
+
+
+@pytest.fixture(scope="session")
+def full_report(full_run: tuple[str, list[dict[str, Any]]]) -> Any:
+    from opticam.report import build_report
+
+    return build_report(full_run[0], n_boot=200, seed=0)

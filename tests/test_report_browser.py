@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_report import METHODS, make_synthetic_run
+from report_run import METHODS, make_synthetic_run
 
 from opticam.report import build_report
 
