@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import pytest
 
 import opticam.models
-from opticam import cli, pipeline, store
+from opticam import cli, pipeline
 from opticam.config import RunConfig
 from opticam.demo import make_shards
 from opticam.errors import OutputError, UserError
@@ -428,7 +428,3 @@ def test_an_unknown_failure_keeps_its_traceback(
         probe.check_output(str(tmp_path), {})
     assert not isinstance(caught.value, UserError)
     assert caught.value.errno == errno.EIO
-
-
-def test_check_output_is_exported() -> None:
-    assert store.check_output is probe.check_output
