@@ -24,6 +24,8 @@ from report_run import METHODS, make_synthetic_run
 
 from opticam.report import build_report
 
+pytestmark = pytest.mark.e2e
+
 CHROMIUM = os.environ.get("OPTICAM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = (
     "--headless",

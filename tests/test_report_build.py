@@ -179,6 +179,7 @@ def test_stale_figures_are_removed(tmp_path) -> None:
     assert "gallery.png" not in _read(second.index_url).decode("utf-8")
 
 
+@pytest.mark.e2e
 def test_report_on_s3(s3_bucket, s3_storage_options) -> None:
     run, rows = make_synthetic_run(
         f"{s3_bucket}/exp", shards=2, per_shard=3, storage_options=s3_storage_options

@@ -56,6 +56,7 @@ def test_local_atomic_write_failure_keeps_the_previous_content(
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 
 
+@pytest.mark.e2e
 def test_s3_write_is_one_request_and_a_failed_put_leaves_nothing(
     bucket: str, s3_storage_options: dict[str, Any], monkeypatch: Any
 ) -> None:
@@ -107,6 +108,7 @@ def test_errors_that_stay_are_told_from_hiccups(code: int, cause: str) -> None:
     assert permanent_cause(OSError("503 Service Unavailable")) is None
 
 
+@pytest.mark.e2e
 def test_a_write_to_a_missing_bucket_fails_for_good_in_one_line(
     s3_bucket: str, s3_storage_options: dict[str, Any]
 ) -> None:

@@ -103,6 +103,7 @@ def test_readers_on_a_local_run(tmp_path: Path) -> None:
     assert all(s["done"] for s in status.values())
 
 
+@pytest.mark.e2e
 def test_readers_on_s3_see_files_written_by_another_client(
     bucket: str, s3_storage_options: dict[str, Any]
 ) -> None:
