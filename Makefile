@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck pytest system-deps clean
+.PHONY: install demo test check lint typecheck pytest system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ pytest: $(STAMP) system-deps
 
 ## Install what the tests need (venv, packages, Chromium), lint, type-check, run the tests.
 test: lint typecheck pytest
+
+## The quick loop after an edit: lint, type-check and every test not marked e2e (no
+## server, browser or subprocess; see pyproject.toml). `make test` runs them all.
+check: lint typecheck
+	$(BIN)/pytest -q -m "not e2e"
 
 clean:
 	rm -rf $(VENV) opticam-runs .pytest_cache .mypy_cache .ruff_cache
