@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+#: ``pytester`` runs a small suite under this file's hooks (tests/test_e2e_mark.py).
+pytest_plugins = ["pytester"]
+
 # A shell that starts the tests in the background (`make test &`) leaves SIGINT ignored,
 # and an ignored signal stays ignored in every process they start, so the tests that
 # interrupt `opticam run` or `opticam worker` would wait for nothing. Caught signals are
