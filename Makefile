@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck pytest system-deps clean
+.PHONY: install demo test check lint typecheck pytest system-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: lint typecheck pytest docs
 .PHONY: docs
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+## The quick loop after an edit: lint, type-check and every test not marked e2e (no
+## server, browser or subprocess; see pyproject.toml). `make test` runs them all.
+check: lint typecheck
+	$(BIN)/pytest -q -m "not e2e"
 
 clean:
 	rm -rf $(VENV) opticam-runs site .pytest_cache .mypy_cache .ruff_cache

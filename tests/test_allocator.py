@@ -46,6 +46,7 @@ def _probe(**env: str) -> dict[str, int | bool]:
     return result
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_buffers_are_reused_instead_of_faulted_in_again() -> None:
     tuned = _probe()

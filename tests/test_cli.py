@@ -60,6 +60,7 @@ def run_subprocess(argv: list[str], tmp_path: Path) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.e2e
 def test_run_end_to_end_from_a_job_file_with_flags_over_it(
     shards: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -108,6 +109,7 @@ target: label
     assert f"report: {index}" in out and "opticam" in out
 
 
+@pytest.mark.e2e
 def test_a_factory_model_runs_with_its_preprocessing_from_the_cli_alone(
     shards: list[str], tmp_path: Path
 ) -> None:
@@ -310,6 +312,7 @@ def test_demo_run_config_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert flagged.data_options() == {"client_kwargs": {"endpoint_url": "http://e"}}
 
 
+@pytest.mark.e2e
 def test_python_dash_m_entry_point_prints_help() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "opticam", "--help"],
@@ -570,6 +573,7 @@ def test_exit_status_says_whether_images_were_lost(
         assert line in err
 
 
+@pytest.mark.e2e
 def test_a_disk_that_fills_up_mid_run_ends_it_in_one_line_with_the_summary(
     tmp_path: Path,
 ) -> None:
@@ -683,6 +687,7 @@ def test_library_errors_quote_values_in_a_few_hundred_characters() -> None:
     assert len(str(UserError(huge))) < 2_100
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "argv",
     [

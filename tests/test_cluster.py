@@ -29,6 +29,8 @@ from cluster import Cluster, running_cluster, wait_for
 
 from opticam import store
 
+pytestmark = pytest.mark.e2e
+
 # Distinct fake credentials: the parent's (given on its command line) and the workers'
 # (their environment). Moto accepts any.
 PARENT_KEY, PARENT_SECRET = "AKIAPARENTKEY0000001", "parent-secret-5be1c0d2"

@@ -143,6 +143,7 @@ def test_pack_csv_with_boxes_and_unlabelled_rows(tmp_path: Path) -> None:
     check_round_trip(urls, {"imgs/one.png": (1, "png", png), "imgs/two.jpg": (2, "jpg", jpg)})
 
 
+@pytest.mark.e2e
 def test_pack_to_and_from_s3(
     image_folder: tuple[Path, dict[str, tuple[int, str, bytes]]],
     s3_bucket: str,

@@ -135,6 +135,7 @@ def test_read_local_shards(shard_dir: Path) -> None:
         assert np.array_equal(np.asarray(sample.image), np.asarray(colour_image(index)))
 
 
+@pytest.mark.e2e
 def test_read_from_s3_with_env_endpoint(
     s3_bucket: str,
     s3_storage_options: dict[str, Any],
@@ -163,6 +164,7 @@ def test_read_from_s3_with_env_endpoint(
     assert errors_of(missing) == [(None, "open")] and not missing.complete
 
 
+@pytest.mark.e2e
 def test_pipe_urls_only_when_allowed(tmp_path: Path, shard_dir: Path) -> None:
     sentinel = tmp_path / "ran"
     command = f"pipe:touch {sentinel}; cat {shard_dir / 'shard-000000.tar'}"
@@ -810,6 +812,7 @@ def test_shard_stream_error_survives_pickling() -> None:
     assert "after 17 samples" in str(copy) and "ClientPayloadError: cut" in str(copy)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "make_error",
     [

@@ -151,6 +151,7 @@ def test_storage_options_for_s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Non
     }
 
 
+@pytest.mark.e2e
 def test_expand_shards_on_s3_with_brace_glob_and_env_endpoint(
     s3_bucket: str,
     s3_storage_options: dict[str, Any],
@@ -231,6 +232,7 @@ def test_a_symlink_before_dotdot_is_resolved_not_folded(tmp_path: Path) -> None:
     assert expand_shards(str(tmp_path / "a/x.tar")) == [str(tmp_path / "a/x.tar")]
 
 
+@pytest.mark.e2e
 def test_on_s3_a_doubled_slash_or_dot_segment_is_another_key(
     s3_bucket: str, s3_storage_options: dict[str, Any]
 ) -> None:

@@ -107,6 +107,7 @@ def test_make_shards_is_byte_identical_for_the_same_seed(tmp_path: Path) -> None
     assert all(x != y for x, y in zip(_tar_bytes(first), _tar_bytes(other), strict=True))
 
 
+@pytest.mark.e2e
 def test_make_shards_writes_the_same_bytes_to_s3(
     tmp_path: Path, s3_bucket: str, s3_storage_options: dict[str, Any]
 ) -> None:

@@ -530,6 +530,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+@pytest.mark.e2e
 def test_copied_files_are_enough_to_build_the_wheel(wheel: Path) -> None:
     archive = zipfile.ZipFile(wheel)
     names = set(archive.namelist())
@@ -580,6 +581,7 @@ for entrypoint in sorted(entrypoints):
 """
 
 
+@pytest.mark.e2e
 def test_the_installed_package_has_no_top_level_flows_and_runs(wheel: Path, tmp_path: Path) -> None:
     """``pip install`` of the wheel: only opticam and opticam_flows, and both work."""
     target = tmp_path / "site"
@@ -629,6 +631,7 @@ def test_the_installed_package_has_no_top_level_flows_and_runs(wheel: Path, tmp_
     assert (run_folder / "report" / "index.html").is_file()
 
 
+@pytest.mark.e2e
 def test_entrypoint_runs_the_workers_or_the_given_command(tmp_path: Path) -> None:
     """The image's entrypoint script, with a stand-in `opticam` that prints its arguments."""
     instructions = _dockerfile_instructions(_dockerfile())

@@ -63,6 +63,7 @@ def _size(url: str, options: dict[str, Any]) -> int:
     return int(s3fs.S3FileSystem(**options).size(url))
 
 
+@pytest.mark.e2e
 def test_a_cut_connection_reads_the_shard_again_and_loses_nothing(
     s3_shard: str, s3_endpoint: str, s3_storage_options: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -80,6 +81,7 @@ def test_a_cut_connection_reads_the_shard_again_and_loses_nothing(
     assert errors == []
 
 
+@pytest.mark.e2e
 def test_a_connection_that_keeps_failing_fails_the_shard_and_leaves_it_to_do(
     s3_shard: str, s3_endpoint: str, s3_storage_options: dict[str, Any], tmp_path: Path
 ) -> None:

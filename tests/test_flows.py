@@ -118,6 +118,7 @@ def local_run(
     }
 
 
+@pytest.mark.e2e
 def test_demo_end_to_end_local(local_run: dict[str, Any]) -> None:
     config, result = local_run["config"], local_run["result"]
     run = pipeline.run_url_of(config)
@@ -152,6 +153,7 @@ def test_demo_end_to_end_local(local_run: dict[str, Any]) -> None:
     assert sum(d["n"] for e, d in local_run["events"] if e == "images") == 12
 
 
+@pytest.mark.e2e
 def test_artifacts_are_published(local_run: dict[str, Any]) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -179,6 +181,7 @@ def test_artifacts_are_published(local_run: dict[str, Any]) -> None:
     assert any(a.flow_run_id == local_run["id"] for a in by_key)
 
 
+@pytest.mark.e2e
 def test_rerunning_the_same_job_processes_nothing(flows: Any, local_run: dict[str, Any]) -> None:
     config = local_run["config"]
     run = pipeline.run_url_of(config)
@@ -192,6 +195,7 @@ def test_rerunning_the_same_job_processes_nothing(flows: Any, local_run: dict[st
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
 
+@pytest.mark.e2e
 def test_deleting_one_shard_reprocesses_only_that_one(
     flows: Any, local_run: dict[str, Any]
 ) -> None:
@@ -211,6 +215,7 @@ def test_deleting_one_shard_reprocesses_only_that_one(
     assert without_timing(result["summary"]) == without_timing(local_run["result"]["summary"])
 
 
+@pytest.mark.e2e
 def test_a_changed_job_never_shares_the_run_folder(
     flows: Any, local_run: dict[str, Any], shards: list[str]
 ) -> None:
@@ -226,6 +231,7 @@ def test_a_changed_job_never_shares_the_run_folder(
     assert store.read_rows(pipeline.run_url_of(config), ["key"]).num_rows == 36
 
 
+@pytest.mark.e2e
 def test_one_tar_named_many_ways_is_planned_computed_and_counted_once(
     flows: Any, shards: list[str], tmp_path: Path
 ) -> None:
@@ -259,6 +265,7 @@ def test_one_tar_named_many_ways_is_planned_computed_and_counted_once(
     assert "4 more entries named a shard already listed" in shown.getvalue()
 
 
+@pytest.mark.e2e
 def test_a_damaged_rows_file_is_moved_aside_and_its_shard_computed_again(
     flows: Any, shards: list[str], tmp_path: Path
 ) -> None:
@@ -288,6 +295,7 @@ def bucket(s3_endpoint: str) -> str:
     return f"s3://{name}"
 
 
+@pytest.mark.e2e
 def test_demo_end_to_end_with_s3_output(
     flows: Any, shards: list[str], bucket: str, s3_endpoint: str
 ) -> None:
@@ -326,6 +334,7 @@ def test_demo_end_to_end_with_s3_output(
     assert (again["shards_processed"], again["shards_skipped"]) == (0, 2)
 
 
+@pytest.mark.e2e
 def test_no_shards_fails_before_any_work(flows: Any, tmp_path: Path) -> None:
     config = make_config(["/nowhere/x.tar"], str(tmp_path / "runs"), data=f"{tmp_path}/none-*.tar")
     with pytest.raises(NoShardsError):
@@ -333,6 +342,7 @@ def test_no_shards_fails_before_any_work(flows: Any, tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e
 def test_failed_shard_is_recorded_and_retried_by_the_next_run(
     flows: Any, shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -363,6 +373,7 @@ def test_failed_shard_is_recorded_and_retried_by_the_next_run(
     assert (again["shards_processed"], again["shards_skipped"], again["shards_failed"]) == (1, 1, 0)
 
 
+@pytest.mark.e2e
 def test_shards_held_elsewhere_or_done_meanwhile_are_told_apart(
     flows: Any, shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -384,6 +395,7 @@ def test_shards_held_elsewhere_or_done_meanwhile_are_told_apart(
     )
 
 
+@pytest.mark.e2e
 def test_transient_errors_are_retried(
     flows: Any, shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -405,6 +417,7 @@ def test_transient_errors_are_retried(
     assert len(attempts) == 3 and result["shards_processed"] == 1
 
 
+@pytest.mark.e2e
 def test_explain_shard_flow_processes_or_skips(
     flows: Any, shards: list[str], tmp_path: Path
 ) -> None:
@@ -443,6 +456,7 @@ def test_botocore_errors_are_transient() -> None:
     assert is_transient_error(EndpointConnectionError(endpoint_url="http://x"))
 
 
+@pytest.mark.e2e
 def test_shard_task_runs_have_printable_names(
     flows: Any, shards: list[str], tmp_path: Path
 ) -> None:

@@ -38,6 +38,7 @@ def loaded_after(code: str) -> set[str]:
     return set(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "code",
     [
@@ -72,6 +73,7 @@ def _library_modules() -> list[str]:
     return sorted(names)
 
 
+@pytest.mark.e2e
 def test_no_library_module_loads_prefect() -> None:
     modules = _library_modules()
     # Every subpackage and the modules that sit closest to the flows must be covered.
@@ -81,6 +83,7 @@ def test_no_library_module_loads_prefect() -> None:
     assert "prefect" not in loaded
 
 
+@pytest.mark.e2e
 def test_the_flows_do_load_prefect() -> None:
     # The control for the test above: the probe sees Prefect when it is imported.
     assert "prefect" in loaded_after("import opticam_flows.explain")

@@ -22,6 +22,8 @@ import pytest
 from opticam.demo import make_shards
 from opticam.lifeline import Terminated, supervised
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 ENV.pop("PREFECT_API_URL", None)

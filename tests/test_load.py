@@ -37,6 +37,7 @@ print(json.dumps(after))
 """
 
 
+@pytest.mark.e2e
 def test_resident_memory_stays_flat_over_many_shards(tmp_path: Path) -> None:
     # A fresh interpreter: what earlier tests left in this one's heap would blur the
     # measure (the allocator does not give freed memory back evenly).

@@ -607,6 +607,7 @@ def test_channels_last_gives_the_same_maps(seed: int) -> None:
     assert torch.equal(fast.diagnostics["passes"], plain.diagnostics["passes"])
 
 
+@pytest.mark.e2e
 def test_compile_gives_the_same_maps() -> None:
     import torch._dynamo
 

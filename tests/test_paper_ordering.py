@@ -2,7 +2,10 @@
 
 METHOD.md section 5: Opti-CAM far below Grad-CAM on Average Drop and far above it on
 Average Gain and Average Increase; Fake-CAM with a small drop but a gain near zero.
-Held-out images use a seed the classifier never saw in training.
+Held-out images use a seed the classifier never saw in training. Kept small for the quick
+test run (50 images, Opti-CAM at 30 iterations: about 4 s on 2 CPU cores, against a minute
+for 200 images at the paper's 100); measured margins at this size: Opti-CAM's AD is 0.19 of
+Grad-CAM's (the bound is 0.5), its AG 6.7 times Grad-CAM's (the bound is 2).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from opticam.demo.train import HELDOUT_SEED, TRAIN_SEED, VAL_SEED, load_images
 from opticam.methods import get_explainer
 from opticam.metrics import average_drop, average_gain, average_increase, faithfulness_terms
 
-N_IMAGES = 200
+N_IMAGES = 50
+#: Opti-CAM's Adam steps (the paper's 100 gives the same ordering with wider margins).
+ITERATIONS = 30
 # Far from the seeds used for training, validation and the reported held-out numbers.
 ORDERING_SEED = 31337
 
@@ -29,7 +34,8 @@ def scores() -> dict[str, dict[str, float]]:
     images = images_u8.float() / 255.0
     out: dict[str, dict[str, float]] = {}
     for method in ("opticam", "gradcam", "fakecam"):
-        explainer = get_explainer(method, model)
+        options = {"iterations": ITERATIONS} if method == "opticam" else {}
+        explainer = get_explainer(method, model, **options)
         p_clean, p_masked = [], []
         for start in range(0, N_IMAGES, 50):
             x, y = images[start : start + 50], labels[start : start + 50]

@@ -100,6 +100,7 @@ def auth_server(tmp_path: Path) -> Iterator[str]:
     server.server_close()
 
 
+@pytest.mark.e2e
 def test_a_password_in_data_urls_is_written_nowhere(auth_server: str, tmp_path: Path) -> None:
     output = tmp_path / "runs"
     prefect_home = tmp_path / "prefect"

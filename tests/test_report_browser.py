@@ -20,9 +20,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_report import METHODS, make_synthetic_run
+from report_run import METHODS, make_synthetic_run
 
 from opticam.report import build_report
+
+pytestmark = pytest.mark.e2e
 
 CHROMIUM = os.environ.get("OPTICAM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = (

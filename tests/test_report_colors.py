@@ -80,6 +80,7 @@ def test_bad_inputs_name_the_offending_value() -> None:
         colorize(np.zeros((2, 4, 4)))
 
 
+@pytest.mark.e2e
 def test_importing_colors_imports_neither_torch_nor_pyplot() -> None:
     # The CLI imports it for `opticam explain`; the report draws with the Agg renderer.
     code = (

@@ -28,7 +28,7 @@ from markdown_it import MarkdownIt
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.text import Text
 from PIL import Image
-from test_report import _parse, _read, make_synthetic_run
+from report_run import _parse, _read, make_synthetic_run
 
 from opticam.report import build_report
 

@@ -47,6 +47,7 @@ def test_visible_gpus_reads_the_variable_first() -> None:
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_every_worker(tmp_path: object) -> None:
     # No server listens on this port: the workers keep trying to connect until stopped.
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_HOME": str(tmp_path)}

@@ -573,6 +573,7 @@ def test_unreachable_hub_fails_fast_without_offline_mode(monkeypatch: pytest.Mon
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.e2e
 def test_zoo_packages_load_only_with_a_zoo_source() -> None:
     code = "import opticam.models, opticam.zoo, opticam.pipeline, sys\n"
     code += "print(sorted({'timm', 'transformers'} & {m.split('.')[0] for m in sys.modules}))"
@@ -619,6 +620,7 @@ sys.exit(max(codes))
 """
 
 
+@pytest.mark.e2e
 def test_opticam_run_with_timm_and_hf_models(hf_folders: dict[str, str], tmp_path: Path) -> None:
     shard = make_shards(str(tmp_path / "data"), 1, 3, seed=7)[0]
     torch.manual_seed(0)

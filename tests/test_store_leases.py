@@ -64,6 +64,7 @@ def test_a_stale_lease_is_taken_over_once_and_renewal_moves_on(tmp_path: Path) -
     assert leases.current_lease(run, shard) is None
 
 
+@pytest.mark.e2e
 def test_leases_on_s3_are_exclusive(s3_bucket: str, s3_storage_options: dict[str, Any]) -> None:
     import s3fs
 
@@ -121,6 +122,7 @@ def test_a_live_lease_of_another_worker_skips_the_shard_without_writing(tmp_path
     assert not (Path(run) / "errors").exists()
 
 
+@pytest.mark.e2e
 def test_the_lease_of_an_ended_process_on_this_host_is_free_at_once(tmp_path: Path) -> None:
     import socket
     import subprocess

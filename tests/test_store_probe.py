@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import pytest
 
 import opticam.models
-from opticam import cli, pipeline, store
+from opticam import cli, pipeline
 from opticam.config import RunConfig
 from opticam.demo import make_shards
 from opticam.errors import OutputError, UserError
@@ -209,6 +209,7 @@ def test_s3_endpoint_that_does_not_answer(workdir: Path, refused: Refused) -> No
     only_data_in(workdir)
 
 
+@pytest.mark.e2e
 def test_s3_endpoint_that_accepts_and_never_answers(
     workdir: Path, refused: Refused, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -274,6 +275,7 @@ ACCESS_DENIED = (
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fake_s3", [(404, b"")], indirect=True)
 def test_s3_endpoint_that_is_not_s3(workdir: Path, refused: Refused, fake_s3: str) -> None:
     # A web server (or a proxy) at the endpoint: a bare 404 is no sign of a missing bucket.
@@ -287,6 +289,7 @@ def test_s3_endpoint_that_is_not_s3(workdir: Path, refused: Refused, fake_s3: st
     only_data_in(workdir)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fake_s3", [(403, ACCESS_DENIED)], indirect=True)
 def test_s3_access_denied(workdir: Path, refused: Refused, fake_s3: str) -> None:
     refused(
@@ -298,6 +301,7 @@ def test_s3_access_denied(workdir: Path, refused: Refused, fake_s3: str) -> None
     only_data_in(workdir)
 
 
+@pytest.mark.e2e
 def test_s3_without_credentials(
     workdir: Path,
     refused: Refused,
@@ -326,6 +330,7 @@ def test_s3_without_credentials(
     only_data_in(workdir)
 
 
+@pytest.mark.e2e
 def test_s3_bucket_that_does_not_exist(
     workdir: Path, refused: Refused, s3_endpoint: str, s3_storage_options: dict[str, Any]
 ) -> None:
@@ -357,6 +362,7 @@ def test_writable_local_output_passes_and_leaves_no_probe(tmp_path: Path) -> Non
     assert list(output.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_writable_bucket_passes_and_leaves_no_probe(
     s3_bucket: str, s3_storage_options: dict[str, Any]
 ) -> None:
@@ -428,7 +434,3 @@ def test_an_unknown_failure_keeps_its_traceback(
         probe.check_output(str(tmp_path), {})
     assert not isinstance(caught.value, UserError)
     assert caught.value.errno == errno.EIO
-
-
-def test_check_output_is_exported() -> None:
-    assert store.check_output is probe.check_output
