@@ -74,6 +74,7 @@ def test_a_users_own_choice_is_left_alone() -> None:
         allocator._state.update(saved)
 
 
+@pytest.mark.e2e
 def test_the_allocator_is_tuned_by_the_first_explanation_not_by_an_import() -> None:
     code = (
         "import json\n"

@@ -528,6 +528,7 @@ def test_a_bug_keeps_its_traceback(
         cli.main(["run", "--data", shards[0]])
 
 
+@pytest.mark.e2e  # the run's lifeline watchdog is a process
 @pytest.mark.parametrize(
     ("incomplete", "failed", "status", "line"),
     [
