@@ -202,3 +202,16 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     return (yield from _fail_if_it_starts_anything(item))
+
+
+@pytest.fixture
+def tiny_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``factory:tiny:build`` resolves to the suite's TinyNet (tests/tiny.py); the model
+    cache is cleared afterwards, so no other test sees that model."""
+    import tiny
+
+    from opticam import pipeline
+
+    tiny.register(monkeypatch)
+    yield
+    pipeline.clear_model_cache()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,8 @@ from opticam.data import NoShardsError
 from opticam.demo import make_shards
 from opticam.errors import ConfigError, UserError
 
-
-@pytest.fixture(autouse=True)
-def tiny_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """``factory:tiny:build`` resolves to the suite's TinyNet."""
-    tiny.register(monkeypatch)
-    yield
-    pipeline.clear_model_cache()
+# ``factory:tiny:build`` resolves to the suite's TinyNet (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("tiny_factory")
 
 
 @pytest.fixture(scope="module")

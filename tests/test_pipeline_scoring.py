@@ -3,7 +3,6 @@ maps and the non-finite ones."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,8 @@ import torch
 from opticam import pipeline, store
 from opticam.demo import make_shards
 
-
-@pytest.fixture(autouse=True)
-def tiny_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """``factory:tiny:build`` resolves to the suite's TinyNet."""
-    tiny.register(monkeypatch)
-    yield
-    pipeline.clear_model_cache()
+# ``factory:tiny:build`` resolves to the suite's TinyNet (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("tiny_factory")
 
 
 @pytest.fixture(scope="module")

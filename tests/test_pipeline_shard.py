@@ -4,7 +4,6 @@ failures."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,13 +14,8 @@ from opticam import pipeline, store
 from opticam.data import ShardWriter
 from opticam.demo import generate_sample, make_shards
 
-
-@pytest.fixture(autouse=True)
-def tiny_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """``factory:tiny:build`` resolves to the suite's TinyNet."""
-    tiny.register(monkeypatch)
-    yield
-    pipeline.clear_model_cache()
+# ``factory:tiny:build`` resolves to the suite's TinyNet (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("tiny_factory")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,8 @@ import tiny
 from opticam import pipeline, store
 from opticam.demo import make_shards
 
-
-@pytest.fixture(autouse=True)
-def tiny_factory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    tiny.register(monkeypatch)
-    yield
-    pipeline.clear_model_cache()
+# ``factory:tiny:build`` resolves to the suite's TinyNet (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("tiny_factory")
 
 
 @pytest.fixture(scope="module")
