@@ -52,6 +52,9 @@ REWORDED: dict[str, str] = {
     "| run folder layout and atomic writes; Parquet schemas and `ShardStatus`; `run.json`": (
         "docs/architecture.md: store/checks.py (damaged rows files, issue 17) added"
     ),
+    "(percent; s/img is the explain time alone, metrics excluded; the report also gives": (
+        "docs/benchmarks.md: the paper-ordering test runs on 50 images now (make check)"
+    ),
     "Error files have `run_id, shard, key, stage, message`; both files carry": (
         "docs/output-schema.md: store.read_shard_status was renamed store.read_statuses"
     ),
