@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opticam.allocator import tune_allocator
 from opticam.errors import short_repr
 from opticam.names import NORMALIZATIONS
 
@@ -241,7 +240,6 @@ class Explainer(ABC):
         self, images: Tensor, targets: Tensor | Sequence[int] | None = None
     ) -> Explanation:
         """Explain ``images`` for ``targets``; see the class docstring."""
-        tune_allocator()  # once per process, when the first explanation runs
         t = check_inputs(images, targets)
         start = time.perf_counter()
         result = self.explain(images.detach(), t)
