@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from opticam.errors import shorten
-from opticam.store.layout import failing_for_good, filesystem, invalidate, join
+from opticam.store.layout import failing_for_good, filesystem, invalidate, is_local, join
 from opticam.store.tables import STATUS_KEY
 
 __all__ = [
@@ -56,11 +56,6 @@ class DoneCheck:
 
     done: list[str] = field(default_factory=list)
     damaged: dict[str, str] = field(default_factory=dict)
-
-
-def _is_local(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
-    return bool({"file", "local"} & set(protocols))
 
 
 def _footer(fs: Any, path: str) -> tuple[Any, dict[str, Any] | None]:
@@ -104,7 +99,7 @@ def _recorded_sizes(fs: Any, folder: str, names: list[str]) -> dict[str, Any]:
             return name, None
         return name, (status or {}).get("rows_bytes")
 
-    with ThreadPoolExecutor(1 if _is_local(fs) else _READERS) as pool:
+    with ThreadPoolExecutor(1 if is_local(fs) else _READERS) as pool:
         return {n: size for n, size in pool.map(read, names) if size is not None}
 
 
@@ -141,7 +136,7 @@ def check_done_rows(run: str, storage_options: Mapping[str, Any] | None = None) 
         return name, _problem(fs, path, name, size, recorded.get(name))
 
     result = DoneCheck()
-    with ThreadPoolExecutor(1 if _is_local(fs) else _READERS) as pool:
+    with ThreadPoolExecutor(1 if is_local(fs) else _READERS) as pool:
         for name, problem in pool.map(check, names):
             if problem is None:
                 result.done.append(name)
@@ -165,11 +160,11 @@ def set_aside(run: str, name: str, storage_options: Mapping[str, Any] | None = N
     source = join(base, "shards", f"{name}.parquet")
     target = join(base, DAMAGED_FOLDER, f"{name}.{stamp}.parquet")
     with failing_for_good(f"{run}/{DAMAGED_FOLDER}"):
-        if _is_local(fs):
+        if is_local(fs):
             fs.makedirs(join(base, DAMAGED_FOLDER), exist_ok=True)
         fs.mv(source, target)
     invalidate(fs, join(base, "shards"))
-    return str(fs.unstrip_protocol(target)) if not _is_local(fs) else target
+    return str(fs.unstrip_protocol(target)) if not is_local(fs) else target
 
 
 def readable_files(fs: Any, paths: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -185,7 +180,7 @@ def readable_files(fs: Any, paths: list[str]) -> tuple[list[str], dict[str, str]
 
     good: list[str] = []
     bad: dict[str, str] = {}
-    with ThreadPoolExecutor(1 if _is_local(fs) else _READERS) as pool:
+    with ThreadPoolExecutor(1 if is_local(fs) else _READERS) as pool:
         for path, problem in pool.map(check, paths):
             if problem is None:
                 good.append(path)

@@ -41,6 +41,7 @@ __all__ = [
     "permanent_cause",
     "storage_failure",
     "invalidate",
+    "is_local",
     "errors_url",
     "filesystem",
     "join",
@@ -117,6 +118,11 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any
     """``(fsspec filesystem, path)`` of a URL."""
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     return fs, path
+
+
+def is_local(fs: Any) -> bool:
+    """Whether ``fs`` is the local filesystem (paths there are shown without a protocol)."""
+    return isinstance(fs, LocalFileSystem)
 
 
 def invalidate(fs: Any, path: str) -> None:
@@ -239,7 +245,7 @@ def atomic_write_bytes(
 
 def _atomic_write(url: str, data: bytes, storage_options: Mapping[str, Any] | None) -> None:
     fs, path = filesystem(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
+    if is_local(fs):
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)

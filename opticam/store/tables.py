@@ -37,6 +37,7 @@ from opticam.store.layout import (
     errors_url,
     filesystem,
     invalidate,
+    is_local,
     join,
     list_parquet,
     rows_url,
@@ -349,7 +350,7 @@ def _read_table(
     good, bad = readable_files(fs, files)
 
     def left_out(path: str, why: str) -> None:
-        url = path if _is_local_fs(fs) else str(fs.unstrip_protocol(path))
+        url = path if is_local(fs) else str(fs.unstrip_protocol(path))
         logger.warning("left out of what was read: %s: %s", redact_url(url), why)
         if unreadable is not None:
             unreadable[redact_url(url)] = why
@@ -370,11 +371,6 @@ def _read_table(
         except (OSError, pa.ArrowException) as exc:
             left_out(path, shorten(f"its data could not be read ({type(exc).__name__}: {exc})"))
     return pa.concat_tables(tables) if tables else empty
-
-
-def _is_local_fs(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
-    return bool({"file", "local"} & set(protocols))
 
 
 # What rows files of every version are read with: the current columns (nullable, since a
