@@ -1,0 +1,87 @@
+"""The run comparer of .ci/compare_runs.py: equal runs pass, a changed value does not."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from report_run import make_synthetic_run
+
+from opticam.report import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compare() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("compare_runs", ROOT / ".ci" / "compare_runs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(root: Path) -> Path:
+    run, _ = make_synthetic_run(str(root), shards=2, per_shard=3)
+    build_report(run, n_boot=20, seed=0, gallery_size=0)
+    return Path(run)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> tuple[Path, Path]:
+    """The same job run twice (new timestamps), the first run's folder copied aside."""
+    first = _run(tmp_path / "job")
+    before = tmp_path / "before" / first.name
+    shutil.copytree(first, before)
+    shutil.rmtree(tmp_path / "job")
+    after = _run(tmp_path / "job")
+    assert after == first
+    return before, after
+
+
+def _rewrite_rows(run: Path, compare: ModuleType, column: str, change) -> Path:
+    path = next(iter(compare.parquet_files(run, "rows").values()))
+    file = pq.ParquetFile(path)
+    table = file.read()
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, table.schema.field(index), change(table.column(index)))
+    pq.write_table(table.replace_schema_metadata(file.schema_arrow.metadata), path)
+    return path
+
+
+def test_two_runs_of_one_job_are_equal_apart_from_timings(compare, runs, capsys) -> None:
+    before, after = runs
+    _rewrite_rows(after, compare, "seconds", lambda c: pc.add(c, 1.0))
+    assert compare.main([str(before), str(after)]) == 0
+    assert "equal" in capsys.readouterr().out
+
+
+def test_a_changed_value_is_a_difference_named_by_its_column(compare, runs, capsys) -> None:
+    before, after = runs
+    path = _rewrite_rows(after, compare, "drop", lambda c: pc.add(c, 1e-9))
+    assert compare.main([str(before), str(after)]) == 1
+    assert f"rows/{path.name}: column 'drop' differs" in capsys.readouterr().out
+
+
+def test_the_older_layout_and_column_names_compare_equal(compare, runs) -> None:
+    before, after = runs
+    old_names = {new: old for old, new in compare.RENAMED_COLUMNS.items() if old != "saliency_kind"}
+    folder = compare.rows_folder(before)
+    legacy = before / "shards"
+    for path in compare.parquet_files(before, "rows").values():
+        file = pq.ParquetFile(path)
+        table = file.read()
+        table = table.rename_columns([old_names.get(n, n) for n in table.column_names])
+        path.unlink()
+        legacy.mkdir(exist_ok=True)
+        pq.write_table(
+            table.replace_schema_metadata(file.schema_arrow.metadata), legacy / path.name
+        )
+    if folder != legacy:
+        shutil.rmtree(folder)
+    assert compare.main([str(before), str(after)]) == 0
