@@ -62,7 +62,7 @@ from opticam.pipeline import (
     resolve_device,
     run_url_of,
 )
-from opticam.progress import duplicates_note
+from opticam.pipeline.plan import duplicates_note
 from opticam.redact import redact_url
 
 from .events import (

@@ -18,6 +18,7 @@ from opticam import cli, store
 from opticam.data import ShardReader
 from opticam.demo import cache as demo_cache
 from opticam.demo import generate_sample, make_shards
+from opticam.errors import CLIError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -272,9 +273,9 @@ def test_storage_options_parsing() -> None:
         "default_block_size": 5,
         "client_kwargs": {"region_name": "eu-west-1", "endpoint_url": "http://127.0.0.1:9000"},
     }
-    with pytest.raises(cli.CLIError):
+    with pytest.raises(CLIError):
         cli.parse_storage_options(["=x"])
-    with pytest.raises(cli.CLIError, match="conflicts"):
+    with pytest.raises(CLIError, match="conflicts"):
         cli.parse_storage_options(["a=1", "a.b=2"])
 
 

@@ -544,7 +544,7 @@ def test_copied_files_are_enough_to_build_the_wheel(wheel: Path) -> None:
     assert tops == {"opticam", "opticam_flows"}, tops
     for needed in (
         "opticam_flows/explain.py",
-        "opticam/cli.py",
+        "opticam/cli/main.py",
         "opticam/demo/demo_classifier.pt",
         "opticam/report/templates/index.html.j2",
     ):

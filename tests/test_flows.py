@@ -257,7 +257,7 @@ def test_one_tar_named_many_ways_is_planned_computed_and_counted_once(
     assert sum(r["images"] for r in result["summary"]) == 12
     plan = next(d for e, d in events if e == "plan")
     assert (plan["total"], plan["duplicates"]) == (2, 4)
-    from opticam.progress import RunProgress
+    from opticam.cli.progress import RunProgress
 
     shown = io.StringIO()
     RunProgress(shown)("plan", plan)

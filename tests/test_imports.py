@@ -87,3 +87,34 @@ def test_no_library_module_loads_prefect() -> None:
 def test_the_flows_do_load_prefect() -> None:
     # The control for the test above: the probe sees Prefect when it is imported.
     assert "prefect" in loaded_after("import opticam_flows.explain")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_library_never_imports_the_command_line() -> None:
+    # opticam.cli (the parser, the commands, the lifeline, the workers, the progress
+    # display) sits on top of the library; nothing below it may reach up into it.
+    library = [
+        p
+        for p in sorted((REPO / "opticam").rglob("*.py"))
+        if "cli" not in p.relative_to(REPO / "opticam").parts[:1] and p.name != "__main__.py"
+    ]
+    assert len(library) > 40, library
+    reaching_up = {
+        str(p.relative_to(REPO)): sorted(
+            m for m in _imported_modules(p) if m.startswith("opticam.cli")
+        )
+        for p in library
+    }
+    assert {p: m for p, m in reaching_up.items() if m} == {}

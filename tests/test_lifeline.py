@@ -19,8 +19,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from opticam.cli.lifeline import Terminated, supervised
 from opticam.demo import make_shards
-from opticam.lifeline import Terminated, supervised
 
 pytestmark = pytest.mark.e2e
 
@@ -151,7 +151,7 @@ def test_sigterm_stops_at_once_with_one_line_and_143(
 # before it is printed, which the watchdog finds by the token in its environment.
 KILLED_PARENT = """
 import subprocess, time
-from opticam.lifeline import POLL_INTERVAL, supervised
+from opticam.cli.lifeline import POLL_INTERVAL, supervised
 with supervised("parent"):
     recorded = subprocess.Popen(["sleep", "60"], env={})
     time.sleep(3 * POLL_INTERVAL)
@@ -188,7 +188,7 @@ def test_watchdog_stops_the_descendants_of_a_killed_process_and_nothing_else(
 # Prefect's task runner, unwinding, waits for the thread of the shard in progress.
 STUCK_PARENT = """
 import subprocess, threading, time
-from opticam.lifeline import supervised
+from opticam.cli.lifeline import supervised
 with supervised("stuck"):
     child = subprocess.Popen(["sleep", "60"])
     worker = threading.Thread(target=time.sleep, args=(60,))

@@ -12,8 +12,8 @@ import time
 import psutil
 import pytest
 
+from opticam.cli.workers import HEARTBEAT_SECONDS, plan_workers, visible_gpus
 from opticam.errors import ConfigError
-from opticam.workers import HEARTBEAT_SECONDS, plan_workers, visible_gpus
 
 
 def test_one_worker_per_visible_gpu_each_seeing_one_card() -> None:

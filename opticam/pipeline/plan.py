@@ -22,6 +22,7 @@ from opticam.redact import redact_url
 __all__ = [
     "check_methods",
     "clear_model_cache",
+    "duplicates_note",
     "explainers",
     "get_loaded_model",
     "PendingShards",
@@ -101,6 +102,14 @@ class ShardPlan(list[dict[str, Any]]):
     """
 
     duplicates: int = 0
+
+
+def duplicates_note(duplicates: int) -> str:
+    """The plan line's note on data-spec entries that named a shard already listed."""
+    if not duplicates:
+        return ""
+    entries = "entry" if duplicates == 1 else "entries"
+    return f" ({duplicates} more {entries} named a shard already listed, planned once)"
 
 
 def plan_shards(config: RunConfig) -> ShardPlan:

@@ -13,15 +13,9 @@ import sys
 import threading
 from typing import Any, TextIO
 
-__all__ = ["RunProgress", "duplicates_note"]
+from opticam.pipeline.plan import duplicates_note
 
-
-def duplicates_note(duplicates: int) -> str:
-    """The plan line's note on data-spec entries that named a shard already listed."""
-    if not duplicates:
-        return ""
-    entries = "entry" if duplicates == 1 else "entries"
-    return f" ({duplicates} more {entries} named a shard already listed, planned once)"
+__all__ = ["RunProgress"]
 
 
 class RunProgress:

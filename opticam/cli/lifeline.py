@@ -21,7 +21,7 @@ Inside :func:`supervised`:
   ``128 + signal`` without waiting for threads (2.4 s after SIGTERM, measured). Outputs
   are written atomically when a shard ends, so the abandoned shard leaves nothing.
 - **SIGKILL, or any death, is cleaned up from outside** by a *lifeline* watchdog,
-  ``python -m opticam.lifeline``, in its own session so that Ctrl-C and a terminal
+  ``python -m opticam.cli.lifeline``, in its own session so that Ctrl-C and a terminal
   hang-up do not reach it. It holds the read end of a pipe whose write end only the
   supervised process holds (not inherited by exec'd children, closed in forked ones), so
   the kernel ends the pipe however that process dies. Until then it records the
@@ -223,7 +223,7 @@ def _snapshot(parent: psutil.Process) -> set[tuple[int, float]]:
 def watch(
     fd: int, pid: int, token: str, interval: float = POLL_INTERVAL, grace: float = GRACE
 ) -> int:
-    """The watchdog's loop (``python -m opticam.lifeline FD PID TOKEN``); returns 0.
+    """The watchdog's loop (``python -m opticam.cli.lifeline FD PID TOKEN``); returns 0.
 
     Writes ``ready`` to stdout once it knows the descendants that already exist, then
     records those started later; when ``fd`` reads :data:`_FREEZE` it records once more,
@@ -329,7 +329,7 @@ class _Lifeline:
         try:
             self.watchdog = subprocess.Popen(
                 [
-                    *(sys.executable, "-m", "opticam.lifeline"),
+                    *(sys.executable, "-m", "opticam.cli.lifeline"),
                     *(str(read_fd), str(os.getpid()), self.token),
                 ],
                 pass_fds=(read_fd,),
@@ -545,7 +545,7 @@ def _restore_variable(name: str, value: str | None) -> None:
 
 def _main(argv: list[str]) -> int:
     if len(argv) != 3:
-        sys.stderr.write("usage: python -m opticam.lifeline FD PID TOKEN\n")
+        sys.stderr.write("usage: python -m opticam.cli.lifeline FD PID TOKEN\n")
         return 2
     return watch(int(argv[0]), int(argv[1]), argv[2])
 

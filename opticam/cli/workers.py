@@ -121,7 +121,7 @@ def plan_workers(
 
 
 def _stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
-    from opticam.lifeline import stop_processes
+    from opticam.cli.lifeline import stop_processes
 
     tree: list[psutil.Process] = []
     for process in processes:
@@ -141,7 +141,7 @@ def run_workers(specs: Sequence[WorkerSpec]) -> int:
     Returns:
         0 after Ctrl-C/SIGTERM stopped them, 1 when they all exited on their own.
     """
-    from opticam.lifeline import Terminated, supervised
+    from opticam.cli.lifeline import Terminated, supervised
 
     processes: list[subprocess.Popen[bytes]] = []
     with supervised("opticam worker"):
