@@ -58,6 +58,21 @@ REWORDED: dict[str, str] = {
     "Error files have `run_id, shard, key, stage, message`; both files carry": (
         "docs/output-schema.md: store.read_shard_status was renamed store.read_statuses"
     ),
+    "Imports point downwards only. `opticam/` is a plain library that never imports Prefect": (
+        "docs/architecture.md: the command line moved apart from the library (opticam/cli/)"
+    ),
+    "``` opticam.cli (flags made from RunConfig)": (
+        "docs/architecture.md: the drawing names what opticam/cli/ holds now"
+    ),
+    "| the lifeline: SIGTERM/SIGINT stop cleanly, nothing outlives a SIGKILL": (
+        "docs/architecture.md: one row for opticam/cli/ (lifeline, workers, progress, commands)"
+    ),
+    "| progress display (rich) | `opticam/progress.py` |": (
+        "docs/architecture.md: one row for opticam/cli/ (lifeline, workers, progress, commands)"
+    ),
+    "| starting the Prefect workers of one machine (`opticam worker`)": (
+        "docs/architecture.md: one row for opticam/cli/ (lifeline, workers, progress, commands)"
+    ),
 }
 
 _LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
