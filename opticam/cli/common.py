@@ -8,6 +8,11 @@ __all__ = ["quiet_prefect", "shown_path"]
 
 
 def quiet_prefect(verbose: bool) -> None:
+    """Set Prefect's logging through its environment variables, before it is imported.
+
+    Args:
+        verbose: show Prefect's own INFO records on the console (``--verbose``).
+    """
     # Must happen before prefect is imported: its settings are read at import. Records at
     # INFO are always made, so that the flow and shard runs' logs reach the Prefect API
     # (the UI's Logs tab); without --verbose only the console handler drops them.
@@ -25,4 +30,5 @@ def quiet_prefect(verbose: bool) -> None:
 
 
 def shown_path(url: str) -> str:
+    """A ``file://`` URL as the plain path people type; other URLs unchanged."""
     return url[len("file://") :] if url.startswith("file://") else url

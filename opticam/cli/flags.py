@@ -167,6 +167,10 @@ def _add_flag(parser: argparse._ActionsContainer, flag: Flag, model: type[BaseMo
 
 
 def add_config_flags(parser: argparse.ArgumentParser, groups: Sequence[str]) -> None:
+    """Add the flags of the config ``groups`` (``run``, ``model``, ...) to ``parser``.
+
+    Each group gets its own titled section of the help.
+    """
     titles = {
         "run": "the job (RunConfig)",
         "model": "the model (ModelSpec)",
@@ -183,6 +187,7 @@ def add_config_flags(parser: argparse.ArgumentParser, groups: Sequence[str]) -> 
 
 
 def add_storage_flags(p: argparse.ArgumentParser) -> None:
+    """Add ``--storage-option KEY=VALUE`` (repeatable) and ``--s3-endpoint`` to ``p``."""
     p.add_argument(
         "--storage-option",
         action="append",
@@ -231,10 +236,12 @@ def parse_storage_options(pairs: Sequence[str], s3_endpoint: str | None = None) 
 
 
 def storage_options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The fsspec options the storage flags of ``args`` give (see :func:`parse_storage_options`)."""
     return parse_storage_options(args.storage_option or [], args.s3_endpoint)
 
 
 def group_values(args: argparse.Namespace, group: str) -> dict[str, Any]:
+    """``{field: value}`` of the flags of config group ``group`` given in ``args``."""
     out: dict[str, Any] = {}
     for flag in FLAGS:
         if flag.group == group and hasattr(args, flag.dest):
@@ -341,6 +348,7 @@ def apply_method_flags(args: argparse.Namespace, methods: list[dict[str, Any]]) 
 
 
 def positive_int(text: str) -> int:
+    """An argparse type: ``text`` as an integer of at least 1."""
     try:
         value = int(text)
     except ValueError:
@@ -353,6 +361,7 @@ def positive_int(text: str) -> int:
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
+    """Add ``--config FILE`` and every flag of the job (all config groups, storage) to ``p``."""
     p.add_argument(
         "--config",
         metavar="FILE",
@@ -364,6 +373,7 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
 
 
 def pool_name(value: str) -> str:
+    """An argparse type: a work pool name that Prefect and opticam accept."""
     from opticam.config import check_pool_name
 
     try:

@@ -270,17 +270,27 @@ def watch(
             record()
             recording = False
             reply("frozen")
-    # What was started since the last record: the children of recorded processes, and
-    # the processes that inherited the token (the supervised process's own children are
-    # not its children any more once it died).
-    targets = {p.pid: p for p in recorded.values() if p.is_running()}
-    for process in [*targets.values(), *_tagged(token, started_at, exclude=me)]:
+    stop_processes(_left_running(recorded.values(), token, started_at, me), grace)
+    return 0
+
+
+def _left_running(
+    recorded: Iterable[psutil.Process], token: str, since: float, me: int
+) -> list[psutil.Process]:
+    """What the watchdog stops, the children of each included.
+
+    The recorded processes that still run, and the processes started after ``since``
+    that inherited ``token``. The children matter: some were started after the last
+    record, and the supervised process's own children are not its children any more
+    once it died.
+    """
+    targets = {p.pid: p for p in recorded if p.is_running()}
+    for process in [*targets.values(), *_tagged(token, since, exclude=me)]:
         targets.setdefault(process.pid, process)
         for child in _descendants(process):
             if child.pid != me:
                 targets.setdefault(child.pid, child)
-    stop_processes(targets.values(), grace)
-    return 0
+    return list(targets.values())
 
 
 def _tagged(token: str, since: float, exclude: int) -> list[psutil.Process]:

@@ -48,8 +48,11 @@ _MAX_PROBLEMS = 5
 
 
 def _one_line(exc: BaseException) -> str:
-    """One line for a user's error, at most :data:`opticam.errors.MAX_MESSAGE_CHARS`
-    characters whatever it quotes (values are also shortened where they are quoted)."""
+    """One line for a user's error, whatever it quotes.
+
+    At most :data:`opticam.errors.MAX_MESSAGE_CHARS` characters; values are also
+    shortened where they are quoted.
+    """
     if isinstance(exc, ValidationError):
         parts = []
         problems = exc.errors()

@@ -39,6 +39,7 @@ class RunProgress:
         self._sizes: list[int] = []
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
+        """Show one progress event (``planned``, ``shard_done``, ...) of the run."""
         with self._lock:
             handler = getattr(self, f"_on_{event}", None)
             if handler is not None:

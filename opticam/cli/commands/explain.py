@@ -26,8 +26,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``opticam explain IMAGE...``: overlay PNGs of saliency maps for a few images
-    (:func:`opticam.overlays.write_overlays`)."""
+    """Write overlay PNGs of saliency maps for a few images; print what was written.
+
+    The work is :func:`opticam.overlays.write_overlays`.
+    """
     from opticam.overlays import write_overlays
 
     written = write_overlays(
