@@ -58,6 +58,19 @@ REWORDED: dict[str, str] = {
     "Error files have `run_id, shard, key, stage, message`; both files carry": (
         "docs/output-schema.md: store.read_shard_status was renamed store.read_statuses"
     ),
+    # Issue 18's rows files: <run>/shards/ became <run>/rows/ with schema version 3.
+    "``` <output>/<run_id>/run.json config (no secrets), versions, shard list,": (
+        "docs/output-schema.md: the rows files are in rows/ now (shards/ before version 3)"
+    ),
+    "```python import pandas as pd # or DuckDB, Polars, Spark... rows = pd.read_parquet(": (
+        "docs/output-schema.md: pandas reads the rows files from rows/ now"
+    ),
+    'Parquet schema (`SCHEMA_VERSION = "2"`)': (
+        "docs/output-schema.md: the schema is version 3 now"
+    ),
+    "Exactly-once shard output. A shard is done when its rows file (`shards/<name>.parquet`)": (
+        "docs/reliability.md: the rows files are in rows/ now"
+    ),
 }
 
 _LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")

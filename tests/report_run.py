@@ -157,7 +157,7 @@ def make_synthetic_run(
                 {"shard": shard, "key": "broken", "stage": "decode", "message": "bad <jpg>"}
             )
         store.write_errors(run, config.run_id, errors, status, storage_options=options)
-        store.write_shard(run, store.rows_to_table(rows), status, storage_options=options)
+        store.write_rows(run, store.rows_to_table(rows), status, storage_options=options)
         all_rows += rows
     return run, all_rows
 

@@ -22,7 +22,7 @@ def test_lowres_round_trip_matches_upsample_normalize(tmp_path: Path) -> None:
     shard = "/data/x.tar"
     rows = [lowres_row(shard, "k", "opticam", saliency, 50)]
     status = status_for(shard)
-    store.write_shard(run, store.rows_to_table(rows), status)
+    store.write_rows(run, store.rows_to_table(rows), status)
 
     by_tuple = store.load_maps(run, [(shard, "k", "opticam")])
     by_rows = store.load_maps(run, store.read_rows(run))

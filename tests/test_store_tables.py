@@ -77,20 +77,20 @@ def write_two_shards(run: str, options: dict[str, Any] | None = None) -> list[st
         status = status_for(shard, n_rows=len(rows), complete=i == 0)
         errors = [{"shard": shard, "key": "bad", "stage": "decode", "message": "corrupt"}]
         store.write_errors(run, "r", errors if i else [], status, options)
-        store.write_shard(run, store.rows_to_table(rows), status, options)
+        store.write_rows(run, store.rows_to_table(rows), status, options)
     return shards
 
 
 def test_readers_on_a_local_run(tmp_path: Path) -> None:
     run = str(tmp_path / "run")
-    assert store.list_done_shards(run) == []
+    assert store.list_done_rows(run) == []
     empty = store.read_rows(run)
     assert empty.num_rows == 0 and empty.schema.equals(store.SCHEMA)
 
     shards = write_two_shards(run)
     # A writer's leftover temp file is never mistaken for a shard.
-    (Path(run) / "shards" / ".x.parquet.123.tmp").write_bytes(b"partial")
-    assert store.list_done_shards(run) == sorted(store.shard_name(s) for s in shards)
+    (Path(run) / "rows" / ".x.parquet.123.tmp").write_bytes(b"partial")
+    assert store.list_done_rows(run) == sorted(store.shard_name(s) for s in shards)
 
     rows = store.read_rows(run, columns=["shard", "key", "method", "drop"])
     assert rows.num_rows == 12 and rows.column_names == ["shard", "key", "method", "drop"]
@@ -111,13 +111,13 @@ def test_readers_on_s3_see_files_written_by_another_client(
 
     run = f"{bucket}/runs/r1"
     cached = {**s3_storage_options, "use_listings_cache": True}
-    assert store.list_done_shards(run, cached) == []
+    assert store.list_done_rows(run, cached) == []
     shards = write_two_shards(run, s3_storage_options)
     # A separate filesystem instance (another process, in effect) adds a shard.
     other = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
     source = store.rows_url(run, shards[0])[len("s3://") :]
     other.copy(source, source.replace(store.shard_name(shards[0]), "late-00000000"))
-    assert len(store.list_done_shards(run, cached)) == 3
+    assert len(store.list_done_rows(run, cached)) == 3
     assert store.read_rows(run, ["key"], cached).num_rows == 18
     assert store.read_errors(run, s3_storage_options).num_rows == 1
 
@@ -159,5 +159,5 @@ def test_is_done_checks_one_rows_file(tmp_path: Path) -> None:
     shard = "s3://b/data/a.tar"
     assert not store.is_done(run, shard)
     table = store.rows_to_table([lowres_row(shard, "k", "gradcam", np.ones((2, 2)), 8)])
-    store.write_shard(run, table, status_for(shard))
+    store.write_rows(run, table, status_for(shard))
     assert store.is_done(run, shard) and not store.is_done(run, "s3://b/data/other.tar")

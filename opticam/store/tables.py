@@ -1,7 +1,9 @@
 """The run's tables: Parquet schemas, shard status, and writing and reading rows and errors.
 
-- ``shards/<name>.parquet`` holds the *rows* of one input shard, one per (image, method),
-  with schema :data:`SCHEMA`. Its presence means the shard is done.
+- ``rows/<name>.parquet`` holds the *rows* of one input shard, one per (image, method),
+  with schema :data:`SCHEMA`. Its presence means the shard is done. Runs written before
+  schema version 3 hold it in ``shards/``, which every reader here reads too
+  (:data:`opticam.store.layout.LEGACY_ROWS_FOLDERS`).
 - ``errors/<name>.parquet`` holds its *error rows* (:data:`ERRORS_SCHEMA`), one per bad
   sample or failed step, with the ``stage`` names of :data:`opticam.names.STAGES`. The
   pipeline writes it first, so a done shard always has one.
@@ -12,8 +14,9 @@ truncated shard also gets an error row with stage ``"incomplete"`` so that table
 readers see it too.
 
 Schema versions: version 2 renamed the map format column ``saliency_kind`` to
-``map_format`` (the config field and CLI flag have the same name). :func:`read_rows`
-reads runs of both versions and always returns the current schema.
+``map_format`` (the config field and CLI flag have the same name); version 3 moved the
+rows files from ``shards/`` to ``rows/``. :func:`read_rows` reads runs of every version
+and always returns the current schema.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ from opticam.redact import redact_text, redact_url
 from opticam.store.layout import (
     atomic_write_bytes,
     errors_url,
-    filesystem,
-    invalidate,
+    find_rows_file,
     is_local,
     join,
     list_parquet,
+    list_rows_files,
     rows_url,
     shard_name,
 )
@@ -51,20 +54,20 @@ __all__ = [
     "STATUS_KEY",
     "ShardStatus",
     "is_done",
-    "list_done_shards",
+    "list_done_rows",
     "read_errors",
     "read_rows",
     "read_statuses",
     "rows_file_bytes",
     "rows_to_table",
     "write_errors",
-    "write_shard",
+    "write_rows",
 ]
 
 logger = logging.getLogger("opticam.store")
 
 #: Version of the layout and of :data:`SCHEMA`; stored in run.json and file metadata.
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 #: Key of the shard status JSON in the Parquet key-value metadata.
 STATUS_KEY = "opticam.shard_status"
 
@@ -248,13 +251,13 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=SCHEMA)
 
 
-def write_shard(
+def write_rows(
     run: str,
     table: pa.Table | bytes,
     status: ShardStatus,
     storage_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write the rows of one shard (marks the shard done); returns the rows URL.
+    """Write the rows file of one shard (marks the shard done); returns its URL.
 
     Args:
         run: run folder URL.
@@ -309,16 +312,17 @@ def write_errors(
 
 
 def is_done(run: str, shard_url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether the rows file of one shard exists: one request, not a listing of the run."""
-    fs, path = filesystem(rows_url(run, shard_url), storage_options)
-    invalidate(fs, path.rsplit("/", 1)[0])
-    return bool(fs.exists(path))
+    """Whether the rows file of one shard exists: one request for a done shard (two for
+    one not done, which may be in the legacy folder of an older run), never a listing."""
+    _, path = find_rows_file(run, shard_name(shard_url), storage_options)
+    return path is not None
 
 
-def list_done_shards(run: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Names (:func:`opticam.store.shard_name`) of the shards whose rows file exists, sorted."""
-    _, files = list_parquet(join(run, "shards"), storage_options)
-    return [f.rsplit("/", 1)[-1][: -len(".parquet")] for f in files]
+def list_done_rows(run: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Names (:func:`opticam.store.shard_name`) of the shards whose rows file exists, sorted
+    (in ``rows/``, or in ``shards/`` for a run written before schema version 3)."""
+    _, files = list_rows_files(run, storage_options)
+    return list(files)
 
 
 def _dataset(files: list[str], fs: Any, schema: pa.Schema) -> pads.Dataset:
@@ -393,9 +397,9 @@ def read_rows(
 ) -> pa.Table:
     """All rows of the run's finished shards (an empty table with the schema if none).
 
-    Runs written with schema version 1 are read too: their renamed columns come back
-    under the current names (a ``filter`` on a renamed column sees null in such files).
-    A rows file that cannot be read (damaged in storage) is left out and logged.
+    Runs written with an older schema version are read too: rows files in the legacy
+    ``shards/`` folder, and renamed columns under the current names (a ``filter`` on a
+    renamed column sees null in files that hold it under its old name). A rows file that cannot be read (damaged in storage) is left out and logged.
 
     Args:
         run: run folder URL.
@@ -411,7 +415,8 @@ def read_rows(
     unknown = [c for c in wanted if c not in SCHEMA.names]
     if unknown:
         raise KeyError(f"unknown column(s) {unknown} (known: {', '.join(SCHEMA.names)})")
-    fs, files = list_parquet(join(run, "shards"), storage_options)
+    fs, found = list_rows_files(run, storage_options)
+    files = [path for path, _ in found.values()]
     if not files:
         return SCHEMA.empty_table().select(wanted)
     old_names = {new: old for old, new in _RENAMED.items()}
@@ -443,8 +448,9 @@ def read_status(
     run: str, shard_url: str, storage_options: Mapping[str, Any] | None = None
 ) -> ShardStatus | None:
     """The status stored in a shard's rows file, or None when the shard is not done."""
-    fs, path = filesystem(rows_url(run, shard_url), storage_options)
-    invalidate(fs, path.rsplit("/", 1)[0])
+    fs, path = find_rows_file(run, shard_name(shard_url), storage_options)
+    if path is None:
+        return None
     try:
         stored = _stored_status(fs, path)
     except FileNotFoundError:
@@ -471,7 +477,7 @@ def read_statuses(
     written); ``done`` in each dict says whether its rows file exists.
     """
     fs, files = list_parquet(join(run, "errors"), storage_options)
-    done = set(list_done_shards(run, storage_options))
+    done = set(list_done_rows(run, storage_options))
     out = []
     for path in files:
         try:
