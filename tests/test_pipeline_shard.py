@@ -60,7 +60,7 @@ def test_process_shard_writes_rows_that_match_the_schema(shards: list[str], tmp_
         m: [r for r in rows if r["method"] == m] for m in ("opticam", "gradcam", "fakecam")
     }
     assert all(
-        r["map_format"] == "lowres" and r["saliency_shape"] == [8, 8]
+        r["map_format"] == "lowres" and r["map_shape"] == [8, 8]
         for r in by_method["opticam"] + by_method["gradcam"]
     )
     assert all(r["iterations"] is not None and r["iterations"] <= 3 for r in by_method["opticam"])

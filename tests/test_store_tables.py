@@ -1,4 +1,5 @@
-"""opticam.store.tables: the schema, rows to a table, the readers (local and S3), version 1 runs."""
+"""opticam.store.tables: the schema, rows to a table, the readers (local and S3), version 1
+runs (version 2 runs: tests/test_store_versions.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-from store_rows import _write_version_1_run, lowres_row, status_for
+from store_rows import VERSION_1_NAMES, _write_version_1_run, lowres_row, status_for
 
 from opticam import store
 
@@ -39,8 +40,8 @@ DOCUMENTED_COLUMNS = [
     ("iterations", pa.int32(), True),
     ("constant_map", pa.bool_(), False),
     ("seconds", pa.float64(), False),
-    ("saliency", pa.binary(), False),
-    ("saliency_shape", pa.list_(pa.int32()), False),
+    ("map_bytes", pa.binary(), False),
+    ("map_shape", pa.list_(pa.int32()), False),
     ("map_format", pa.string(), False),
     ("input_height", pa.int32(), False),
     ("input_width", pa.int32(), False),
@@ -150,7 +151,8 @@ def test_version_1_runs_are_read_with_the_current_names(tmp_path: Path) -> None:
     expected = store.decode_map(rows[1])
     np.testing.assert_array_equal(maps[("s3://b/s.tar", "k1", "opticam")], expected)
     # A row dict straight from a version 1 file decodes too.
-    old_row = {("saliency_kind" if k == "map_format" else k): v for k, v in rows[1].items()}
+    old_row = {VERSION_1_NAMES.get(k, k): v for k, v in rows[1].items()}
+    assert "saliency_kind" in old_row and "saliency" in old_row
     np.testing.assert_array_equal(store.decode_map(old_row), expected)
 
 

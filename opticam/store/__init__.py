@@ -43,6 +43,7 @@ from opticam.store.runs import (
 )
 from opticam.store.tables import (
     ERRORS_SCHEMA,
+    RENAMED_COLUMNS,
     SCHEMA,
     SCHEMA_VERSION,
     STATUS_KEY,
@@ -68,6 +69,7 @@ __all__ = [
     "ERRORS_SCHEMA",
     "MAP_COLUMNS",
     "MAP_FORMATS",
+    "RENAMED_COLUMNS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "STATUS_KEY",

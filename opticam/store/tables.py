@@ -15,8 +15,9 @@ readers see it too.
 
 Schema versions: version 2 renamed the map format column ``saliency_kind`` to
 ``map_format`` (the config field and CLI flag have the same name); version 3 moved the
-rows files from ``shards/`` to ``rows/``. :func:`read_rows` reads runs of every version
-and always returns the current schema.
+rows files from ``shards/`` to ``rows/`` and renamed the map columns ``saliency`` and
+``saliency_shape`` to ``map_bytes`` and ``map_shape`` (:data:`RENAMED_COLUMNS`).
+:func:`read_rows` reads runs of every version and always returns the current schema.
 """
 
 from __future__ import annotations
@@ -49,12 +50,14 @@ from opticam.store.layout import (
 
 __all__ = [
     "ERRORS_SCHEMA",
+    "RENAMED_COLUMNS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "STATUS_KEY",
     "ShardStatus",
     "is_done",
     "list_done_rows",
+    "previous_names",
     "read_errors",
     "read_rows",
     "read_statuses",
@@ -103,8 +106,8 @@ SCHEMA = pa.schema(
         pa.field("iterations", pa.int32()),  # Opti-CAM optimizer steps; null otherwise
         pa.field("constant_map", pa.bool_(), nullable=False),  # map was constant (all ones)
         pa.field("seconds", _F64, nullable=False),  # method time per image (batch time / B)
-        pa.field("saliency", pa.binary(), nullable=False),  # the map, see opticam.store.maps
-        pa.field("saliency_shape", pa.list_(pa.int32()), nullable=False),  # [h, w]
+        pa.field("map_bytes", pa.binary(), nullable=False),  # the map, see opticam.store.maps
+        pa.field("map_shape", pa.list_(pa.int32()), nullable=False),  # [h, w] of map_bytes
         pa.field("map_format", pa.string(), nullable=False),  # "lowres" | "full_png"
         pa.field("input_height", pa.int32(), nullable=False),
         pa.field("input_width", pa.int32(), nullable=False),
@@ -113,8 +116,35 @@ SCHEMA = pa.schema(
     metadata={"opticam.schema_version": SCHEMA_VERSION},
 )
 
-# Columns renamed since schema version 1: {old name: current name}.
-_RENAMED = {"saliency_kind": "map_format"}
+#: Every column renamed since schema version 1, as ``(old name, new name, version that
+#: renamed it)``. Files of older versions are read back under the current names
+#: (:func:`read_rows`, :func:`opticam.store.decode_map`); the one list of renames.
+RENAMED_COLUMNS = (
+    ("saliency_kind", "map_format", "2"),
+    ("saliency", "map_bytes", "3"),
+    ("saliency_shape", "map_shape", "3"),
+)
+
+
+def _previous_names() -> dict[str, tuple[str, ...]]:
+    renamed_to = {old: new for old, new, _ in RENAMED_COLUMNS}
+    found: dict[str, list[str]] = {}
+    for old, new, _ in sorted(RENAMED_COLUMNS, key=lambda r: int(r[2]), reverse=True):
+        while new in renamed_to:  # renamed again later: file it under today's name
+            new = renamed_to[new]
+        found.setdefault(new, []).append(old)
+    return {name: tuple(olds) for name, olds in found.items()}
+
+
+_PREVIOUS_NAMES = _previous_names()
+
+
+def previous_names(column: str) -> tuple[str, ...]:
+    """The names a current :data:`SCHEMA` column had in older schema versions, newest
+    first (empty for a column never renamed): ``previous_names("map_bytes")`` is
+    ``("saliency",)``."""
+    return _PREVIOUS_NAMES.get(column, ())
+
 
 #: One row per sample or step that failed (key null for a shard-level problem).
 ERRORS_SCHEMA = pa.schema(
@@ -378,11 +408,11 @@ def _read_table(
 
 
 # What rows files of every version are read with: the current columns (nullable, since a
-# version 1 file lacks the renamed ones) plus the old names. Columns a file lacks read as
-# null, so one dataset reads a run of either version.
+# file of an older version lacks the renamed ones) plus their previous names. Columns a
+# file lacks read as null, so one dataset reads a run of any version, or of several.
 _READ_SCHEMA = pa.schema(
     [f.with_nullable(True) for f in SCHEMA]
-    + [SCHEMA.field(new).with_name(old).with_nullable(True) for old, new in _RENAMED.items()],
+    + [f.with_name(old).with_nullable(True) for f in SCHEMA for old in previous_names(f.name)],
     metadata=SCHEMA.metadata,
 )
 
@@ -403,7 +433,7 @@ def read_rows(
 
     Args:
         run: run folder URL.
-        columns: subset of :data:`SCHEMA` columns (skipping ``saliency`` is much faster).
+        columns: subset of :data:`SCHEMA` columns (skipping ``map_bytes`` is much faster).
         storage_options: fsspec options of the output.
         filter: optional ``pyarrow.dataset`` expression, e.g. ``pc.field("method") == "opticam"``.
         unreadable: a dict that receives ``{file URL: why}`` for each file left out.
@@ -419,14 +449,14 @@ def read_rows(
     files = [path for path, _ in found.values()]
     if not files:
         return SCHEMA.empty_table().select(wanted)
-    old_names = {new: old for old, new in _RENAMED.items()}
-    read = wanted + [old_names[c] for c in wanted if c in old_names]
+    read = wanted + [old for c in wanted for old in previous_names(c)]
     table = _read_table(files, fs, _READ_SCHEMA, unreadable, columns=read, filter=filter)
-    for new, old in old_names.items():
-        if new in wanted:
-            merged = pc.coalesce(table.column(new), table.column(old))
-            table = table.set_column(table.schema.get_field_index(new), new, merged)
-            table = table.drop_columns([old])
+    for column in wanted:
+        olds = list(previous_names(column))
+        if olds:  # each file holds one of the names: the others read as null
+            merged = pc.coalesce(table.column(column), *(table.column(o) for o in olds))
+            table = table.set_column(table.schema.get_field_index(column), column, merged)
+            table = table.drop_columns(olds)
     return table.cast(pa.schema([SCHEMA.field(c) for c in wanted], metadata=SCHEMA.metadata))
 
 
