@@ -83,3 +83,74 @@ def _write_version_1_run(run: Path, rows: list[dict[str, Any]]) -> None:
     pq.write_table(table, run / OLD_ROWS_FOLDER / "s-1.parquet")
     job = {"data": "x.tar", "maps": "lowres"}
     (run / "run.json").write_text(json.dumps({"schema_version": "1", "job": job}))
+
+
+def _version_2_file(table: pa.Table, status: dict[str, Any]) -> bytes:
+    """A Parquet file's bytes as version 2 wrote them: zstd, page checksums, the status."""
+    import pyarrow.parquet as pq
+
+    meta = {**(table.schema.metadata or {}), b"opticam.shard_status": json.dumps(status)}
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table.replace_schema_metadata(meta), sink, compression="zstd", write_page_checksum=True
+    )
+    return bytes(sink.getvalue())
+
+
+def write_version_2_run(
+    run: Path, rows: list[dict[str, Any]], run_json: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``rows`` (dicts with today's columns) to run folder ``run`` exactly as schema
+    version 2 wrote them.
+
+    Per shard (in the order the rows name them): ``errors/<name>.parquet`` with no error
+    row and a status that records the size and SHA-256 of the rows file, then
+    ``shards/<name>.parquet`` with the map columns ``saliency`` and ``saliency_shape``.
+    Version "2" is in every file's metadata, in each status and in ``run.json``, which is
+    ``run_json`` (default: a small one naming the shards) with that version.
+
+    Returns:
+        ``{shard URL: its rows file}``.
+    """
+    import hashlib
+
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_shard.setdefault(row["shard"], []).append(row)
+    for folder in (OLD_ROWS_FOLDER, "errors"):
+        (run / folder).mkdir(parents=True, exist_ok=True)
+    files = {}
+    for shard, shard_rows in by_shard.items():
+        name = store.shard_name(shard)
+        rows_file = run / OLD_ROWS_FOLDER / f"{name}.parquet"
+        errors_file = run / "errors" / f"{name}.parquet"
+        status = store.ShardStatus(
+            shard=shard,
+            name=name,
+            rows_url=str(rows_file),
+            errors_url=str(errors_file),
+            n_samples=len({r["key"] for r in shard_rows}),
+            n_images=len({r["key"] for r in shard_rows}),
+            n_rows=len(shard_rows),
+            device="cpu",
+            finished="2025-01-01T00:00:00+00:00",
+            schema_version="2",
+        ).to_dict()
+        data = _version_2_file(_old_table(shard_rows, VERSION_2_NAMES, "2"), status)
+        recorded = {
+            **status,
+            "rows_bytes": len(data),
+            "rows_sha256": hashlib.sha256(data).hexdigest(),
+        }
+        errors_schema = store.ERRORS_SCHEMA.with_metadata({"opticam.schema_version": "2"})
+        errors_file.write_bytes(_version_2_file(errors_schema.empty_table(), recorded))
+        rows_file.write_bytes(data)
+        files[shard] = rows_file
+    default = {
+        "run_id": rows[0]["run_id"] if rows else "r",
+        "job": {"data": sorted(by_shard), "map_format": "lowres"},
+        "shards": [{"url": u, "name": store.shard_name(u), "max_images": None} for u in by_shard],
+    }
+    payload = {**(run_json or default), "schema_version": "2"}
+    (run / "run.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
+    return files
