@@ -58,7 +58,7 @@ REWORDED: dict[str, str] = {
     "Error files have `run_id, shard, key, stage, message`; both files carry": (
         "docs/output-schema.md: store.read_shard_status was renamed store.read_statuses"
     ),
-    # Issue 18's rows files: <run>/shards/ became <run>/rows/ with schema version 3.
+    # Schema version 3: the rows files moved from <run>/shards/ to <run>/rows/.
     "``` <output>/<run_id>/run.json config (no secrets), versions, shard list,": (
         "docs/output-schema.md: the rows files are in rows/ now (shards/ before version 3)"
     ),
@@ -71,7 +71,7 @@ REWORDED: dict[str, str] = {
     "Exactly-once shard output. A shard is done when its rows file (`shards/<name>.parquet`)": (
         "docs/reliability.md: the rows files are in rows/ now"
     ),
-    # Issue 18's map columns: saliency and saliency_shape became map_bytes and map_shape.
+    # Schema version 3: saliency and saliency_shape became map_bytes and map_shape.
     "| `saliency` | binary | the stored map (see below) |": (
         "docs/output-schema.md: the column is map_bytes now (saliency before version 3)"
     ),

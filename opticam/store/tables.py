@@ -249,7 +249,7 @@ def rows_file_bytes(table: pa.Table, status: ShardStatus) -> bytes:
         ValueError: the table does not have the opticam schema.
     """
     if not table.schema.equals(SCHEMA, check_metadata=False):
-        raise ValueError(f"shard table does not have the opticam schema:\n{table.schema}")
+        raise ValueError(f"rows table does not have the opticam schema:\n{table.schema}")
     return _table_bytes(_with_status(table, status))
 
 
