@@ -84,7 +84,7 @@ def test_s3_write_is_one_request_and_a_failed_put_leaves_nothing(
         store.atomic_write_bytes(f"{bucket}/run/rows/b.parquet", b"x", s3_storage_options)
     monkeypatch.undo()
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
-    assert fs.ls(f"{bucket}/run/shards", detail=False) == [url[len("s3://") :]]
+    assert fs.ls(f"{bucket}/run/rows", detail=False) == [url[len("s3://") :]]
     assert fs.cat(url) == b"complete"
 
 
