@@ -90,7 +90,7 @@ def read_artifacts(flow_run_id: UUID) -> dict[str, Any]:
 def check_parquet_files(run: str, options: dict[str, Any] | None = None) -> None:
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(f"{run}/shards", **(options or {}))
+    fs, path = fsspec.core.url_to_fs(f"{run}/rows", **(options or {}))
     files = fs.ls(path, detail=False)
     assert len(files) == 2
     for file in files:
