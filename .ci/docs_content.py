@@ -73,6 +73,33 @@ REWORDED: dict[str, str] = {
     "| starting the Prefect workers of one machine (`opticam worker`)": (
         "docs/architecture.md: one row for opticam/cli/ (lifeline, workers, progress, commands)"
     ),
+    # Schema version 3: the rows files moved from <run>/shards/ to <run>/rows/.
+    "``` <output>/<run_id>/run.json config (no secrets), versions, shard list,": (
+        "docs/output-schema.md: the rows files are in rows/ now (shards/ before version 3)"
+    ),
+    "```python import pandas as pd # or DuckDB, Polars, Spark... rows = pd.read_parquet(": (
+        "docs/output-schema.md: pandas reads the rows files from rows/ now"
+    ),
+    'Parquet schema (`SCHEMA_VERSION = "2"`)': (
+        "docs/output-schema.md: the schema is version 3 now"
+    ),
+    "Exactly-once shard output. A shard is done when its rows file (`shards/<name>.parquet`)": (
+        "docs/reliability.md: the rows files are in rows/ now"
+    ),
+    # Schema version 3: saliency and saliency_shape became map_bytes and map_shape.
+    "| `saliency` | binary | the stored map (see below) |": (
+        "docs/output-schema.md: the column is map_bytes now (saliency before version 3)"
+    ),
+    "| `saliency_shape` | list\\<int32\\> | `[h, w]` of the stored map |": (
+        "docs/output-schema.md: the column is map_shape now (saliency_shape before version 3)"
+    ),
+    "| `map_format` | string | `lowres` or `full_png` (called `saliency_kind` in version 1": (
+        "docs/output-schema.md: says what map_format tells of map_bytes; the reader of"
+        " version 1 runs is in the table of schema versions"
+    ),
+    "Maps: `lowres` stores the low-resolution saliency as float16,": (
+        "docs/output-schema.md: names the column the map is stored in (map_bytes)"
+    ),
 }
 
 _LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")

@@ -121,7 +121,7 @@ def main() -> None:
         cli = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(done.stderr[-2000:])
-        assert len(list(Path(f"{tmp}/runs-cli").glob("*/shards/*.parquet"))) == args.shards
+        assert len(list(Path(f"{tmp}/runs-cli").glob("*/rows/*.parquet"))) == args.shards
 
     print(f"{n} demo images ({args.shards} shards), Opti-CAM {args.iterations} iterations, "
           f"batch {args.batch}, {args.device}, torch {torch.__version__}, "

@@ -142,8 +142,8 @@ def make_synthetic_run(
                 "iterations": 100 if method == "opticam" else None,
                 "constant_map": bool(i == 1 and method == "gradcam"),
                 "seconds": float(rng.uniform(0.01, 0.2)),
-                "saliency": saliency,
-                "saliency_shape": shape,
+                "map_bytes": saliency,
+                "map_shape": shape,
                 "map_format": kind,
                 "input_height": INPUT,
                 "input_width": INPUT,
@@ -157,7 +157,7 @@ def make_synthetic_run(
                 {"shard": shard, "key": "broken", "stage": "decode", "message": "bad <jpg>"}
             )
         store.write_errors(run, config.run_id, errors, status, storage_options=options)
-        store.write_shard(run, store.rows_to_table(rows), status, storage_options=options)
+        store.write_rows(run, store.rows_to_table(rows), status, storage_options=options)
         all_rows += rows
     return run, all_rows
 

@@ -606,14 +606,14 @@ def test_a_disk_that_fills_up_mid_run_ends_it_in_one_line_with_the_summary(
     assert "1 shards processed" in full.stdout and "report: not written" in full.stdout
     assert len(full.stderr.splitlines()) + len(full.stdout.splitlines()) < 25
     [run] = output.iterdir()
-    assert len(list((run / "shards").iterdir())) == 1  # the first shard is kept whole
-    assert not [p for p in (run / "shards").iterdir() if p.name.startswith(".")]
+    assert len(list((run / "rows").iterdir())) == 1  # the first shard is kept whole
+    assert not [p for p in (run / "rows").iterdir() if p.name.startswith(".")]
 
     del env["OPTICAM_TEST_ENOSPC_AFTER"]
     again = run_subprocess_env(argv, tmp_path, env)
     assert again.returncode == 0, again.stderr
     assert "3 shards, 1 already done" in again.stderr
-    assert len(list((run / "shards").iterdir())) == 3 and len(shards) == 3
+    assert len(list((run / "rows").iterdir())) == 3 and len(shards) == 3
 
 
 def run_subprocess_env(

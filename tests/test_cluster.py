@@ -209,7 +209,7 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
     )  # type: ignore[union-attr]
     ran_on = {w.rsplit("-", 1)[0] for w in workers} | {lost}
     assert ran_on == {"machine-a", "machine-b"}
-    assert len(fs.glob(f"{run}/shards/*.parquet")) == SHARDS
+    assert len(fs.glob(f"{run}/rows/*.parquet")) == SHARDS
     rows = store.read_rows(
         run, columns=["shard", "key", "method"], storage_options=s3_storage_options
     )
@@ -471,7 +471,7 @@ def test_a_run_goes_on_when_the_server_restarts(
 
         def first_shard() -> list[Path]:
             assert parent.poll() is None, cluster.log("run")
-            return list(runs.glob("*/shards/*.parquet"))
+            return list(runs.glob("*/rows/*.parquet"))
 
         wait_for("the first shard's rows", first_shard, timeout=300, every=0.2)
         # In the middle of the run: the server stops, and comes back on the same
@@ -481,7 +481,7 @@ def test_a_run_goes_on_when_the_server_restarts(
         out = cluster.log("run")
         assert "Traceback" not in out, out[-4000:]
         (run,) = runs.iterdir()
-        done = list((run / "shards").glob("*.parquet"))
+        done = list((run / "rows").glob("*.parquet"))
         assert (run / "report" / "index.html").exists()
         assert out.count("no longer knows this run") == (database == "lost"), out[-4000:]
         if database == "kept" or executor == "local":

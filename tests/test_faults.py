@@ -93,7 +93,7 @@ def test_a_connection_that_keeps_failing_fails_the_shard_and_leaves_it_to_do(
         with pytest.raises(ShardStreamError, match="storage failed"):
             pipeline.process_shard(config, s3_shard, "cpu", read_attempts=2, retry_delays=(0.1,))
     run = pipeline.run_url_of(config)
-    assert store.list_done_shards(run) == []  # not done: a rerun computes it
+    assert store.list_done_rows(run) == []  # not done: a rerun computes it
     # The same job without the proxy then computes it in full.
     healthy = _config(s3_shard, tmp_path, s3_storage_options)
     assert healthy.run_id == config.run_id
@@ -109,7 +109,7 @@ def test_a_shard_that_is_not_a_tar_fails_with_an_error_row(content: bytes, tmp_p
     with pytest.raises(pipeline.ShardNotATarError, match="holds no tar"):
         pipeline.process_shard(config, str(shard), "cpu")
     run = pipeline.run_url_of(config)
-    assert store.list_done_shards(run) == []
+    assert store.list_done_rows(run) == []
     errors = store.read_errors(run).to_pylist()
     assert [e["stage"] for e in errors] == ["not-a-tar"]
 
@@ -121,4 +121,4 @@ def test_a_tar_truncated_in_storage_is_done_but_flagged(tmp_path: Path) -> None:
     config = _config(url, tmp_path, {})
     status = pipeline.process_shard(config, url, "cpu")
     assert not status.complete and 0 < status.n_images < N
-    assert store.list_done_shards(pipeline.run_url_of(config)) == [store.shard_name(url)]
+    assert store.list_done_rows(pipeline.run_url_of(config)) == [store.shard_name(url)]

@@ -90,7 +90,7 @@ def read_artifacts(flow_run_id: UUID) -> dict[str, Any]:
 def check_parquet_files(run: str, options: dict[str, Any] | None = None) -> None:
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(f"{run}/shards", **(options or {}))
+    fs, path = fsspec.core.url_to_fs(f"{run}/rows", **(options or {}))
     files = fs.ls(path, detail=False)
     assert len(files) == 2
     for file in files:
@@ -185,7 +185,7 @@ def test_artifacts_are_published(local_run: dict[str, Any]) -> None:
 def test_rerunning_the_same_job_processes_nothing(flows: Any, local_run: dict[str, Any]) -> None:
     config = local_run["config"]
     run = pipeline.run_url_of(config)
-    files = sorted((Path(run) / "shards").iterdir())
+    files = sorted((Path(run) / "rows").iterdir())
     mtimes = [f.stat().st_mtime_ns for f in files]
     # Another execution setting, the same run id (Opti-CAM's batch size is not one).
     again, _ = run_flow(flows, config.model_copy(update={"shard_attempts": 5}))
@@ -201,7 +201,7 @@ def test_deleting_one_shard_reprocesses_only_that_one(
 ) -> None:
     config = local_run["config"]
     run = Path(pipeline.run_url_of(config))
-    first, second = sorted((run / "shards").iterdir())
+    first, second = sorted((run / "rows").iterdir())
     kept = second.stat().st_mtime_ns
     first.unlink()
     events: list[tuple[str, dict[str, Any]]] = []
@@ -252,7 +252,7 @@ def test_one_tar_named_many_ways_is_planned_computed_and_counted_once(
         result, _ = run_flow(flows, config)
     assert (result["shards_total"], result["images"], result["rows"]) == (2, 12, 12)
     run = Path(pipeline.run_url_of(config))
-    assert len(list((run / "shards").iterdir())) == 2
+    assert len(list((run / "rows").iterdir())) == 2
     assert store.read_rows(str(run), ["key"]).num_rows == 12
     assert sum(r["images"] for r in result["summary"]) == 12
     plan = next(d for e, d in events if e == "plan")
@@ -272,7 +272,7 @@ def test_a_damaged_rows_file_is_moved_aside_and_its_shard_computed_again(
     config = make_config(shards, str(tmp_path), methods=["fakecam"])
     first, _ = run_flow(flows, config)
     run = Path(pipeline.run_url_of(config))
-    damaged = run / "shards" / f"{store.shard_name(shards[0])}.parquet"
+    damaged = run / "rows" / f"{store.shard_name(shards[0])}.parquet"
     damaged.write_bytes(damaged.read_bytes()[:100])  # a copy that stopped early
     events: list[tuple[str, dict[str, Any]]] = []
     with flows.progress_listener(lambda e, d: events.append((e, d))):
@@ -362,7 +362,7 @@ def test_failed_shard_is_recorded_and_retried_by_the_next_run(
     assert "bad data" in result["failed"][shards[0]]
     assert attempts.count(shards[0]) == 1  # not transient: no retry
     run = pipeline.run_url_of(config)
-    assert store.list_done_shards(run) == [store.shard_name(shards[1])]
+    assert store.list_done_rows(run) == [store.shard_name(shards[1])]
     errors = store.read_errors(run).to_pylist()
     assert {"shard": shards[0], "stage": "shard"}.items() <= next(
         e for e in errors if e["shard"] == shards[0]
@@ -426,7 +426,7 @@ def test_explain_shard_flow_processes_or_skips(
     assert first["skipped"] is False and first["n_images"] == 2
     second = flows.explain_shard(config, shards[1])
     assert second["skipped"] is True
-    assert store.list_done_shards(pipeline.run_url_of(config)) == [store.shard_name(shards[1])]
+    assert store.list_done_rows(pipeline.run_url_of(config)) == [store.shard_name(shards[1])]
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,7 @@ def test_sigterm_stops_at_once_with_one_line_and_143(
     # The shard in progress was abandoned, not finished: only shards finished before the
     # signal have rows, each a complete Parquet file, and no temporary file is left.
     (run_folder,) = (tmp_path / "out").iterdir()
-    shards = sorted((run_folder / "shards").glob("*"))
+    shards = sorted((run_folder / "rows").glob("*"))
     assert all(not p.name.startswith(".") and p.suffix == ".parquet" for p in shards)
     assert len(shards) == finished
     for path in shards:

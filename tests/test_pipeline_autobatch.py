@@ -155,7 +155,7 @@ def test_out_of_memory_with_one_image_is_a_clear_error(
         pipeline.process_shard(config, shards[0], "cpu")
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert calls == {4: 1, 2: 1, 1: 1}  # 4, its first half, its first quarter: then stop
-    assert store.list_done_shards(pipeline.run_url_of(config)) == []  # a rerun computes it
+    assert store.list_done_rows(pipeline.run_url_of(config)) == []  # a rerun computes it
 
 
 def test_other_method_errors_still_cost_error_rows_only(

@@ -62,7 +62,7 @@ def test_full_png_maps_when_asked(shards: list[str], tmp_path: Path) -> None:
     pipeline.process_shard(config, shards[0], "cpu", max_images=2)
     rows = store.read_rows(pipeline.run_url_of(config)).to_pylist()
     assert {r["map_format"] for r in rows} == {"full_png"}
-    assert rows[0]["saliency_shape"] == [64, 64]
+    assert rows[0]["map_shape"] == [64, 64]
 
 
 def test_non_finite_maps_become_error_rows_for_their_images_only(

@@ -41,7 +41,7 @@ def test_process_shard_writes_rows_that_match_the_schema(shards: list[str], tmp_
     assert (result.n_samples, result.n_images, result.n_rows, result.n_errors) == (5, 5, 15, 0)
     assert result.complete and not result.skipped and sum(seen) == 5
     run = pipeline.run_url_of(config)
-    assert store.list_done_shards(run) == [store.shard_name(shards[0])]
+    assert store.list_done_rows(run) == [store.shard_name(shards[0])]
     table = pq.read_table(result.rows_url)
     assert table.schema.equals(store.SCHEMA, check_metadata=False)
     rows = table.to_pylist()
@@ -60,7 +60,7 @@ def test_process_shard_writes_rows_that_match_the_schema(shards: list[str], tmp_
         m: [r for r in rows if r["method"] == m] for m in ("opticam", "gradcam", "fakecam")
     }
     assert all(
-        r["map_format"] == "lowres" and r["saliency_shape"] == [8, 8]
+        r["map_format"] == "lowres" and r["map_shape"] == [8, 8]
         for r in by_method["opticam"] + by_method["gradcam"]
     )
     assert all(r["iterations"] is not None and r["iterations"] <= 3 for r in by_method["opticam"])
@@ -144,7 +144,7 @@ def test_unopenable_shard_raises_a_retryable_error_and_is_not_done(tmp_path: Pat
         pipeline.process_shard(config, url, "cpu")
     assert isinstance(info.value, OSError)
     run = pipeline.run_url_of(config)
-    assert store.list_done_shards(run) == []
+    assert store.list_done_rows(run) == []
     assert store.read_errors(run).column("stage").to_pylist() == ["open"]
 
 

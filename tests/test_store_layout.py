@@ -62,7 +62,7 @@ def test_s3_write_is_one_request_and_a_failed_put_leaves_nothing(
 ) -> None:
     import s3fs
 
-    url = f"{bucket}/run/shards/a.parquet"
+    url = f"{bucket}/run/rows/a.parquet"
     original_call = s3fs.S3FileSystem._call_s3
     calls: list[str] = []
 
@@ -81,10 +81,10 @@ def test_s3_write_is_one_request_and_a_failed_put_leaves_nothing(
     assert [c for c in calls if c != "list_objects_v2"] == ["put_object"]
 
     with pytest.raises(OSError):
-        store.atomic_write_bytes(f"{bucket}/run/shards/b.parquet", b"x", s3_storage_options)
+        store.atomic_write_bytes(f"{bucket}/run/rows/b.parquet", b"x", s3_storage_options)
     monkeypatch.undo()
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
-    assert fs.ls(f"{bucket}/run/shards", detail=False) == [url[len("s3://") :]]
+    assert fs.ls(f"{bucket}/run/rows", detail=False) == [url[len("s3://") :]]
     assert fs.cat(url) == b"complete"
 
 
@@ -116,7 +116,7 @@ def test_a_write_to_a_missing_bucket_fails_for_good_in_one_line(
 
     from opticam.errors import StorageFailedError
 
-    url = f"{s3_bucket}/run/shards/x.parquet"
+    url = f"{s3_bucket}/run/rows/x.parquet"
     s3fs.S3FileSystem(**s3_storage_options).rm(s3_bucket, recursive=True)
     with pytest.raises(StorageFailedError) as caught:
         store.atomic_write_bytes(url, b"data", s3_storage_options)

@@ -104,7 +104,7 @@ def test_two_workers_split_the_shards_and_compute_each_once(tmp_path: Path) -> N
         t.join()
     assert sorted(computed["w1"] + computed["w2"]) == sorted(shards)  # each exactly once
     run = pipeline.run_url_of(config)
-    assert len(store.list_done_shards(run)) == 4
+    assert len(store.list_done_rows(run)) == 4
     assert leases.current_lease(run, shards[0]) is None  # released after writing
 
 
@@ -118,7 +118,7 @@ def test_a_live_lease_of_another_worker_skips_the_shard_without_writing(tmp_path
     assert leases.acquire(run, url, "other-host:123:abc") is not None
     status = pipeline.process_shard(config, url, "cpu", owner="me")
     assert status.skipped and status.held_by == "other-host:123:abc"
-    assert store.list_done_shards(run) == []
+    assert store.list_done_rows(run) == []
     assert not (Path(run) / "errors").exists()
 
 

@@ -22,7 +22,7 @@ def test_lowres_round_trip_matches_upsample_normalize(tmp_path: Path) -> None:
     shard = "/data/x.tar"
     rows = [lowres_row(shard, "k", "opticam", saliency, 50)]
     status = status_for(shard)
-    store.write_shard(run, store.rows_to_table(rows), status)
+    store.write_rows(run, store.rows_to_table(rows), status)
 
     by_tuple = store.load_maps(run, [(shard, "k", "opticam")])
     by_rows = store.load_maps(run, store.read_rows(run))
@@ -40,8 +40,8 @@ def test_full_png_round_trip_is_within_one_quantization_step() -> None:
     full = rng.random((33, 21)).astype(np.float32)
     full[0, 0], full[1, 1] = 0.0, 1.0
     row = {
-        "saliency": store.encode_full_png(full),
-        "saliency_shape": [33, 21],
+        "map_bytes": store.encode_full_png(full),
+        "map_shape": [33, 21],
         "map_format": "full_png",
         "input_height": 33,
         "input_width": 21,
@@ -67,9 +67,9 @@ def test_encode_lowres_scaling_rules() -> None:
         store.decode_map(
             {
                 "map_format": "jpeg",
-                "saliency_shape": [1, 1],
+                "map_shape": [1, 1],
                 "input_height": 1,
                 "input_width": 1,
-                "saliency": b"",
+                "map_bytes": b"",
             }
         )

@@ -1,4 +1,5 @@
-"""opticam.store.tables: the schema, rows to a table, the readers (local and S3), version 1 runs."""
+"""opticam.store.tables: the schema, rows to a table, the readers (local and S3), version 1
+runs (version 2 runs: tests/test_store_versions.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-from store_rows import _write_version_1_run, lowres_row, status_for
+from store_rows import VERSION_1_NAMES, _write_version_1_run, lowres_row, status_for
 
 from opticam import store
 
@@ -39,8 +40,8 @@ DOCUMENTED_COLUMNS = [
     ("iterations", pa.int32(), True),
     ("constant_map", pa.bool_(), False),
     ("seconds", pa.float64(), False),
-    ("saliency", pa.binary(), False),
-    ("saliency_shape", pa.list_(pa.int32()), False),
+    ("map_bytes", pa.binary(), False),
+    ("map_shape", pa.list_(pa.int32()), False),
     ("map_format", pa.string(), False),
     ("input_height", pa.int32(), False),
     ("input_width", pa.int32(), False),
@@ -77,20 +78,20 @@ def write_two_shards(run: str, options: dict[str, Any] | None = None) -> list[st
         status = status_for(shard, n_rows=len(rows), complete=i == 0)
         errors = [{"shard": shard, "key": "bad", "stage": "decode", "message": "corrupt"}]
         store.write_errors(run, "r", errors if i else [], status, options)
-        store.write_shard(run, store.rows_to_table(rows), status, options)
+        store.write_rows(run, store.rows_to_table(rows), status, options)
     return shards
 
 
 def test_readers_on_a_local_run(tmp_path: Path) -> None:
     run = str(tmp_path / "run")
-    assert store.list_done_shards(run) == []
+    assert store.list_done_rows(run) == []
     empty = store.read_rows(run)
     assert empty.num_rows == 0 and empty.schema.equals(store.SCHEMA)
 
     shards = write_two_shards(run)
     # A writer's leftover temp file is never mistaken for a shard.
-    (Path(run) / "shards" / ".x.parquet.123.tmp").write_bytes(b"partial")
-    assert store.list_done_shards(run) == sorted(store.shard_name(s) for s in shards)
+    (Path(run) / "rows" / ".x.parquet.123.tmp").write_bytes(b"partial")
+    assert store.list_done_rows(run) == sorted(store.shard_name(s) for s in shards)
 
     rows = store.read_rows(run, columns=["shard", "key", "method", "drop"])
     assert rows.num_rows == 12 and rows.column_names == ["shard", "key", "method", "drop"]
@@ -111,13 +112,13 @@ def test_readers_on_s3_see_files_written_by_another_client(
 
     run = f"{bucket}/runs/r1"
     cached = {**s3_storage_options, "use_listings_cache": True}
-    assert store.list_done_shards(run, cached) == []
+    assert store.list_done_rows(run, cached) == []
     shards = write_two_shards(run, s3_storage_options)
     # A separate filesystem instance (another process, in effect) adds a shard.
     other = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
     source = store.rows_url(run, shards[0])[len("s3://") :]
     other.copy(source, source.replace(store.shard_name(shards[0]), "late-00000000"))
-    assert len(store.list_done_shards(run, cached)) == 3
+    assert len(store.list_done_rows(run, cached)) == 3
     assert store.read_rows(run, ["key"], cached).num_rows == 18
     assert store.read_errors(run, s3_storage_options).num_rows == 1
 
@@ -150,7 +151,8 @@ def test_version_1_runs_are_read_with_the_current_names(tmp_path: Path) -> None:
     expected = store.decode_map(rows[1])
     np.testing.assert_array_equal(maps[("s3://b/s.tar", "k1", "opticam")], expected)
     # A row dict straight from a version 1 file decodes too.
-    old_row = {("saliency_kind" if k == "map_format" else k): v for k, v in rows[1].items()}
+    old_row = {VERSION_1_NAMES.get(k, k): v for k, v in rows[1].items()}
+    assert "saliency_kind" in old_row and "saliency" in old_row
     np.testing.assert_array_equal(store.decode_map(old_row), expected)
 
 
@@ -159,5 +161,5 @@ def test_is_done_checks_one_rows_file(tmp_path: Path) -> None:
     shard = "s3://b/data/a.tar"
     assert not store.is_done(run, shard)
     table = store.rows_to_table([lowres_row(shard, "k", "gradcam", np.ones((2, 2)), 8)])
-    store.write_shard(run, table, status_for(shard))
+    store.write_rows(run, table, status_for(shard))
     assert store.is_done(run, shard) and not store.is_done(run, "s3://b/data/other.tar")

@@ -11,7 +11,7 @@
    config's or measured (``"auto"``), and a batch that runs out of device memory is
    split in halves and run again (:mod:`~opticam.pipeline.autobatch`),
 4. writes ``errors/<shard>.parquet`` (always, possibly empty) and then
-   ``shards/<shard>.parquet`` (last: its presence means "done"), both atomically
+   ``rows/<shard>.parquet`` (last: its presence means "done"), both atomically
    (:func:`write_outputs`).
 
 Bad data never stops a shard: unreadable samples are error rows (from the data layer), a
@@ -229,7 +229,7 @@ def write_outputs(
         raise ShardNotATarError(
             f"shard {short_repr(status.shard)} holds no tar: {redact_text(reason)}"
         )
-    store.write_shard(run, data, status, out_options)
+    store.write_rows(run, data, status, out_options)
     return status
 
 

@@ -1,6 +1,6 @@
 """Reports of a run: summary with confidence intervals, figures, gallery, HTML and Markdown.
 
-- :func:`build_report`: read ``<run>/shards/*.parquet``, summarise, draw and write
+- :func:`build_report`: read ``<run>/rows/*.parquet``, summarise, draw and write
   ``<run>/report/`` (``index.html``, ``summary.md``, ``summary.parquet``,
   ``figures/*.png``); works on partial and empty runs, on any fsspec URL.
 - :func:`summarize`: per-image rows -> one dict per (model, method), metrics in percent

@@ -50,6 +50,7 @@ from opticam.report.summary import (
     summary_markdown,
     summary_table,
 )
+from opticam.store.layout import ROWS_FOLDER, list_rows_files
 
 __all__ = ["ReportResult", "build_report"]
 
@@ -356,6 +357,14 @@ def _remove_stale_figures(
             fs.rm(entry)
 
 
+def _rows_folder(paths: Sequence[str]) -> str:
+    """The folder of the run's rows files as the page names it, relative to the run:
+    ``rows`` unless every rows file lies in a legacy folder (a run written before schema
+    version 3)."""
+    folders = {path.rsplit("/", 2)[-2] for path in paths}
+    return ROWS_FOLDER if ROWS_FOLDER in folders or not folders else min(folders)
+
+
 def build_report(
     run_url: str,
     *,
@@ -406,7 +415,8 @@ def build_report(
     unreadable: dict[str, str] = {}
     rows = store.read_rows(run_url, _ROW_COLUMNS, storage_options, unreadable=unreadable)
     errors = store.read_errors(run_url, storage_options, unreadable=unreadable)
-    done = store.list_done_shards(run_url, storage_options)
+    _, rows_files = list_rows_files(run_url, storage_options)
+    done = list(rows_files)  # what store.list_done_rows lists, with the files' paths
     statuses = store.read_statuses(run_url, storage_options)
     run_id = (run_json or {}).get("run_id")
     if run_id is None and rows.num_rows:
@@ -450,6 +460,7 @@ def build_report(
         error_rows=errors.slice(0, _MAX_ERROR_ROWS).to_pylist(),
         n_boot=n_boot,
         seed=seed,
+        rows_folder=_rows_folder([path for path, _ in rows_files.values()]),
     )
     failures = [f.failure for f in figures if f.failure is not None]
     if gallery.failure is not None:

@@ -104,6 +104,8 @@ class PageContent:
         error_rows: a few error rows (``shard``, ``key``, ``stage``, ``message``).
         n_boot: bootstrap resamples of the intervals.
         seed: bootstrap seed.
+        rows_folder: the run's folder of rows files, relative to the run (``rows``, or
+            ``shards`` in a run written before schema version 3).
     """
 
     run_id: str | None
@@ -118,6 +120,7 @@ class PageContent:
     error_rows: Sequence[Mapping[str, Any]] = ()
     n_boot: int = 1000
     seed: int = 0
+    rows_folder: str = "rows"
 
 
 def data_uri(png: bytes) -> str:
@@ -284,6 +287,7 @@ def render_index(content: PageContent) -> str:
         confidence_percent=round(100 * CONFIDENCE),
         n_boot=content.n_boot,
         seed=content.seed,
+        rows_folder=content.rows_folder,
         **_summary_context(content.summary),
         figures=[
             {

@@ -43,12 +43,13 @@ from opticam.store.runs import (
 )
 from opticam.store.tables import (
     ERRORS_SCHEMA,
+    RENAMED_COLUMNS,
     SCHEMA,
     SCHEMA_VERSION,
     STATUS_KEY,
     ShardStatus,
     is_done,
-    list_done_shards,
+    list_done_rows,
     read_errors,
     read_rows,
     read_status,
@@ -56,7 +57,7 @@ from opticam.store.tables import (
     rows_file_bytes,
     rows_to_table,
     write_errors,
-    write_shard,
+    write_rows,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "ERRORS_SCHEMA",
     "MAP_COLUMNS",
     "MAP_FORMATS",
+    "RENAMED_COLUMNS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "STATUS_KEY",
@@ -82,7 +84,7 @@ __all__ = [
     "encode_map",
     "errors_url",
     "is_done",
-    "list_done_shards",
+    "list_done_rows",
     "load_maps",
     "package_versions",
     "read_errors",
@@ -98,5 +100,5 @@ __all__ = [
     "shard_name",
     "write_errors",
     "write_run_json",
-    "write_shard",
+    "write_rows",
 ]

@@ -4,9 +4,10 @@ A rows file can be damaged after it was written: a failed copy, a sync tool, bit
 person who replaced it. Such a file must not count as done, and it must not stop a report.
 
 - :func:`check_done_rows` is what the planner runs: for every rows file in the run's
-  listing, its size against the size its errors file recorded (the listing gives the
-  size for free), and its Parquet footer (one small read): the footer must parse, hold
-  the opticam status, name this shard, and count the rows that status counts.
+  listing (``rows/``, and ``shards/`` of a run written before schema version 3), its
+  size against the size its errors file recorded (the listing gives the size for free),
+  and its Parquet footer (one small read): the footer must parse, hold the opticam
+  status, name this shard, and count the rows that status counts.
 - :func:`set_aside` moves a damaged file to ``<run>/damaged/`` (never deletes it), so
   the shard is computed again and the bytes stay for a person to look at.
 - :func:`readable_files` is what readers run: the files whose footer parses, and why
@@ -28,7 +29,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from opticam.errors import shorten
-from opticam.store.layout import failing_for_good, filesystem, invalidate, is_local, join
+from opticam.store.layout import (
+    failing_for_good,
+    filesystem,
+    find_rows_file,
+    invalidate,
+    is_local,
+    join,
+    list_rows_files,
+)
 from opticam.store.tables import STATUS_KEY
 
 __all__ = [
@@ -113,22 +122,11 @@ def check_done_rows(run: str, storage_options: Mapping[str, Any] | None = None) 
     Returns:
         The :class:`DoneCheck`: good shard names, and damaged ones with the reason.
     """
-    fs, base = filesystem(run, storage_options)
-    rows_folder = join(base, "shards")
-    invalidate(fs, rows_folder)
-    try:
-        entries = fs.ls(rows_folder, detail=True)
-    except FileNotFoundError:
+    fs, files = list_rows_files(run, storage_options)
+    if not files:
         return DoneCheck()
-    files: dict[str, tuple[str, int | None]] = {}
-    for entry in entries:
-        path = str(entry["name"])
-        base_name = path.rsplit("/", 1)[-1]
-        wanted = base_name.endswith(".parquet") and not base_name.startswith((".", "_"))
-        if entry.get("type") == "file" and wanted:
-            size = entry.get("size")
-            files[base_name[: -len(".parquet")]] = (path, None if size is None else int(size))
-    names = sorted(files)
+    names = list(files)
+    _, base = filesystem(run, storage_options)
     recorded = _recorded_sizes(fs, join(base, "errors"), names)
 
     def check(name: str) -> tuple[str, str | None]:
@@ -146,24 +144,28 @@ def check_done_rows(run: str, storage_options: Mapping[str, Any] | None = None) 
 
 
 def set_aside(run: str, name: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Move shard ``name``'s rows file to ``<run>/damaged/<name>.<UTC time>.parquet``.
+    """Move shard ``name``'s rows file to ``<run>/damaged/<name>.<UTC time>.parquet``
+    (from ``rows/``, or from ``shards/`` in a run written before schema version 3).
 
     Returns:
         The URL it was moved to.
 
     Raises:
+        FileNotFoundError: the run holds no rows file called ``name``.
         opticam.errors.StorageFailedError: the storage refused the move for good.
         OSError: the move failed (the file then stays where it was).
     """
-    fs, base = filesystem(run, storage_options)
+    fs, source = find_rows_file(run, name, storage_options)
+    if source is None:
+        raise FileNotFoundError(f"no rows file {name}.parquet in {run}")
+    _, base = filesystem(run, storage_options)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    source = join(base, "shards", f"{name}.parquet")
     target = join(base, DAMAGED_FOLDER, f"{name}.{stamp}.parquet")
     with failing_for_good(f"{run}/{DAMAGED_FOLDER}"):
         if is_local(fs):
             fs.makedirs(join(base, DAMAGED_FOLDER), exist_ok=True)
         fs.mv(source, target)
-    invalidate(fs, join(base, "shards"))
+    invalidate(fs, source.rsplit("/", 1)[0])
     return str(fs.unstrip_protocol(target)) if not is_local(fs) else target
 
 

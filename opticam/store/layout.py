@@ -3,7 +3,7 @@
 One run lives in one folder (a local path, ``s3://``, ...)::
 
     <output>/<run_id>/run.json                 job, config without secrets, versions, shards
-    <output>/<run_id>/shards/<name>.parquet    rows: one per (image, method)
+    <output>/<run_id>/rows/<name>.parquet      rows: one per (image, method)
     <output>/<run_id>/errors/<name>.parquet    one row per bad sample / failed step
     <output>/<run_id>/report/                  written by opticam.report
 
@@ -13,6 +13,11 @@ One run lives in one folder (a local path, ``s3://``, ...)::
 meet here and are named apart everywhere: a *shard URL* is an input tar, a *rows URL*
 (:func:`rows_url`) and an *errors URL* (:func:`errors_url`) are this run's output files
 for it.
+
+Runs written before schema version 3 hold their rows files in ``shards/``
+(:data:`LEGACY_ROWS_FOLDERS`). New rows files always go to :data:`ROWS_FOLDER`; whatever
+reads rows files finds them in either through :func:`find_rows_file` (one shard) or
+:func:`list_rows_files` (the whole run), so an older run stays readable.
 
 Every file is written in one piece (:func:`atomic_write_bytes`), so a reader never sees a
 partial file and a writer that fails midway leaves nothing behind.
@@ -36,6 +41,8 @@ from opticam.errors import StorageFailedError
 from opticam.redact import redact_text, redact_url
 
 __all__ = [
+    "LEGACY_ROWS_FOLDERS",
+    "ROWS_FOLDER",
     "atomic_write_bytes",
     "failing_for_good",
     "permanent_cause",
@@ -44,15 +51,25 @@ __all__ = [
     "is_local",
     "errors_url",
     "filesystem",
+    "find_rows_file",
     "join",
     "list_parquet",
+    "list_rows_files",
     "report_url",
+    "rows_folders",
     "rows_url",
     "run_json_url",
     "run_url",
     "shard_file",
     "shard_name",
 ]
+
+#: Folder of a run that its rows files are written to.
+ROWS_FOLDER = "rows"
+#: Folders that older versions wrote rows files to, read but never written: ``shards``
+#: up to schema version 2. The one list of them; every reader goes through
+#: :func:`rows_folders`.
+LEGACY_ROWS_FOLDERS = ("shards",)
 
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _TAR_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
@@ -95,8 +112,15 @@ def shard_name(shard_url: str) -> str:
 
 
 def rows_url(run: str, shard_url: str) -> str:
-    """URL of the rows file of input shard ``shard_url`` in run folder ``run``."""
-    return join(run, "shards", f"{shard_name(shard_url)}.parquet")
+    """URL of the rows file of input shard ``shard_url`` in run folder ``run`` (where it is
+    written; an older run may hold it in a legacy folder, see :func:`find_rows_file`)."""
+    return join(run, ROWS_FOLDER, f"{shard_name(shard_url)}.parquet")
+
+
+def rows_folders(run: str) -> list[str]:
+    """The folders of run folder ``run`` that may hold rows files, the current one first
+    (:data:`ROWS_FOLDER`, then :data:`LEGACY_ROWS_FOLDERS`)."""
+    return [join(run, folder) for folder in (ROWS_FOLDER, *LEGACY_ROWS_FOLDERS)]
 
 
 def errors_url(run: str, shard_url: str) -> str:
@@ -135,20 +159,65 @@ def invalidate(fs: Any, path: str) -> None:
         fs.invalidate_cache(path)
 
 
+def _parquet_entries(fs: Any, path: str) -> list[tuple[str, int | None]]:
+    """``(path, size or None)`` of the Parquet files in folder ``path`` of ``fs``, sorted;
+    hidden and temporary files (``.name``, ``_name``) left out, a missing folder empty."""
+    invalidate(fs, path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        name = str(entry["name"])
+        base = name.rsplit("/", 1)[-1]
+        if (
+            entry.get("type") == "file"
+            and base.endswith(".parquet")
+            and not base.startswith((".", "_"))
+        ):
+            size = entry.get("size")
+            found.append((name, None if size is None else int(size)))
+    return sorted(found)
+
+
 def list_parquet(folder: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, list[str]]:
     """``(fs, sorted paths)`` of the Parquet files in a folder (hidden/temp files left out)."""
     fs, path = filesystem(folder, storage_options)
-    invalidate(fs, path)
-    try:
-        entries = fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return fs, []
-    files = [
-        p
-        for p in entries
-        if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_"))
-    ]
-    return fs, sorted(files)
+    return fs, [p for p, _ in _parquet_entries(fs, path)]
+
+
+def list_rows_files(
+    run: str, storage_options: Mapping[str, Any] | None
+) -> tuple[Any, dict[str, tuple[str, int | None]]]:
+    """``(fs, {name: (path, size or None)})`` of every rows file of run folder ``run``,
+    sorted by name, in :data:`ROWS_FOLDER` and the :data:`LEGACY_ROWS_FOLDERS`.
+
+    ``name`` is the file's name without ``.parquet`` (:func:`shard_name` of its shard). A
+    name in more than one folder is taken from the first in :func:`rows_folders` order.
+    One listing per folder: a run of today costs one listing more than its own folder.
+    """
+    fs, base = filesystem(run, storage_options)
+    found: dict[str, tuple[str, int | None]] = {}
+    for folder in rows_folders(base):
+        for path, size in _parquet_entries(fs, folder):
+            found.setdefault(path.rsplit("/", 1)[-1][: -len(".parquet")], (path, size))
+    return fs, dict(sorted(found.items()))
+
+
+def find_rows_file(
+    run: str, name: str, storage_options: Mapping[str, Any] | None
+) -> tuple[Any, str | None]:
+    """``(fs, path or None)`` of the rows file called ``name`` (a :func:`shard_name`) in
+    run folder ``run``: the first of :func:`rows_folders` that holds it, one request
+    per folder tried (a done shard of today: one request, no listing)."""
+    fs, base = filesystem(run, storage_options)
+    for folder in rows_folders(base):
+        path = join(folder, f"{name}.parquet")
+        invalidate(fs, folder)
+        if fs.exists(path):
+            return fs, path
+    return fs, None
 
 
 _PERMANENT_ERRNOS = {

@@ -1,6 +1,9 @@
 """The map codec: how one saliency map is stored in a row, and how it is rebuilt.
 
-Two formats (:data:`opticam.names.MAP_FORMATS`, the row's ``map_format`` column):
+A row stores its map in ``map_bytes``, the shape ``[h, w]`` of what those bytes hold in
+``map_shape``, and how they hold it in ``map_format`` (before schema version 3:
+``saliency`` and ``saliency_shape``; before version 2: ``saliency_kind``). Two formats
+(:data:`opticam.names.MAP_FORMATS`):
 
 - ``"lowres"``: the method's low-resolution map ``s`` (h, w) as float16 little-endian
   row-major bytes; the full map is ``n(up(s))`` with ``up`` bilinear upsampling
@@ -24,6 +27,7 @@ import pyarrow as pa
 
 from opticam.errors import short_repr
 from opticam.names import MAP_FORMATS
+from opticam.store.tables import previous_names
 
 __all__ = [
     "MAP_COLUMNS",
@@ -39,8 +43,8 @@ MAP_COLUMNS = [
     "shard",
     "key",
     "method",
-    "saliency",
-    "saliency_shape",
+    "map_bytes",
+    "map_shape",
     "map_format",
     "input_height",
     "input_width",
@@ -140,24 +144,42 @@ def _upsample_normalize(
 def decode_map(row: Mapping[str, Any]) -> np.ndarray:
     """Rebuild the full-resolution map (H, W) float32 in [0, 1] of one row.
 
-    ``row`` needs ``saliency``, ``saliency_shape``, ``map_format`` (``saliency_kind`` in
-    schema version 1 files), ``input_height``, ``input_width`` and ``normalization``.
+    ``row`` needs ``map_bytes``, ``map_shape``, ``map_format``, ``input_height``,
+    ``input_width`` and ``normalization``; a row read straight from a file of an older
+    schema version may hold the map columns under their previous names
+    (:data:`opticam.store.RENAMED_COLUMNS`).
     """
-    fmt = row["map_format"] if "map_format" in row else row["saliency_kind"]
-    h, w = (int(v) for v in row["saliency_shape"])
+    fmt = _value(row, "map_format")
+    h, w = (int(v) for v in _value(row, "map_shape"))
+    data = _value(row, "map_bytes")
     size = (int(row["input_height"]), int(row["input_width"]))
     if fmt == "lowres":
-        s = np.frombuffer(row["saliency"], dtype="<f2").reshape(h, w).astype(np.float32)
+        s = np.frombuffer(data, dtype="<f2").reshape(h, w).astype(np.float32)
         return _upsample_normalize(s, size, str(row["normalization"]))
     if fmt == "full_png":
         from PIL import Image
 
-        with Image.open(io.BytesIO(row["saliency"])) as img:
+        with Image.open(io.BytesIO(data)) as img:
             q = np.asarray(img.convert("L"), dtype=np.float32)
         if q.shape != (h, w):
             raise ValueError(f"PNG map is {q.shape}, row says {(h, w)}")
         return q / 255.0
     raise ValueError(f"unknown map_format {short_repr(fmt)} (known: {', '.join(MAP_FORMATS)})")
+
+
+def _value(row: Mapping[str, Any], column: str) -> Any:
+    """``row[column]``, or the value under one of the column's previous names (the first
+    that is not null, for a row that holds more than one of the names)."""
+    values = [row[name] for name in (column, *previous_names(column)) if name in row]
+    if not values:
+        raise KeyError(column)
+    return next((v for v in values if v is not None), values[0])
+
+
+def _map_columns(table: pa.Table) -> list[str]:
+    """:data:`MAP_COLUMNS` as ``table`` names them (current or previous names)."""
+    names = set(table.column_names)
+    return [next((n for n in (c, *previous_names(c)) if n in names), c) for c in MAP_COLUMNS]
 
 
 def load_maps(
@@ -170,8 +192,9 @@ def load_maps(
     Args:
         run: run folder URL.
         which: rows that carry the map columns (a table from
-            :func:`opticam.store.read_rows`, or dicts), or ``(shard URL, key, method)``
-            tuples to look up in the run.
+            :func:`opticam.store.read_rows` or one file's table, or dicts; under the
+            current or previous names), or ``(shard URL, key, method)`` tuples to look
+            up in the run.
         storage_options: fsspec options of the output.
 
     Returns:
@@ -184,7 +207,7 @@ def load_maps(
 
     rows: list[Mapping[str, Any]]
     if isinstance(which, pa.Table):
-        rows = which.select(MAP_COLUMNS).to_pylist()
+        rows = which.select(_map_columns(which)).to_pylist()
     else:
         items = list(which)
         if items and all(isinstance(i, tuple) and len(i) == 3 for i in items):

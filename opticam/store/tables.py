@@ -1,7 +1,9 @@
 """The run's tables: Parquet schemas, shard status, and writing and reading rows and errors.
 
-- ``shards/<name>.parquet`` holds the *rows* of one input shard, one per (image, method),
-  with schema :data:`SCHEMA`. Its presence means the shard is done.
+- ``rows/<name>.parquet`` holds the *rows* of one input shard, one per (image, method),
+  with schema :data:`SCHEMA`. Its presence means the shard is done. Runs written before
+  schema version 3 hold it in ``shards/``, which every reader here reads too
+  (:data:`opticam.store.layout.LEGACY_ROWS_FOLDERS`).
 - ``errors/<name>.parquet`` holds its *error rows* (:data:`ERRORS_SCHEMA`), one per bad
   sample or failed step, with the ``stage`` names of :data:`opticam.names.STAGES`. The
   pipeline writes it first, so a done shard always has one.
@@ -12,8 +14,10 @@ truncated shard also gets an error row with stage ``"incomplete"`` so that table
 readers see it too.
 
 Schema versions: version 2 renamed the map format column ``saliency_kind`` to
-``map_format`` (the config field and CLI flag have the same name). :func:`read_rows`
-reads runs of both versions and always returns the current schema.
+``map_format`` (the config field and CLI flag have the same name); version 3 moved the
+rows files from ``shards/`` to ``rows/`` and renamed the map columns ``saliency`` and
+``saliency_shape`` to ``map_bytes`` and ``map_shape`` (:data:`RENAMED_COLUMNS`).
+:func:`read_rows` reads runs of every version and always returns the current schema.
 """
 
 from __future__ import annotations
@@ -35,36 +39,38 @@ from opticam.redact import redact_text, redact_url
 from opticam.store.layout import (
     atomic_write_bytes,
     errors_url,
-    filesystem,
-    invalidate,
+    find_rows_file,
     is_local,
     join,
     list_parquet,
+    list_rows_files,
     rows_url,
     shard_name,
 )
 
 __all__ = [
     "ERRORS_SCHEMA",
+    "RENAMED_COLUMNS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "STATUS_KEY",
     "ShardStatus",
     "is_done",
-    "list_done_shards",
+    "list_done_rows",
+    "previous_names",
     "read_errors",
     "read_rows",
     "read_statuses",
     "rows_file_bytes",
     "rows_to_table",
     "write_errors",
-    "write_shard",
+    "write_rows",
 ]
 
 logger = logging.getLogger("opticam.store")
 
 #: Version of the layout and of :data:`SCHEMA`; stored in run.json and file metadata.
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 #: Key of the shard status JSON in the Parquet key-value metadata.
 STATUS_KEY = "opticam.shard_status"
 
@@ -100,8 +106,8 @@ SCHEMA = pa.schema(
         pa.field("iterations", pa.int32()),  # Opti-CAM optimizer steps; null otherwise
         pa.field("constant_map", pa.bool_(), nullable=False),  # map was constant (all ones)
         pa.field("seconds", _F64, nullable=False),  # method time per image (batch time / B)
-        pa.field("saliency", pa.binary(), nullable=False),  # the map, see opticam.store.maps
-        pa.field("saliency_shape", pa.list_(pa.int32()), nullable=False),  # [h, w]
+        pa.field("map_bytes", pa.binary(), nullable=False),  # the map, see opticam.store.maps
+        pa.field("map_shape", pa.list_(pa.int32()), nullable=False),  # [h, w] of map_bytes
         pa.field("map_format", pa.string(), nullable=False),  # "lowres" | "full_png"
         pa.field("input_height", pa.int32(), nullable=False),
         pa.field("input_width", pa.int32(), nullable=False),
@@ -110,8 +116,35 @@ SCHEMA = pa.schema(
     metadata={"opticam.schema_version": SCHEMA_VERSION},
 )
 
-# Columns renamed since schema version 1: {old name: current name}.
-_RENAMED = {"saliency_kind": "map_format"}
+#: Every column renamed since schema version 1, as ``(old name, new name, version that
+#: renamed it)``. Files of older versions are read back under the current names
+#: (:func:`read_rows`, :func:`opticam.store.decode_map`); the one list of renames.
+RENAMED_COLUMNS = (
+    ("saliency_kind", "map_format", "2"),
+    ("saliency", "map_bytes", "3"),
+    ("saliency_shape", "map_shape", "3"),
+)
+
+
+def _previous_names() -> dict[str, tuple[str, ...]]:
+    renamed_to = {old: new for old, new, _ in RENAMED_COLUMNS}
+    found: dict[str, list[str]] = {}
+    for old, new, _ in sorted(RENAMED_COLUMNS, key=lambda r: int(r[2]), reverse=True):
+        while new in renamed_to:  # renamed again later: file it under today's name
+            new = renamed_to[new]
+        found.setdefault(new, []).append(old)
+    return {name: tuple(olds) for name, olds in found.items()}
+
+
+_PREVIOUS_NAMES = _previous_names()
+
+
+def previous_names(column: str) -> tuple[str, ...]:
+    """The names a current :data:`SCHEMA` column had in older schema versions, newest
+    first (empty for a column never renamed): ``previous_names("map_bytes")`` is
+    ``("saliency",)``."""
+    return _PREVIOUS_NAMES.get(column, ())
+
 
 #: One row per sample or step that failed (key null for a shard-level problem).
 ERRORS_SCHEMA = pa.schema(
@@ -216,7 +249,7 @@ def rows_file_bytes(table: pa.Table, status: ShardStatus) -> bytes:
         ValueError: the table does not have the opticam schema.
     """
     if not table.schema.equals(SCHEMA, check_metadata=False):
-        raise ValueError(f"shard table does not have the opticam schema:\n{table.schema}")
+        raise ValueError(f"rows table does not have the opticam schema:\n{table.schema}")
     return _table_bytes(_with_status(table, status))
 
 
@@ -248,13 +281,13 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=SCHEMA)
 
 
-def write_shard(
+def write_rows(
     run: str,
     table: pa.Table | bytes,
     status: ShardStatus,
     storage_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write the rows of one shard (marks the shard done); returns the rows URL.
+    """Write the rows file of one shard (marks the shard done); returns its URL.
 
     Args:
         run: run folder URL.
@@ -309,16 +342,17 @@ def write_errors(
 
 
 def is_done(run: str, shard_url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether the rows file of one shard exists: one request, not a listing of the run."""
-    fs, path = filesystem(rows_url(run, shard_url), storage_options)
-    invalidate(fs, path.rsplit("/", 1)[0])
-    return bool(fs.exists(path))
+    """Whether the rows file of one shard exists: one request for a done shard (two for
+    one not done, which may be in the legacy folder of an older run), never a listing."""
+    _, path = find_rows_file(run, shard_name(shard_url), storage_options)
+    return path is not None
 
 
-def list_done_shards(run: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Names (:func:`opticam.store.shard_name`) of the shards whose rows file exists, sorted."""
-    _, files = list_parquet(join(run, "shards"), storage_options)
-    return [f.rsplit("/", 1)[-1][: -len(".parquet")] for f in files]
+def list_done_rows(run: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Names (:func:`opticam.store.shard_name`) of the shards whose rows file exists, sorted
+    (in ``rows/``, or in ``shards/`` for a run written before schema version 3)."""
+    _, files = list_rows_files(run, storage_options)
+    return list(files)
 
 
 def _dataset(files: list[str], fs: Any, schema: pa.Schema) -> pads.Dataset:
@@ -374,11 +408,11 @@ def _read_table(
 
 
 # What rows files of every version are read with: the current columns (nullable, since a
-# version 1 file lacks the renamed ones) plus the old names. Columns a file lacks read as
-# null, so one dataset reads a run of either version.
+# file of an older version lacks the renamed ones) plus their previous names. Columns a
+# file lacks read as null, so one dataset reads a run of any version, or of several.
 _READ_SCHEMA = pa.schema(
     [f.with_nullable(True) for f in SCHEMA]
-    + [SCHEMA.field(new).with_name(old).with_nullable(True) for old, new in _RENAMED.items()],
+    + [f.with_name(old).with_nullable(True) for f in SCHEMA for old in previous_names(f.name)],
     metadata=SCHEMA.metadata,
 )
 
@@ -393,13 +427,13 @@ def read_rows(
 ) -> pa.Table:
     """All rows of the run's finished shards (an empty table with the schema if none).
 
-    Runs written with schema version 1 are read too: their renamed columns come back
-    under the current names (a ``filter`` on a renamed column sees null in such files).
-    A rows file that cannot be read (damaged in storage) is left out and logged.
+    Runs written with an older schema version are read too: rows files in the legacy
+    ``shards/`` folder, and renamed columns under the current names (a ``filter`` on a
+    renamed column sees null in files that hold it under its old name). A rows file that cannot be read (damaged in storage) is left out and logged.
 
     Args:
         run: run folder URL.
-        columns: subset of :data:`SCHEMA` columns (skipping ``saliency`` is much faster).
+        columns: subset of :data:`SCHEMA` columns (skipping ``map_bytes`` is much faster).
         storage_options: fsspec options of the output.
         filter: optional ``pyarrow.dataset`` expression, e.g. ``pc.field("method") == "opticam"``.
         unreadable: a dict that receives ``{file URL: why}`` for each file left out.
@@ -411,17 +445,18 @@ def read_rows(
     unknown = [c for c in wanted if c not in SCHEMA.names]
     if unknown:
         raise KeyError(f"unknown column(s) {unknown} (known: {', '.join(SCHEMA.names)})")
-    fs, files = list_parquet(join(run, "shards"), storage_options)
+    fs, found = list_rows_files(run, storage_options)
+    files = [path for path, _ in found.values()]
     if not files:
         return SCHEMA.empty_table().select(wanted)
-    old_names = {new: old for old, new in _RENAMED.items()}
-    read = wanted + [old_names[c] for c in wanted if c in old_names]
+    read = wanted + [old for c in wanted for old in previous_names(c)]
     table = _read_table(files, fs, _READ_SCHEMA, unreadable, columns=read, filter=filter)
-    for new, old in old_names.items():
-        if new in wanted:
-            merged = pc.coalesce(table.column(new), table.column(old))
-            table = table.set_column(table.schema.get_field_index(new), new, merged)
-            table = table.drop_columns([old])
+    for column in wanted:
+        olds = list(previous_names(column))
+        if olds:  # each file holds one of the names: the others read as null
+            merged = pc.coalesce(table.column(column), *(table.column(o) for o in olds))
+            table = table.set_column(table.schema.get_field_index(column), column, merged)
+            table = table.drop_columns(olds)
     return table.cast(pa.schema([SCHEMA.field(c) for c in wanted], metadata=SCHEMA.metadata))
 
 
@@ -443,8 +478,9 @@ def read_status(
     run: str, shard_url: str, storage_options: Mapping[str, Any] | None = None
 ) -> ShardStatus | None:
     """The status stored in a shard's rows file, or None when the shard is not done."""
-    fs, path = filesystem(rows_url(run, shard_url), storage_options)
-    invalidate(fs, path.rsplit("/", 1)[0])
+    fs, path = find_rows_file(run, shard_name(shard_url), storage_options)
+    if path is None:
+        return None
     try:
         stored = _stored_status(fs, path)
     except FileNotFoundError:
@@ -471,7 +507,7 @@ def read_statuses(
     written); ``done`` in each dict says whether its rows file exists.
     """
     fs, files = list_parquet(join(run, "errors"), storage_options)
-    done = set(list_done_shards(run, storage_options))
+    done = set(list_done_rows(run, storage_options))
     out = []
     for path in files:
         try:

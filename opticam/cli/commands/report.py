@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     run = args.run_url.rstrip("/")
     options = storage_options_of(args) or None
-    if store.read_run_json(run, options) is None and not store.list_done_shards(run, options):
-        raise CLIError(f"no opticam run at {short_repr(run)} (no run.json, no shards)")
+    if store.read_run_json(run, options) is None and not store.list_done_rows(run, options):
+        raise CLIError(f"no opticam run at {short_repr(run)} (no run.json, no rows files)")
     report = build_report(run, storage_options=options)
     sys.stdout.write(format_table(report.summary) + "\n")
     sys.stdout.write(f"report: {shown_path(report.index_url)}\n")
