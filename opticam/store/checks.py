@@ -144,8 +144,10 @@ def check_done_rows(run: str, storage_options: Mapping[str, Any] | None = None) 
 
 
 def set_aside(run: str, name: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Move shard ``name``'s rows file to ``<run>/damaged/<name>.<UTC time>.parquet``
-    (from ``rows/``, or from ``shards/`` in a run written before schema version 3).
+    """Move shard ``name``'s rows file to ``<run>/damaged/<name>.<UTC time>.parquet``.
+
+    The file is taken from ``rows/``, or from ``shards/`` in a run written before schema
+    version 3.
 
     Returns:
         The URL it was moved to.

@@ -88,8 +88,10 @@ def run_url(output: str, run_id: str) -> str:
 
 
 def shard_file(shard_url: str) -> str:
-    """The shard's file name, without credentials: ``s3://b/train/shard-03.tar`` ->
-    ``shard-03.tar`` (what people look for in logs and in the Prefect UI)."""
+    """The shard's file name, without credentials (what people look for in logs and the UI).
+
+    ``s3://b/train/shard-03.tar`` -> ``shard-03.tar``.
+    """
     return redact_url(shard_url).rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -112,14 +114,19 @@ def shard_name(shard_url: str) -> str:
 
 
 def rows_url(run: str, shard_url: str) -> str:
-    """URL of the rows file of input shard ``shard_url`` in run folder ``run`` (where it is
-    written; an older run may hold it in a legacy folder, see :func:`find_rows_file`)."""
+    """URL of the rows file of input shard ``shard_url`` in run folder ``run``.
+
+    That is where it is written; an older run may hold it in a legacy folder (see
+    :func:`find_rows_file`).
+    """
     return join(run, ROWS_FOLDER, f"{shard_name(shard_url)}.parquet")
 
 
 def rows_folders(run: str) -> list[str]:
-    """The folders of run folder ``run`` that may hold rows files, the current one first
-    (:data:`ROWS_FOLDER`, then :data:`LEGACY_ROWS_FOLDERS`)."""
+    """The folders of run folder ``run`` that may hold rows files, the current one first.
+
+    That is :data:`ROWS_FOLDER`, then :data:`LEGACY_ROWS_FOLDERS`.
+    """
     return [join(run, folder) for folder in (ROWS_FOLDER, *LEGACY_ROWS_FOLDERS)]
 
 
@@ -160,8 +167,11 @@ def invalidate(fs: Any, path: str) -> None:
 
 
 def _parquet_entries(fs: Any, path: str) -> list[tuple[str, int | None]]:
-    """``(path, size or None)`` of the Parquet files in folder ``path`` of ``fs``, sorted;
-    hidden and temporary files (``.name``, ``_name``) left out, a missing folder empty."""
+    """``(path, size or None)`` of the Parquet files in folder ``path`` of ``fs``, sorted.
+
+    Hidden and temporary files (``.name``, ``_name``) are left out; a missing folder is
+    empty.
+    """
     invalidate(fs, path)
     try:
         entries = fs.ls(path, detail=True)
@@ -190,8 +200,9 @@ def list_parquet(folder: str, storage_options: Mapping[str, Any] | None) -> tupl
 def list_rows_files(
     run: str, storage_options: Mapping[str, Any] | None
 ) -> tuple[Any, dict[str, tuple[str, int | None]]]:
-    """``(fs, {name: (path, size or None)})`` of every rows file of run folder ``run``,
-    sorted by name, in :data:`ROWS_FOLDER` and the :data:`LEGACY_ROWS_FOLDERS`.
+    """``(fs, {name: (path, size or None)})`` of every rows file of run folder ``run``.
+
+    Sorted by name, from :data:`ROWS_FOLDER` and the :data:`LEGACY_ROWS_FOLDERS`.
 
     ``name`` is the file's name without ``.parquet`` (:func:`shard_name` of its shard). A
     name in more than one folder is taken from the first in :func:`rows_folders` order.
@@ -208,9 +219,12 @@ def list_rows_files(
 def find_rows_file(
     run: str, name: str, storage_options: Mapping[str, Any] | None
 ) -> tuple[Any, str | None]:
-    """``(fs, path or None)`` of the rows file called ``name`` (a :func:`shard_name`) in
-    run folder ``run``: the first of :func:`rows_folders` that holds it, one request
-    per folder tried (a done shard of today: one request, no listing)."""
+    """``(fs, path or None)`` of the rows file called ``name`` in run folder ``run``.
+
+    ``name`` is a :func:`shard_name`. The file is looked for in each of
+    :func:`rows_folders` in turn, one request per folder tried (a done shard of today:
+    one request, no listing).
+    """
     fs, base = filesystem(run, storage_options)
     for folder in rows_folders(base):
         path = join(folder, f"{name}.parquet")
@@ -268,8 +282,10 @@ def permanent_cause(exc: BaseException) -> str | None:
 
 
 def storage_failure(exc: BaseException, url: str) -> StorageFailedError | None:
-    """The :class:`~opticam.errors.StorageFailedError` for a failed write of ``url``, or
-    None when the error may go away (a network hiccup: retry it)."""
+    """The :class:`~opticam.errors.StorageFailedError` for a failed write of ``url``.
+
+    None when the error may go away (a network hiccup: retry it).
+    """
     if isinstance(exc, StorageFailedError):
         return exc
     cause = permanent_cause(exc)
@@ -281,8 +297,11 @@ def storage_failure(exc: BaseException, url: str) -> StorageFailedError | None:
 
 @contextlib.contextmanager
 def failing_for_good(url: str) -> Any:
-    """Turn an error that will not go away, raised in the block, into a
-    :class:`~opticam.errors.StorageFailedError` naming ``url``; others pass unchanged."""
+    """Make an error that will not go away, raised in the block, a storage failure.
+
+    It becomes a :class:`~opticam.errors.StorageFailedError` naming ``url``; other
+    errors pass unchanged.
+    """
     try:
         yield
     except OSError as exc:

@@ -1,5 +1,6 @@
-"""Per-shard leases: two runs (or workers) of one job split the shards instead of both
-computing every one.
+"""Per-shard leases: two runs (or workers) of one job split the shards between them.
+
+Without a lease, both would compute every shard.
 
 A lease is a small JSON object in the run folder, ``leases/<shard name>.<generation>.json``,
 holding its owner and an expiry time. The only atomic operation it needs is *create if
@@ -199,8 +200,9 @@ def acquire(
     ttl: float = DEFAULT_TTL,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Lease | None:
-    """Take the shard's lease: free, expired, or already ours. None when someone else
-    holds a live one (or won the race for it).
+    """Take the shard's lease: free, expired, or already ours.
+
+    None when someone else holds a live one (or won the race for it).
 
     Args:
         run: run folder URL.
@@ -226,8 +228,9 @@ def renew(
 
 
 def release(lease: Lease, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Delete our lease and the generations before it (best effort: an expired lease is
-    free anyway).
+    """Delete our lease and the generations before it.
+
+    Best effort: an expired lease is free anyway.
 
     Older generations stay while a lease lives on purpose: each one's file is what makes
     a stalled former owner's :func:`renew` (which creates the generation after its own)
@@ -291,8 +294,11 @@ def hold(
     ttl: float = DEFAULT_TTL,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[Lease | None]:
-    """Hold the shard's lease for the ``with`` block: yields None when another worker
-    holds it; otherwise renews it in the background and releases it at the end."""
+    """Hold the shard's lease for the ``with`` block.
+
+    Yields None when another worker holds it; otherwise renews it in the background and
+    releases it at the end.
+    """
     lease = acquire(run, shard_url, owner, ttl=ttl, storage_options=storage_options)
     if lease is None:
         yield None

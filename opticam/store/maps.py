@@ -168,8 +168,10 @@ def decode_map(row: Mapping[str, Any]) -> np.ndarray:
 
 
 def _value(row: Mapping[str, Any], column: str) -> Any:
-    """``row[column]``, or the value under one of the column's previous names (the first
-    that is not null, for a row that holds more than one of the names)."""
+    """``row[column]``, or the value under one of the column's previous names.
+
+    For a row that holds more than one of the names, the first that is not null.
+    """
     values = [row[name] for name in (column, *previous_names(column)) if name in row]
     if not values:
         raise KeyError(column)

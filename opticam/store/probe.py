@@ -194,7 +194,7 @@ def _error_code(err: BaseException) -> str | None:
     return str(code) if code else None
 
 
-def _check_s3(url: str, options: dict[str, Any]) -> None:
+def _check_s3(url: str, options: dict[str, Any]) -> None:  # noqa: C901 - one except clause per way an S3 write fails, each with its own fix
     import botocore.exceptions as boto
 
     # A fresh instance: fsspec caches one per set of options, and a cached one keeps the

@@ -116,6 +116,7 @@ def write_run_json(
         run: run folder URL.
         config: the job; only :meth:`RunConfig.public_dict` (no storage options) is stored.
         shards: one mapping per planned shard (``url``, ``name``, ``max_images``).
+        storage_options: fsspec options of the output.
         loaded_model: what the loaded model applies
             (:meth:`opticam.models.LoadedModel.description`: the normalization, sizes and
             layer the spec left to the model), stored as ``loaded_model``. Not part of

@@ -140,9 +140,11 @@ _PREVIOUS_NAMES = _previous_names()
 
 
 def previous_names(column: str) -> tuple[str, ...]:
-    """The names a current :data:`SCHEMA` column had in older schema versions, newest
-    first (empty for a column never renamed): ``previous_names("map_bytes")`` is
-    ``("saliency",)``."""
+    """The names a current :data:`SCHEMA` column had in older schema versions, newest first.
+
+    Empty for a column never renamed: ``previous_names("map_bytes")`` is
+    ``("saliency",)``.
+    """
     return _PREVIOUS_NAMES.get(column, ())
 
 
@@ -161,8 +163,10 @@ ERRORS_SCHEMA = pa.schema(
 
 @dataclass
 class ShardStatus:
-    """What happened to one input shard: stored in its files' metadata, returned by
-    :func:`opticam.pipeline.process_shard`, and passed around by the flows.
+    """What happened to one input shard.
+
+    Stored in its files' metadata, returned by :func:`opticam.pipeline.process_shard`,
+    and passed around by the flows.
 
     Attributes:
         shard: the input shard's URL.
@@ -318,6 +322,7 @@ def write_errors(
         errors: records with ``shard``, ``key``, ``stage``, ``message`` attributes (e.g.
             :class:`opticam.data.ErrorRecord`) or mappings with those keys.
         status: the shard status stored in the file metadata.
+        storage_options: fsspec options of the output.
     """
     rows = []
     for err in errors:
@@ -342,15 +347,20 @@ def write_errors(
 
 
 def is_done(run: str, shard_url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether the rows file of one shard exists: one request for a done shard (two for
-    one not done, which may be in the legacy folder of an older run), never a listing."""
+    """Whether the rows file of one shard exists.
+
+    One request for a done shard (two for one not done, which may be in the legacy
+    folder of an older run), never a listing.
+    """
     _, path = find_rows_file(run, shard_name(shard_url), storage_options)
     return path is not None
 
 
 def list_done_rows(run: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Names (:func:`opticam.store.shard_name`) of the shards whose rows file exists, sorted
-    (in ``rows/``, or in ``shards/`` for a run written before schema version 3)."""
+    """Names (:func:`opticam.store.shard_name`) of the shards whose rows file exists, sorted.
+
+    Found in ``rows/``, or in ``shards/`` for a run written before schema version 3.
+    """
     _, files = list_rows_files(run, storage_options)
     return list(files)
 
@@ -377,8 +387,11 @@ def _read_table(
     columns: list[str] | None = None,
     filter: Any = None,
 ) -> pa.Table:
-    """The files' rows as one table; files that cannot be read are left out, logged,
-    and named in ``unreadable`` (``{URL: why}``) when the caller passes a dict."""
+    """The files' rows as one table.
+
+    Files that cannot be read are left out, logged, and named in ``unreadable``
+    (``{URL: why}``) when the caller passes a dict.
+    """
     from opticam.store.checks import readable_files
 
     good, bad = readable_files(fs, files)
@@ -466,8 +479,11 @@ def read_errors(
     *,
     unreadable: dict[str, str] | None = None,
 ) -> pa.Table:
-    """All error rows of the run (schema :data:`ERRORS_SCHEMA`); damaged files are left
-    out, logged, and named in ``unreadable`` as in :func:`read_rows`."""
+    """All error rows of the run (schema :data:`ERRORS_SCHEMA`).
+
+    Damaged files are left out, logged, and named in ``unreadable`` as in
+    :func:`read_rows`.
+    """
     fs, files = list_parquet(join(run, "errors"), storage_options)
     if not files:
         return ERRORS_SCHEMA.empty_table()
