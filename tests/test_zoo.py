@@ -51,6 +51,7 @@ from opticam.errors import (  # noqa: E402
 from opticam.layers import ResolvedLayer, find_layer, resolve_target_layer  # noqa: E402
 from opticam.methods import get_explainer  # noqa: E402
 from opticam.models import load_model  # noqa: E402
+from opticam.sources import SourceModel  # noqa: E402
 from opticam.wrappers import Normalized  # noqa: E402
 
 torch.set_num_threads(1)
@@ -64,7 +65,7 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def preprocess_of(built: zoo.ZooModel) -> Preprocess:
+def preprocess_of(built: SourceModel) -> Preprocess:
     return Preprocess(
         built.input_size,
         built.resize_size,
