@@ -205,11 +205,14 @@ class ModelSpec(BaseModel):
     )
     mean: tuple[float, float, float] | None = Field(
         default=None,
-        description="RGB input mean for [0,1] images, applied inside the model (default per "
-        "family: ImageNet's for torchvision, none for demo and factories)",
+        description="RGB input mean for [0,1] images, applied inside the model (default: "
+        "the source's: ImageNet's for torchvision, timm's or the image processor's, a "
+        "factory's input_mean; none for the demo)",
     )
     std: tuple[float, float, float] | None = Field(
-        default=None, description="RGB input standard deviation (default per family)"
+        default=None,
+        description="RGB input standard deviation (default: the source's, as for mean; 1 "
+        "where a mean applies and no std is known)",
     )
     relu_features: bool | None = Field(
         default=None,

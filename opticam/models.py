@@ -21,10 +21,13 @@ Sources (``ModelSpec.source``):
   the Hub or a ``save_pretrained`` folder (model and image processor), never with remote
   code; needs ``pip install 'opticam[hf]'``.
 
-timm and hf models bring their preprocessing (mean, std, input size, resize, interpolation,
-resize mode; :mod:`opticam.zoo` says how it is read and checked), carried by
-:class:`LoadedModel` to every place that builds a :class:`~opticam.data.Preprocess`
-(:meth:`LoadedModel.preprocess`); spec fields override it.
+Each source is one function that builds the network and says what it knows about feeding
+it, as a :class:`~opticam.sources.SourceModel` (demo, torchvision and factory:
+:mod:`opticam.sources`; timm and hf bring their own preprocessing, read and checked as
+:mod:`opticam.zoo` says). :func:`load_model` then applies the spec's fields over the
+source's values, one rule per setting (its docstring lists them), and the result is
+carried by :class:`LoadedModel` to every place that builds a
+:class:`~opticam.data.Preprocess` (:meth:`LoadedModel.preprocess`).
 
 Target layers (names, defaults per family, reshape transforms): :mod:`opticam.layers`.
 The wrappers (:class:`Normalized`, ``HFClassifier``): :mod:`opticam.wrappers`.
@@ -32,13 +35,10 @@ The wrappers (:class:`Normalized`, ``HFClassifier``): :mod:`opticam.wrappers`.
 
 from __future__ import annotations
 
-import importlib
 import io
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.error import URLError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 import torch
@@ -46,8 +46,15 @@ from torch import Tensor, nn
 
 from opticam.config import ModelSpec
 from opticam.errors import CheckpointError, WeightsUnavailableError, short_repr
-from opticam.layers import (
-    resolve_target_layer,
+from opticam.layers import resolve_target_layer
+from opticam.sources import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SourceModel,
+    StateLoader,
+    load_demo,
+    load_factory,
+    load_torchvision,
 )
 from opticam.wrappers import Normalized
 
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
     from opticam.data import Preprocess
 
 __all__ = [
+    "DEFAULT_INPUT_SIZE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CheckpointError",
@@ -65,13 +73,10 @@ __all__ = [
     "load_model",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: The input side of a model whose spec and source both leave it open.
+DEFAULT_INPUT_SIZE = 224
 
-# torchvision's classification presets crop 224 out of a 256 resize unless the weights
-# say otherwise (their transforms carry crop_size / resize_size).
-_IMAGENET_INPUT_SIZE = 224
-_IMAGENET_RESIZE_SIZE = 256
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -214,6 +219,29 @@ def load_model(
 ) -> LoadedModel:
     """Build the classifier a spec describes, on ``device``, ready to explain.
 
+    The source (:mod:`opticam.sources`, :mod:`opticam.zoo`) builds the network and says
+    what it knows about feeding it (a :class:`~opticam.sources.SourceModel`); then, here
+    and nowhere else, each setting is the spec's value when given, else the source's,
+    else a default:
+
+    - ``mean`` and ``std``, each on its own: the spec's, else the source's. Without a
+      mean the model gets no normalization wrapper (the net normalizes inside, or takes
+      [0,1] images) and a std alone is ignored; with a mean and no std anywhere, the std
+      is 1.
+    - ``input_size``: the spec's, else the source's, else 224.
+    - ``resize_size``: the spec's, else the source's resize for that input size
+      (:meth:`~opticam.sources.SourceModel.resize_for`: its own for its own input, in
+      its crop proportion for another one where it has one, else its fixed resize), else
+      the input size (no crop).
+    - ``interpolation`` and ``resize_mode``: the spec's, else the source's, else
+      ``bilinear`` and ``shorter``; ``crop_rounding`` (no spec field): the source's, else
+      ``round``.
+    - ``num_classes``: the spec's, else the source's (sources refuse a spec that
+      contradicts their weights), else counted by one forward pass.
+    - ``target_layer``: the spec's, else the source's, else the family default
+      (:func:`opticam.layers.default_target_layer`); ``relu_features``: the spec's, else
+      the layer family's.
+
     The model is put in eval mode with its parameters frozen (``requires_grad=False``):
     saliency methods need gradients with respect to inputs or masks, never weights.
 
@@ -230,97 +258,65 @@ def load_model(
         MissingPackageError: a timm or hf source without its package installed.
         ValueError: bad source, weights name, or target layer.
     """
-    kind, _, rest = spec.source.partition(":")
-    mean: Sequence[float] | None = spec.mean
-    std: Sequence[float] | None = spec.std
-    num_classes = spec.num_classes
-    input_size: int | None = spec.input_size
-    resize_size: int | None = spec.resize_size
-    default_layer: str | None = None
-    interpolation, resize_mode, crop_rounding = "bilinear", "shorter", "round"
+    kind, _, target = spec.source.partition(":")
 
-    if kind == "demo":
-        import opticam.demo as demo
+    def load_state(module: nn.Module) -> None:
+        _load_state(module, spec, storage_options)
 
-        if spec.checkpoint is None:
-            net = demo.load_model()
-        else:
-            from opticam.demo.model import DemoNet
-
-            net = DemoNet(num_classes=num_classes or demo.NUM_CLASSES)
-            _load_state(net, spec, storage_options)
-        net_classes: int | None = demo.NUM_CLASSES if num_classes is None else num_classes
-        input_size = input_size or demo.DEMO_INPUT_SIZE
-        resize_size = resize_size or demo.DEMO_INPUT_SIZE
-        default_layer = demo.DEMO_TARGET_LAYER
-    elif kind == "torchvision":
-        arch, _, weights_name = rest.partition(":")
-        net, meta = _build_torchvision(arch, weights_name or None, spec, storage_options)
-        net_classes = meta.get("num_classes") or num_classes
-        input_size = input_size or meta.get("crop_size") or _IMAGENET_INPUT_SIZE
-        resize_size = resize_size or meta.get("resize_size") or _IMAGENET_RESIZE_SIZE
-        if mean is None:
-            mean, std = IMAGENET_MEAN, std or IMAGENET_STD
-    elif kind in ("timm", "hf"):
-        import opticam.zoo as zoo
-
-        def load_state(module: nn.Module) -> None:
-            _load_state(module, spec, storage_options)
-
-        built = (zoo.load_timm if kind == "timm" else zoo.load_hf)(rest, spec, load_state)
-        net = built.net
-        net_classes = built.num_classes or num_classes
-        # Each setting the spec leaves open is the zoo's own.
-        mean = mean if mean is not None else built.mean
-        std = std if std is not None else built.std
-        input_size = input_size or built.input_size
-        resize_size = resize_size or built.resize_for(input_size)
-        interpolation, resize_mode = built.interpolation, built.resize_mode
-        crop_rounding = built.crop_rounding
-    else:  # factory, validated by ModelSpec
-        net = _call_factory(rest)
-        if spec.checkpoint is not None:
-            _load_state(net, spec, storage_options)
-        declared_mean = getattr(net, "input_mean", None)
-        if mean is None and declared_mean is not None:
-            mean = tuple(declared_mean)
-            std = std or tuple(getattr(net, "input_std", (1.0, 1.0, 1.0)))
-        net_classes = num_classes
-        declared = getattr(net, "input_size", None)
-        input_size = input_size or (declared if isinstance(declared, int) else None)
-        input_size = input_size or _IMAGENET_INPUT_SIZE
-        resize_size = resize_size or input_size
-
-    model: nn.Module = net
+    built = _source(kind)(target, spec, load_state)
+    mean = _given(spec.mean, built.mean)
+    std = _given(spec.std, built.std)
+    input_size = _given(spec.input_size, built.input_size) or DEFAULT_INPUT_SIZE
+    resize_size = _given(spec.resize_size, built.resize_for(input_size))
+    model: nn.Module = built.net
     applied: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     if mean is not None:
         applied = _floats(mean), _floats(std if std is not None else (1.0, 1.0, 1.0))
-        model = Normalized(net, *applied)
+        model = Normalized(model, *applied)
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
 
     layer = resolve_target_layer(
-        model, spec.target_layer or default_layer, relu_features=spec.relu_features
+        model, spec.target_layer or built.default_layer, relu_features=spec.relu_features
     )
-    if net_classes is None:
-        net_classes = _infer_num_classes(model, input_size, device)
+    num_classes = _given(spec.num_classes, built.num_classes)
+    if num_classes is None:
+        num_classes = _infer_num_classes(model, input_size, device)
     return LoadedModel(
         model=model,
         target_layer=layer.module,
         target_layer_name=layer.name,
         input_size=(input_size, input_size),
         resize_size=resize_size,
-        num_classes=int(net_classes),
+        num_classes=int(num_classes),
         reshape_transform=layer.reshape_transform,
         relu_features=layer.relu_features,
         name=spec.source,
-        interpolation=spec.interpolation or interpolation,
-        resize_mode=spec.resize_mode or resize_mode,
-        crop_rounding=crop_rounding,
+        interpolation=_given(spec.interpolation, built.interpolation) or "bilinear",
+        resize_mode=_given(spec.resize_mode, built.resize_mode) or "shorter",
+        crop_rounding=built.crop_rounding or "round",
         mean=None if applied is None else applied[0],
         std=None if applied is None else applied[1],
     )
+
+
+def _source(kind: str) -> Callable[[str, ModelSpec, StateLoader], SourceModel]:
+    """The source function for ``KIND`` (``ModelSpec`` has checked the spelling).
+
+    The zoo is imported only for its own kinds, so that loading another model never
+    loads :mod:`opticam.zoo`'s dependencies.
+    """
+    if kind in ("timm", "hf"):
+        import opticam.zoo as zoo
+
+        return zoo.load_timm if kind == "timm" else zoo.load_hf
+    return {"demo": load_demo, "torchvision": load_torchvision, "factory": load_factory}[kind]
+
+
+def _given(value: _T | None, fallback: _T) -> _T:
+    """``value`` unless it is None, else ``fallback``: the spec's setting over the source's."""
+    return value if value is not None else fallback
 
 
 def _floats(values: Sequence[float]) -> tuple[float, ...]:
@@ -364,6 +360,7 @@ def _state_mismatch(expected: Mapping[str, Tensor], state: Mapping[str, Tensor])
 
 
 def _load_state(net: nn.Module, spec: ModelSpec, storage_options: Mapping[str, Any] | None) -> None:
+    """Load ``spec.checkpoint`` into ``net``; a misfit is a one-line :class:`CheckpointError`."""
     assert spec.checkpoint is not None
     state = load_checkpoint(
         spec.checkpoint, trust=spec.trust_checkpoint, storage_options=storage_options
@@ -383,94 +380,8 @@ def _load_state(net: nn.Module, spec: ModelSpec, storage_options: Mapping[str, A
         ) from err
 
 
-def _build_torchvision(
-    arch: str,
-    weights_name: str | None,
-    spec: ModelSpec,
-    storage_options: Mapping[str, Any] | None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    import torchvision.models as tvm
-
-    known = tvm.list_models(module=tvm)
-    if arch not in known:
-        raise ValueError(
-            f"unknown torchvision classification model {short_repr(arch)} (known: {', '.join(sorted(known))})"
-        )
-    meta: dict[str, Any] = {}
-    if weights_name is None:
-        kwargs: dict[str, Any] = {}
-        if spec.num_classes is not None:
-            kwargs["num_classes"] = spec.num_classes
-        net = tvm.get_model(arch, weights=None, **kwargs)
-        if spec.checkpoint is None:
-            warnings.warn(
-                f"torchvision:{arch} has neither weights nor a checkpoint: random weights",
-                stacklevel=3,
-            )
-        else:
-            _load_state(net, spec, storage_options)
-        return net, meta
-
-    if spec.checkpoint is not None:
-        raise ValueError(
-            f"give either torchvision weights ({short_repr(weights_name)}) or a checkpoint "
-            f"({short_repr(spec.checkpoint)}), not both; a checkpoint goes with 'torchvision:{arch}'"
-        )
-    enum = tvm.get_model_weights(arch)
-    try:
-        weights = enum[weights_name] if weights_name != "DEFAULT" else enum.DEFAULT
-    except KeyError:
-        raise ValueError(
-            f"unknown weights {short_repr(weights_name)} for torchvision:{arch} "
-            f"(known: DEFAULT, {', '.join(w.name for w in enum)})"
-        ) from None
-    if spec.num_classes is not None and spec.num_classes != len(weights.meta["categories"]):
-        raise ValueError(
-            f"num_classes={spec.num_classes} contradicts {arch}:{weights.name}, which has "
-            f"{len(weights.meta['categories'])} classes"
-        )
-    try:
-        net = tvm.get_model(arch, weights=weights)
-    except (URLError, OSError, ConnectionError) as err:
-        raise WeightsUnavailableError(
-            f"could not obtain torchvision weights {arch}:{weights.name} from {weights.url} "
-            f"(no network? nothing in the torch cache at $TORCH_HOME/hub/checkpoints): {err}. "
-            "Either download them once where a network exists (they are cached), or pass "
-            f"the state_dict yourself: ModelSpec(source='torchvision:{arch}', "
-            "checkpoint='<local path or s3://... URL of the .pth file>')"
-        ) from err
-    meta["num_classes"] = len(weights.meta["categories"])
-    # The weights' own preset (e.g. crop 224 from a 232 resize for IMAGENET1K_V2).
-    preset = getattr(weights.transforms, "keywords", {})
-    for key in ("crop_size", "resize_size"):
-        value = preset.get(key)
-        if isinstance(value, Sequence):
-            value = value[0]
-        if isinstance(value, int):
-            meta[key] = value
-    return net, meta
-
-
-def _call_factory(target: str) -> nn.Module:
-    module_name, _, fn_name = target.rpartition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import factory module {short_repr(module_name)}: {err}") from err
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(
-            f"factory {short_repr(fn_name)} not found (or not callable) in {short_repr(module_name)}"
-        )
-    net = fn()
-    if not isinstance(net, nn.Module):
-        raise ValueError(
-            f"factory {short_repr(target)} returned {type(net).__name__}, expected a torch.nn.Module"
-        )
-    return net
-
-
 def _infer_num_classes(model: nn.Module, input_size: int, device: str | torch.device) -> int:
+    """The number of logits ``model`` returns for one black ``input_size`` image."""
     # One small forward is cheap and, unlike guessing from the last nn.Linear, also right
     # for conv heads (SqueezeNet) and heads registered before the trunk.
     with torch.no_grad():

@@ -1,9 +1,11 @@
 """Models from the zoos: ``timm:NAME[:TAG]`` and ``hf:ORG/NAME`` / ``hf:FOLDER``.
 
-Both give a classifier on normalized inputs plus everything :func:`opticam.models.load_model`
-needs to wrap it for [0,1] images (METHOD.md section 1): mean and std (applied inside the
-model by :class:`~opticam.wrappers.Normalized`), the number of classes, and the evaluation
-preprocessing as :class:`~opticam.data.Preprocess` settings. Neither package is imported
+Both are sources (:mod:`opticam.sources`): each returns a
+:class:`~opticam.sources.SourceModel` with a classifier on normalized inputs and everything
+:func:`opticam.models.load_model` needs to wrap it for [0,1] images (METHOD.md section 1):
+mean and std (applied inside the model by :class:`~opticam.wrappers.Normalized`), the
+number of classes, and the evaluation preprocessing as :class:`~opticam.data.Preprocess`
+settings, which the spec's fields override. Neither package is imported
 before a zoo source is loaded; a missing one is a :class:`MissingPackageError` that says
 which extra to install.
 
@@ -75,8 +77,7 @@ import pickle
 import re
 import socket
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,11 +90,11 @@ from torch import nn
 from opticam.config import ModelSpec
 from opticam.errors import CheckpointError, MissingPackageError, WeightsUnavailableError, short_repr
 from opticam.names import INTERPOLATIONS
+from opticam.sources import SourceModel, StateLoader
 from opticam.wrappers import HFClassifier
 
 __all__ = [
     "PROBE_TIMEOUT",
-    "ZooModel",
     "hub_reachable",
     "load_hf",
     "load_timm",
@@ -110,42 +111,6 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # timm's default eval crop_pct when a config has none.
 _TIMM_CROP_PCT = 0.875
-
-
-@dataclass
-class ZooModel:
-    """A zoo classifier and how to feed it (see the module doc).
-
-    Attributes:
-        net: takes normalized images (B,3,H,W) and returns logits (B, num_classes).
-        mean: per-channel mean for [0,1] images (3 values).
-        std: per-channel standard deviation for [0,1] images (3 values).
-        num_classes: number of logits.
-        input_size: side of the square model input.
-        resize_size: shorter side (``shorter``) or square side (``squash``) of the resize.
-        interpolation: one of :data:`opticam.names.INTERPOLATIONS`.
-        resize_mode: one of :data:`opticam.names.RESIZE_MODES`.
-        crop_rounding: one of :data:`opticam.names.CROP_ROUNDINGS`.
-        crop_fraction: ``input_size / resize_size`` as the zoo defines it (timm's
-            ``crop_pct``), to rescale the resize when the spec changes the input size.
-    """
-
-    net: nn.Module
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_classes: int
-    input_size: int
-    resize_size: int
-    interpolation: str
-    resize_mode: str
-    crop_rounding: str
-    crop_fraction: float
-
-    def resize_for(self, input_size: int) -> int:
-        """The resize size for ``input_size``: the zoo's own, or in the same proportion."""
-        if input_size == self.input_size:
-            return self.resize_size
-        return max(1, math.floor(input_size / self.crop_fraction))
 
 
 # --------------------------------------------------------------------------- shared
@@ -208,22 +173,16 @@ def _floats(value: Any, what: str) -> tuple[float, ...]:
     return tuple(values)
 
 
-# --------------------------------------------------------------------------- target layers
-
-
 # --------------------------------------------------------------------------- timm
 
 
-def load_timm(
-    target: str,
-    spec: ModelSpec,
-    load_state: Callable[[nn.Module], None],
-) -> ZooModel:
+def load_timm(target: str, spec: ModelSpec, load_state: StateLoader) -> SourceModel:
     """Build ``timm:target`` (``NAME``, ``NAME.TAG`` or ``NAME:TAG``), see the module doc.
 
     Args:
         target: the source after ``timm:``.
-        spec: the model spec (checkpoint, num_classes).
+        spec: the model spec (checkpoint, num_classes; input_size and resize_mode only to
+            accept a model whose own input or crop mode opticam cannot take).
         load_state: loads ``spec.checkpoint`` into a module (safe loading, mismatch
             messages: :func:`opticam.models.load_model` passes its own).
 
@@ -232,9 +191,25 @@ def load_timm(
         WeightsUnavailableError: no checkpoint and no pretrained weights to be had.
         ValueError: unknown model or tag, non-square input, a crop mode opticam lacks.
     """
-
     timm = _require("timm", "timm")
-    from timm.data import resolve_data_config
+    name, cfg = _timm_name(timm, target)
+    if spec.checkpoint is not None:
+        kwargs: dict[str, Any] = {}
+        if spec.num_classes is not None:
+            kwargs["num_classes"] = spec.num_classes
+        net = timm.create_model(name, pretrained=False, **kwargs)
+        load_state(net)
+    else:
+        net = _timm_pretrained(timm, name, target, cfg, spec)
+    return _timm_source(net, name, spec)
+
+
+def _timm_name(timm: ModuleType, target: str) -> tuple[str, Any]:
+    """The timm name ``NAME[.TAG]`` for ``target`` and its pretrained config (or None).
+
+    Raises:
+        ValueError: unknown model (with close names) or unknown tag (with the known ones).
+    """
     from timm.models import get_pretrained_cfg
 
     arch, _, tag = target.replace(":", ".", 1).partition(".")
@@ -244,53 +219,67 @@ def load_timm(
         hint = f"close: {', '.join(close)}; " if close else ""
         raise ValueError(f"unknown timm model {short_repr(arch)} ({hint}see timm.list_models())")
     try:
-        cfg = get_pretrained_cfg(name)
+        return name, get_pretrained_cfg(name)
     except RuntimeError:
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
         raise ValueError(
             f"unknown tag {short_repr(tag)} for timm model {short_repr(arch)} (known: {', '.join(tags) or 'none'})"
         ) from None
 
-    if spec.checkpoint is not None:
-        kwargs: dict[str, Any] = {}
-        if spec.num_classes is not None:
-            kwargs["num_classes"] = spec.num_classes
-        net = timm.create_model(name, pretrained=False, **kwargs)
-        load_state(net)
-    else:
-        cfg_classes = getattr(cfg, "num_classes", None)
-        if spec.num_classes is not None and cfg_classes and spec.num_classes != cfg_classes:
-            raise ValueError(
-                f"num_classes={spec.num_classes} contradicts timm:{name}, whose weights have "
-                f"{cfg_classes} classes (a checkpoint of yours goes with --checkpoint)"
-            )
-        how = (
-            f"Either download them once where a network exists (they are cached in "
-            f"$HF_HOME), or pass the state_dict yourself: --checkpoint <local path or "
-            f"s3://... URL> (ModelSpec(source='timm:{target}', checkpoint=...))"
+
+def _timm_pretrained(
+    timm: ModuleType, name: str, target: str, cfg: Any, spec: ModelSpec
+) -> nn.Module:
+    """The timm model ``name`` with its pretrained weights, from the cache when offline.
+
+    Raises:
+        ValueError: ``spec.num_classes`` contradicts the weights, or they have no head.
+        WeightsUnavailableError: no weights, or not cached and not downloadable.
+    """
+    cfg_classes = getattr(cfg, "num_classes", None)
+    if spec.num_classes is not None and cfg_classes and spec.num_classes != cfg_classes:
+        raise ValueError(
+            f"num_classes={spec.num_classes} contradicts timm:{name}, whose weights have "
+            f"{cfg_classes} classes (a checkpoint of yours goes with --checkpoint)"
         )
-        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+    how = (
+        f"Either download them once where a network exists (they are cached in "
+        f"$HF_HOME), or pass the state_dict yourself: --checkpoint <local path or "
+        f"s3://... URL> (ModelSpec(source='timm:{target}', checkpoint=...))"
+    )
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise WeightsUnavailableError(
+            f"timm has no pretrained weights for {short_repr(name)}; pass --checkpoint <state_dict "
+            "at any fsspec URL> to load your own"
+        )
+    kwargs: dict[str, Any] = {}
+    if not hub_reachable():
+        cached = _timm_cached_weights(cfg)
+        if cached is None:
             raise WeightsUnavailableError(
-                f"timm has no pretrained weights for {short_repr(name)}; pass --checkpoint <state_dict "
-                "at any fsspec URL> to load your own"
+                f"timm weights for {short_repr(name)} are not cached and the Hugging Face Hub "
+                f"cannot be reached (offline, or HF_HUB_OFFLINE=1). {how}"
             )
-        kwargs = {}
-        if not hub_reachable():
-            cached = _timm_cached_weights(cfg)
-            if cached is None:
-                raise WeightsUnavailableError(
-                    f"timm weights for {short_repr(name)} are not cached and the Hugging Face Hub "
-                    f"cannot be reached (offline, or HF_HUB_OFFLINE=1). {how}"
-                )
-            kwargs["pretrained_cfg_overlay"] = {"file": cached}
-        try:
-            net = timm.create_model(name, pretrained=True, **kwargs)
-        except OSError as err:  # urllib's URLError and huggingface_hub's errors included
-            raise WeightsUnavailableError(
-                f"could not obtain timm weights for {short_repr(name)}: {err}. {how}"
-            ) from err
-        if not getattr(net, "num_classes", 1):
-            raise ValueError(f"timm:{name} has no classifier head (num_classes=0)")
+        kwargs["pretrained_cfg_overlay"] = {"file": cached}
+    try:
+        net: nn.Module = timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as err:  # urllib's URLError and huggingface_hub's errors included
+        raise WeightsUnavailableError(
+            f"could not obtain timm weights for {short_repr(name)}: {err}. {how}"
+        ) from err
+    if not getattr(net, "num_classes", 1):
+        raise ValueError(f"timm:{name} has no classifier head (num_classes=0)")
+    return net
+
+
+def _timm_source(net: nn.Module, name: str, spec: ModelSpec) -> SourceModel:
+    """What timm's evaluation data config says about feeding ``net`` (see the module doc).
+
+    Raises:
+        ValueError: a non-square input without ``spec.input_size``, or a crop mode
+            opticam cannot reproduce without ``spec.resize_mode``.
+    """
+    from timm.data import resolve_data_config
 
     data = resolve_data_config({}, model=net)
     _, height, width = (int(v) for v in data["input_size"])
@@ -309,17 +298,17 @@ def load_timm(
     interpolation = str(data.get("interpolation") or "bilinear")
     if interpolation not in INTERPOLATIONS:
         interpolation = "bicubic" if interpolation == "random" else "bilinear"
-    return ZooModel(
+    return SourceModel(
         net=net,
         mean=_floats(data["mean"], "mean"),
         std=_floats(data["std"], "std"),
-        num_classes=int(getattr(net, "num_classes", 0) or 0),
+        num_classes=int(getattr(net, "num_classes", 0) or 0) or None,
         input_size=height,
         resize_size=math.floor(height / crop_pct),
+        crop_fraction=crop_pct,
         interpolation=interpolation,
         resize_mode="squash" if crop_mode == "squash" else "shorter",
         crop_rounding="round",
-        crop_fraction=crop_pct,
     )
 
 
@@ -353,11 +342,7 @@ def _timm_cached_weights(cfg: Any) -> str | None:
 # --------------------------------------------------------------------------- Hugging Face
 
 
-def load_hf(
-    target: str,
-    spec: ModelSpec,
-    load_state: Callable[[nn.Module], None],
-) -> ZooModel:
+def load_hf(target: str, spec: ModelSpec, load_state: StateLoader) -> SourceModel:
     """Build ``hf:target`` (a Hub model id or a local folder), see the module doc.
 
     Args:
@@ -371,7 +356,6 @@ def load_hf(
         ValueError: no such folder or Hub model, not an image classifier, or an image
             processor whose preprocessing opticam cannot reproduce.
     """
-
     transformers = _require("transformers", "hf")
     folder = os.path.expanduser(target)
     local = os.path.isdir(folder)
@@ -389,7 +373,7 @@ def load_hf(
 
 @contextlib.contextmanager
 def _quiet_progress(transformers: ModuleType) -> Iterator[None]:
-    """transformers' per-file progress bars off while loading (opticam shows its own)."""
+    """Turn transformers' per-file progress bars off while loading (opticam shows its own)."""
     logging: Any = getattr(getattr(transformers, "utils", None), "logging", None)
     enabled = bool(getattr(logging, "is_progress_bar_enabled", lambda: False)())
     if enabled:
@@ -409,9 +393,12 @@ def _build_hf(
     location: str,
     kwargs: dict[str, Any],
     spec: ModelSpec,
-    load_state: Callable[[nn.Module], None],
-) -> ZooModel:
+    load_state: StateLoader,
+) -> SourceModel:
+    """Load the config, image processor and model of ``hf:target``; what :func:`load_hf` returns.
 
+    Errors of transformers and of reading weights become opticam's (see :func:`load_hf`).
+    """
     try:
         config = transformers.AutoConfig.from_pretrained(location, **kwargs)
         processor = _image_processor(transformers, location, kwargs)
@@ -461,7 +448,7 @@ def _build_hf(
     num_classes = int(getattr(model.config, "num_labels", 0) or 0)
     settings = _hf_preprocessing(processor, target)
     _check_against_processor(processor, settings, target)
-    return ZooModel(net=HFClassifier(model), num_classes=num_classes, **settings)
+    return SourceModel(net=HFClassifier(model), num_classes=num_classes or None, **settings)
 
 
 def _image_processor(transformers: ModuleType, location: str, kwargs: dict[str, Any]) -> Any:
@@ -494,20 +481,48 @@ def _size_dict(value: Any) -> dict[str, int]:
 
 
 def _hf_preprocessing(processor: Any, target: str) -> dict[str, Any]:
-    """ZooModel fields (all but net and num_classes) from an image processor."""
+    """SourceModel fields (all but net and num_classes) from an image processor.
+
+    Raises:
+        ValueError: a processor that does not resize, resamples with a filter opticam
+            lacks, or makes inputs opticam cannot (see :func:`_hf_geometry`).
+    """
     kind = type(processor).__name__
-
-    def refuse(why: str) -> ValueError:
-        return ValueError(
-            f"hf:{target}: the image processor {kind} {why}, which opticam cannot reproduce"
-        )
-
     if not getattr(processor, "do_resize", True):
-        raise refuse("does not resize")
+        raise _cannot_reproduce(target, kind, "does not resize")
     resample = getattr(processor, "resample", None)
     interpolation = _PIL_FILTERS.get(int(resample), "") if resample is not None else "bilinear"
     if interpolation not in INTERPOLATIONS:
-        raise refuse(f"resamples with {short_repr(resample)}")
+        raise _cannot_reproduce(target, kind, f"resamples with {short_repr(resample)}")
+    mode, resize, side = _hf_geometry(processor, target)
+    mean, std = _hf_normalization(processor)
+    return {
+        "mean": mean,
+        "std": std,
+        "input_size": side,
+        "resize_size": resize,
+        "interpolation": interpolation,
+        "resize_mode": mode,
+        "crop_rounding": "floor",
+        "crop_fraction": side / resize,
+    }
+
+
+def _cannot_reproduce(target: str, kind: str, why: str) -> ValueError:
+    """The error for an image processor (class name ``kind``) opticam cannot reproduce."""
+    return ValueError(
+        f"hf:{target}: the image processor {kind} {why}, which opticam cannot reproduce"
+    )
+
+
+def _hf_geometry(processor: Any, target: str) -> tuple[str, int, int]:
+    """Resize mode, resize side and input side of an image processor (see the module doc).
+
+    Raises:
+        ValueError: another ``size`` than height/width or shortest_edge, a ConvNext
+            processor that crops twice, no fixed input size, or non-square inputs.
+    """
+    kind = type(processor).__name__
     size = _size_dict(getattr(processor, "size", None))
     crop = (
         _size_dict(getattr(processor, "crop_size", None))
@@ -522,25 +537,44 @@ def _hf_preprocessing(processor: Any, target: str) -> dict[str, Any]:
             (size["height"], size["width"]),
         )
     elif set(size) == {"shortest_edge"}:
-        edge = size["shortest_edge"]
-        if kind.startswith("ConvNext"):
-            crop_pct = float(getattr(processor, "crop_pct", None) or 224 / 256)
-            if edge < 384:  # shorter side to edge / crop_pct, then centre crop
-                mode, resize, out = "shorter", (int(edge / crop_pct),) * 2, (edge, edge)
-            else:  # warped to edge x edge, no crop
-                mode, resize, out = "squash", (edge, edge), (edge, edge)
-            if crop:
-                raise refuse("crops twice (crop_pct and do_center_crop)")
-        else:
-            mode, resize = "shorter", (edge, edge)
+        mode, resize, out = _hf_shortest_edge(processor, size["shortest_edge"])
+        if out is not None and crop:
+            raise _cannot_reproduce(target, kind, "crops twice (crop_pct and do_center_crop)")
     else:
-        raise refuse(f"resizes to {size}")
+        raise _cannot_reproduce(target, kind, f"resizes to {size}")
     if crop:
         out = (crop["height"], crop["width"])
     if out is None:
-        raise refuse("keeps the aspect ratio without a crop (no fixed input size)")
+        raise _cannot_reproduce(
+            target, kind, "keeps the aspect ratio without a crop (no fixed input size)"
+        )
     if out[0] != out[1] or resize[0] != resize[1]:
-        raise refuse(f"makes non-square inputs (resize {resize}, input {out})")
+        raise _cannot_reproduce(
+            target, kind, f"makes non-square inputs (resize {resize}, input {out})"
+        )
+    return mode, resize[0], out[0]
+
+
+def _hf_shortest_edge(
+    processor: Any, edge: int
+) -> tuple[str, tuple[int, int], tuple[int, int] | None]:
+    """Mode, resize and input (None: the crop decides) of a ``shortest_edge`` processor.
+
+    ConvNext's processors crop by ``crop_pct`` themselves below an edge of 384 (the
+    shorter side to ``int(edge / crop_pct)``, then a centre crop of ``edge``) and warp to
+    ``edge`` x ``edge`` from 384 on. Others resize the shorter side to ``edge``; their
+    input size is their ``crop_size``.
+    """
+    if not type(processor).__name__.startswith("ConvNext"):
+        return "shorter", (edge, edge), None
+    crop_pct = float(getattr(processor, "crop_pct", None) or 224 / 256)
+    if edge < 384:  # shorter side to edge / crop_pct, then centre crop
+        return "shorter", (int(edge / crop_pct),) * 2, (edge, edge)
+    return "squash", (edge, edge), (edge, edge)  # warped to edge x edge, no crop
+
+
+def _hf_normalization(processor: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The processor's rescaling and normalization as one mean and std for [0,1] images."""
     rescale = float(getattr(processor, "rescale_factor", 1 / 255))
     scale = 255.0 * rescale if getattr(processor, "do_rescale", True) else 255.0
     if getattr(processor, "do_normalize", True):
@@ -549,16 +583,7 @@ def _hf_preprocessing(processor: Any, target: str) -> dict[str, Any]:
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     # processor: (255 x * rescale - mean) / std = (x - mean / scale) / (std / scale)
-    return {
-        "mean": tuple(m / scale for m in mean),
-        "std": tuple(s / scale for s in std),
-        "input_size": out[0],
-        "resize_size": resize[0],
-        "interpolation": interpolation,
-        "resize_mode": mode,
-        "crop_rounding": "floor",
-        "crop_fraction": out[0] / resize[0],
-    }
+    return tuple(m / scale for m in mean), tuple(s / scale for s in std)
 
 
 def _check_against_processor(processor: Any, settings: Mapping[str, Any], target: str) -> None:

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pydantic
 import pytest
+import tiny
 import torch
 import torchvision.models as tvm
 from torch import nn
 
+from opticam import models
 from opticam.errors import CheckpointError, WeightsUnavailableError
 from opticam.layers import (
     default_target_layer,
@@ -20,7 +22,15 @@ from opticam.layers import (
     resolve_target_layer,
     vit_reshape_transform,
 )
-from opticam.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, load_checkpoint, load_model
+from opticam.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LoadedModel,
+    ModelSpec,
+    load_checkpoint,
+    load_model,
+)
+from opticam.sources import SourceModel, load_demo, load_factory, load_torchvision
 from opticam.wrappers import Normalized
 
 torch.set_num_threads(1)
@@ -340,3 +350,336 @@ def test_demo_source_with_checkpoint(tmp_path: Path) -> None:
         result = get_explainer(method, loaded, **options)(x, [0, 1])
         assert result.saliency is not None and result.saliency.shape == (2, 1, 8, 8)
         assert result.maps.shape == (2, 1, 128, 128)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _no_checkpoint(module: nn.Module) -> None:
+    raise AssertionError("the source loaded a checkpoint the spec does not give")
+
+
+def _record(built: SourceModel) -> dict[str, object]:
+    """Every field of a source's record but the net."""
+    fields = dict(vars(built))
+    del fields["net"]
+    return fields
+
+
+#: Spec settings a source must leave to load_model (none of them builds the net).
+LATER = {
+    "mean": (0.1, 0.2, 0.3),
+    "std": (0.5, 0.6, 0.7),
+    "input_size": 96,
+    "resize_size": 99,
+    "interpolation": "nearest",
+    "resize_mode": "squash",
+    "target_layer": "nope",
+    "relu_features": False,
+}
+
+
+def test_demo_source_knows_its_net(tmp_path: Path) -> None:
+    from opticam.demo.model import DEMO_TARGET_LAYER, DemoNet
+
+    expected = {
+        "mean": None,  # the net normalizes inside
+        "std": None,
+        "num_classes": 10,
+        "input_size": 128,
+        "resize_size": 128,
+        "crop_fraction": None,
+        "default_layer": DEMO_TARGET_LAYER,
+        "interpolation": None,
+        "resize_mode": None,
+        "crop_rounding": None,
+    }
+    bundled = load_demo("", ModelSpec(), _no_checkpoint)
+    assert isinstance(bundled.net, DemoNet) and _record(bundled) == expected
+    assert _record(load_demo("", ModelSpec(**LATER), _no_checkpoint)) == expected
+    # With a checkpoint: the architecture for spec.num_classes, the state loaded into it.
+    loaded: list[nn.Module] = []
+    spec = ModelSpec(checkpoint=str(tmp_path / "demo.pt"), num_classes=4, **LATER)
+    built = load_demo("", spec, loaded.append)
+    assert loaded == [built.net] and built.net.fc.out_features == 4  # type: ignore[union-attr]
+    assert _record(built) == {**expected, "num_classes": 4}
+
+
+def test_torchvision_source_knows_its_net() -> None:
+    expected = {
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "num_classes": None,  # no weights: a forward pass tells, unless the spec does
+        "input_size": 224,
+        "resize_size": 256,
+        "crop_fraction": None,
+        "default_layer": None,
+        "interpolation": None,
+        "resize_mode": None,
+        "crop_rounding": None,
+    }
+    with pytest.warns(UserWarning, match="random weights"):
+        built = load_torchvision(
+            "resnet18", ModelSpec(source="torchvision:resnet18"), _no_checkpoint
+        )
+    assert isinstance(built.net, tvm.ResNet) and _record(built) == expected
+    # spec.num_classes builds the head; the spec's later settings stay out of the record.
+    loaded: list[nn.Module] = []
+    spec = ModelSpec(source="torchvision:resnet18", checkpoint="x.pt", num_classes=7, **LATER)
+    built = load_torchvision("resnet18", spec, loaded.append)
+    assert loaded == [built.net] and built.net.fc.out_features == 7  # type: ignore[union-attr]
+    assert _record(built) == expected
+
+
+def _weights_without_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's get_model builds the architecture for the weights' classes instead
+    of downloading them (offline tests of what the source reads from the weights)."""
+    real = tvm.get_model
+
+    def offline(name: str, weights: object = None, **kwargs: object) -> nn.Module:
+        if weights is not None:
+            kwargs["num_classes"] = len(weights.meta["categories"])  # type: ignore[attr-defined]
+        return real(name, weights=None, **kwargs)
+
+    monkeypatch.setattr(tvm, "get_model", offline)
+
+
+def test_torchvision_source_reads_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    _weights_without_download(monkeypatch)
+    source = "torchvision:efficientnet_b1:IMAGENET1K_V2"
+    built = load_torchvision(
+        "efficientnet_b1:IMAGENET1K_V2", ModelSpec(source=source), _no_checkpoint
+    )
+    # The weights' classes and preset: crop 240 out of a 255 resize.
+    assert (built.num_classes, built.input_size, built.resize_size) == (1000, 240, 255)
+    assert (built.mean, built.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    # The weights' count stands; a spec that contradicts it is refused.
+    assert (
+        load_torchvision(
+            "efficientnet_b1:IMAGENET1K_V2", ModelSpec(source=source, num_classes=1000), print
+        ).num_classes
+        == 1000
+    )
+    with pytest.raises(ValueError, match="num_classes=5 contradicts"):
+        load_torchvision(
+            "efficientnet_b1:IMAGENET1K_V2", ModelSpec(source=source, num_classes=5), print
+        )
+
+
+def test_factory_source_knows_what_the_net_declares(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "my_factory_mod.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = ModelSpec(source="factory:my_factory_mod:tiny")
+    built = load_factory("my_factory_mod:tiny", spec, _no_checkpoint)
+    declared = {
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "num_classes": None,
+        "input_size": 32,
+        "resize_size": None,
+        "crop_fraction": None,
+        "default_layer": None,  # a default_target_layer attribute is read by opticam.layers
+        "interpolation": None,
+        "resize_mode": None,
+        "crop_rounding": None,
+    }
+    assert _record(built) == declared
+    later = ModelSpec(source=spec.source, num_classes=5, **LATER)
+    assert _record(load_factory("my_factory_mod:tiny", later, _no_checkpoint)) == declared
+    # A net that declares nothing: the source knows nothing.
+    plain = FACTORY + "\ndef plain():\n    return nn.Sequential(nn.Conv2d(3, 4, 3))\n"
+    (tmp_path / "my_plain_factory_mod.py").write_text(plain)
+    built = load_factory("my_plain_factory_mod:plain", spec, _no_checkpoint)
+    assert set(_record(built).values()) == {None}
+
+
+@pytest.mark.parametrize(
+    ("built", "input_size", "resize"),
+    [
+        (SourceModel(nn.Identity(), input_size=224, resize_size=256), 224, 256),
+        # No crop fraction: the source's resize, whatever the input.
+        (SourceModel(nn.Identity(), input_size=224, resize_size=256), 96, 256),
+        # A crop fraction: its own resize for its own input, in proportion for another.
+        (SourceModel(nn.Identity(), input_size=64, resize_size=73, crop_fraction=0.875), 64, 73),
+        (SourceModel(nn.Identity(), input_size=64, resize_size=73, crop_fraction=0.875), 96, 109),
+        # No resize at all: the input size (no crop).
+        (SourceModel(nn.Identity(), input_size=32), 48, 48),
+        (SourceModel(nn.Identity()), 224, 224),
+    ],
+)
+def test_resize_for(built: SourceModel, input_size: int, resize: int) -> None:
+    assert built.resize_for(input_size) == resize
+
+
+# --------------------------------------------------------------------------- load_model's rule
+
+
+def _net() -> nn.Module:
+    # Family default layer: "2", the last top-level conv; 3 logits.
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )  # fmt: skip
+
+
+def _loaded_from(
+    monkeypatch: pytest.MonkeyPatch, spec: dict[str, object], source: dict[str, object]
+) -> LoadedModel:
+    """load_model on a spec, with a source that returns ``SourceModel(_net(), **source)``."""
+
+    def fake_source(target: str, spec: ModelSpec, load_state: object) -> SourceModel:
+        return SourceModel(_net(), **source)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(models, "_source", lambda kind: fake_source)
+    return load_model(ModelSpec(source="factory:fake.module:build", **spec))  # type: ignore[arg-type]
+
+
+SPEC_MEAN, SOURCE_MEAN = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
+SPEC_STD, SOURCE_STD = (0.5, 0.6, 0.7), (0.2, 0.3, 0.4)
+
+
+def _both(setting: str, spec: object, source: object, default: object) -> list[object]:
+    """Three cases of one setting: spec and source given, source only, neither."""
+    return [
+        pytest.param(setting, {setting: spec}, {setting: source}, spec, id=f"{setting}-spec"),
+        pytest.param(setting, {}, {setting: source}, source, id=f"{setting}-source"),
+        pytest.param(setting, {}, {}, default, id=f"{setting}-default"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "spec", "source", "expected"),
+    [
+        *_both("input_size", 48, 40, 224),
+        *_both("interpolation", "bicubic", "nearest", "bilinear"),
+        *_both("resize_mode", "shorter", "squash", "shorter"),
+        *_both("num_classes", 4, 6, 3),  # default: the forward pass counts the net's 3
+        # resize_size: for the source's own input, its own resize; default: no crop.
+        *_both("resize_size", 50, 45, 224),
+        pytest.param(
+            "resize_size",
+            {"input_size": 60},
+            {"input_size": 40, "resize_size": 45, "crop_fraction": 0.8},
+            75,
+            id="resize_size-source-rescaled",
+        ),  # fmt: skip
+        pytest.param(
+            "resize_size",
+            {"input_size": 60},
+            {"input_size": 40, "resize_size": 45},
+            45,
+            id="resize_size-source-fixed",
+        ),
+        pytest.param("crop_rounding", {}, {"crop_rounding": "floor"}, "floor", id="crop-source"),
+        pytest.param("crop_rounding", {}, {}, "round", id="crop-default"),
+        # mean and std: each the spec's, else the source's; no mean, no normalization.
+        *_both("mean", SPEC_MEAN, SOURCE_MEAN, None),
+        pytest.param(
+            "std",
+            {"std": SPEC_STD},
+            {"mean": SOURCE_MEAN, "std": SOURCE_STD},
+            SPEC_STD,
+            id="std-spec",
+        ),
+        pytest.param(
+            "std",
+            {"mean": SPEC_MEAN},
+            {"mean": SOURCE_MEAN, "std": SOURCE_STD},
+            SOURCE_STD,
+            id="std-source",
+        ),
+        pytest.param("std", {"mean": SPEC_MEAN}, {}, (1.0, 1.0, 1.0), id="std-default"),
+        pytest.param("std", {"std": SPEC_STD}, {}, None, id="std-without-mean"),
+        pytest.param(
+            "mean", {"std": SPEC_STD}, {"mean": SOURCE_MEAN}, SOURCE_MEAN, id="mean-source-spec-std"
+        ),
+    ],
+)
+def test_load_model_takes_the_spec_then_the_source_then_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str,
+    spec: dict[str, object],
+    source: dict[str, object],
+    expected: object,
+) -> None:
+    loaded = _loaded_from(monkeypatch, spec, source)
+    described = loaded.description()
+    value = loaded.input_size[0] if setting == "input_size" else getattr(loaded, setting)
+    assert value == expected
+    if setting in ("mean", "std"):
+        # What is described is what the model applies.
+        assert isinstance(loaded.model, Normalized) is (expected is not None)
+        if expected is not None:
+            applied = loaded.model.mean if setting == "mean" else loaded.model.std
+            assert tuple(applied.flatten().tolist()) == pytest.approx(expected)
+            assert described[setting] == pytest.approx(list(expected))  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    ("spec", "source", "expected"),
+    [
+        pytest.param({"target_layer": "1"}, {"default_layer": "0"}, "1", id="spec"),
+        pytest.param({}, {"default_layer": "0"}, "0", id="source"),
+        pytest.param({}, {}, "2", id="family-default"),
+    ],
+)
+def test_load_model_target_layer_rule(
+    monkeypatch: pytest.MonkeyPatch,
+    spec: dict[str, object],
+    source: dict[str, object],
+    expected: str,
+) -> None:
+    loaded = _loaded_from(monkeypatch, spec, source)
+    assert loaded.target_layer_name == expected
+    assert loaded.target_layer is loaded.model.get_submodule(expected)
+
+
+def test_mean_without_std_takes_the_sources_std(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One rule for every source: a spec's mean alone keeps the source's std (before,
+    torchvision and factory sources took a std of 1, timm and hf sources their own)."""
+    mean = (0.1, 0.2, 0.3)
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="random weights"):
+        loaded = load_model(ModelSpec(source="torchvision:resnet18", mean=mean))
+    assert (loaded.mean, loaded.std) == (mean, IMAGENET_STD)
+    assert isinstance(loaded.model, Normalized)
+    net = loaded.model.model
+    expected = net(
+        (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    )
+    assert torch.allclose(loaded.model(x), expected)
+    # A std alone keeps the source's mean.
+    with pytest.warns(UserWarning, match="random weights"):
+        loaded = load_model(ModelSpec(source="torchvision:resnet18", std=(0.5, 0.5, 0.5)))
+    assert (loaded.mean, loaded.std) == (IMAGENET_MEAN, (0.5, 0.5, 0.5))
+
+    (tmp_path / "my_factory_mod.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = load_model(ModelSpec(source="factory:my_factory_mod:tiny", mean=mean))
+    assert (loaded.mean, loaded.std) == (mean, (0.25, 0.25, 0.25))
+    assert torch.allclose(loaded.model.std.flatten(), torch.tensor([0.25] * 3))
+    # The demo normalizes inside: no std to keep, so a mean alone divides by 1.
+    demo = load_model(ModelSpec(mean=mean))
+    assert (demo.mean, demo.std) == (mean, (1.0, 1.0, 1.0))
+
+
+def test_num_classes_outcomes_per_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision: the weights' count; demo: the spec's or 10; factory: the spec's or a
+    forward pass; torchvision without weights: the spec's or a forward pass."""
+    with pytest.warns(UserWarning, match="random weights"):
+        assert load_model(ModelSpec(source="torchvision:squeezenet1_1")).num_classes == 1000
+    with pytest.warns(UserWarning, match="random weights"):
+        spec = ModelSpec(source="torchvision:squeezenet1_1", num_classes=7)
+        assert load_model(spec).num_classes == 7
+    assert load_model(ModelSpec()).num_classes == 10
+    tiny.register(monkeypatch)
+    assert load_model(ModelSpec(source="factory:tiny:build_plain")).num_classes == tiny.N_CLASSES
+    assert load_model(ModelSpec(source="factory:tiny:build_plain", num_classes=4)).num_classes == 4
+    _weights_without_download(monkeypatch)
+    loaded = load_model(ModelSpec(source="torchvision:efficientnet_b1:IMAGENET1K_V2"))
+    assert (loaded.num_classes, loaded.input_size, loaded.resize_size) == (1000, (240, 240), 255)

@@ -51,6 +51,7 @@ from opticam.errors import (  # noqa: E402
 from opticam.layers import ResolvedLayer, find_layer, resolve_target_layer  # noqa: E402
 from opticam.methods import get_explainer  # noqa: E402
 from opticam.models import load_model  # noqa: E402
+from opticam.sources import SourceModel  # noqa: E402
 from opticam.wrappers import Normalized  # noqa: E402
 
 torch.set_num_threads(1)
@@ -64,7 +65,7 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def preprocess_of(built: zoo.ZooModel) -> Preprocess:
+def preprocess_of(built: SourceModel) -> Preprocess:
     return Preprocess(
         built.input_size,
         built.resize_size,
@@ -153,6 +154,48 @@ def test_timm_checkpoint_through_load_model(tmp_path: Path) -> None:
     # A checkpoint of another architecture: the usual short mismatch message.
     with pytest.raises(CheckpointError, match="does not fit 'timm:resnet34'.*missing"):
         load_model(ModelSpec(source="timm:resnet34", checkpoint=str(path), num_classes=7))
+
+
+#: Spec settings a source must leave to load_model (none of them builds the net).
+LATER = {
+    "mean": (0.1, 0.2, 0.3),
+    "std": (0.5, 0.6, 0.7),
+    "input_size": 96,
+    "resize_size": 99,
+    "interpolation": "nearest",
+    "resize_mode": "squash",
+    "target_layer": "nope",
+    "relu_features": False,
+}
+
+
+def record(built: SourceModel) -> dict[str, object]:
+    """Every field of a source's record but the net."""
+    fields = dict(vars(built))
+    del fields["net"]
+    return fields
+
+
+def test_timm_source_knows_its_net() -> None:
+    name = "resnet18.tv_in1k"
+    built = zoo.load_timm(name, no_checkpoint(name), keep_random_weights)
+    expected = {
+        "mean": pytest.approx((0.485, 0.456, 0.406)),
+        "std": pytest.approx((0.229, 0.224, 0.225)),
+        "num_classes": 1000,
+        "input_size": 224,
+        "resize_size": 256,
+        "crop_fraction": 0.875,
+        "default_layer": None,  # opticam.layers knows timm's families
+        "interpolation": "bilinear",
+        "resize_mode": "shorter",
+        "crop_rounding": "round",
+    }
+    assert record(built) == expected
+    # The checkpoint's num_classes builds the head; the later settings stay out.
+    spec = ModelSpec(source=f"timm:{name}", checkpoint="unused.pt", num_classes=7, **LATER)
+    built = zoo.load_timm(name, spec, keep_random_weights)
+    assert record(built) == {**expected, "num_classes": 7}
 
 
 # --------------------------------------------------------------------------- timm layers
@@ -388,6 +431,30 @@ def test_hf_preprocessing_equals_the_image_processor(
         pixels, _ = preprocess(image)
         theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
         torch.testing.assert_close(theirs * std + mean, pixels, rtol=0, atol=1e-6)
+
+
+def test_hf_source_knows_its_net(hf_folders: dict[str, str]) -> None:
+    folder = hf_folders["convnext"]
+
+    def no_checkpoint_here(module: nn.Module) -> None:
+        raise AssertionError("no checkpoint in this spec")
+
+    processor = pil_processor(folder)  # its mean and std, for [0,1] images (rescale 1/255)
+    expected = {
+        "mean": pytest.approx(tuple(processor.image_mean)),
+        "std": pytest.approx(tuple(processor.image_std)),
+        "num_classes": 5,
+        "input_size": 64,
+        "resize_size": 73,  # int(64 / 0.875)
+        "crop_fraction": 64 / 73,
+        "default_layer": None,
+        "interpolation": "bicubic",
+        "resize_mode": "shorter",
+        "crop_rounding": "floor",
+    }
+    for spec in (ModelSpec(source=f"hf:{folder}"), ModelSpec(source=f"hf:{folder}", **LATER)):
+        built = zoo.load_hf(folder, spec, no_checkpoint_here)
+        assert record(built) == expected
 
 
 def test_hf_default_backend_is_close(hf_folders: dict[str, str]) -> None:
