@@ -153,8 +153,10 @@ _STORAGE_TASK: dict[str, Any] = {
 
 
 def shard_task_name(shard_url: str) -> str:
-    """``shard <file name>``: the shard task run's name, printable
-    (:func:`opticam_flows.names.printable`) and without credentials."""
+    """The shard task run's name: ``shard <file name>``, without credentials.
+
+    The file name is made printable by :func:`opticam_flows.names.printable`.
+    """
     # The file name is what a person looks for in the UI.
     return f"shard {printable(store.shard_file(shard_url))}"
 

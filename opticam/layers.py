@@ -1,5 +1,7 @@
-"""Target layers: finding one by name, the default per family, and reading its output as
-feature maps (B,C,h,w) (reshape transforms, token grids).
+"""Target layers: lookup by name, defaults per family, their output as feature maps.
+
+A layer's output is read as feature maps (B,C,h,w), through reshape transforms for
+token grids.
 
 Target layers are dotted module names relative to the unwrapped model (``"layer4"``,
 ``"features.42"``); names relative to the wrappers (``"model.layer4"``) are accepted too.

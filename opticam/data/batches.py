@@ -29,7 +29,8 @@ class PreprocessFn(Protocol):
 
     def __call__(
         self, image: Image.Image, boxes: Sequence[Box]
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image as a tensor and its boxes in the tensor's pixels."""
 
 
 class _Done:

@@ -126,8 +126,11 @@ class ShardStreamError(OSError):
         self.reason = reason
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # OSError pickles its constructor arguments; these are ours (Prefect and
-        # process pools pickle exceptions).
+        """Pickle with this class's constructor arguments.
+
+        OSError would pickle its own arguments instead; Prefect and process pools pickle
+        exceptions.
+        """
         return type(self), (self.url, self.n_samples, self.reason)
 
 
@@ -227,11 +230,11 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 
 
 def _as_text(text: str) -> str:
-    """``text`` with undecodable bytes of a member name written as ``\\xNN`` escapes.
+    r"""``text`` with undecodable bytes of a member name written as ``\xNN`` escapes.
 
     tarfile decodes member names as UTF-8 with ``surrogateescape``: bytes that are
     not UTF-8 become lone surrogates, which no UTF-8 writer (Parquet, JSON, a
-    terminal) accepts. Here they become the four characters ``\\xff``.
+    terminal) accepts. Here they become the four characters ``\xff``.
     """
     if text.isascii():
         return text
@@ -440,7 +443,7 @@ def _not_a_tar(exc: Exception) -> str:
 
 
 class ShardReader:
-    """Stream the samples of one WebDataset shard.
+    r"""Stream the samples of one WebDataset shard.
 
     Iterating yields :class:`Sample` records in tar order. Nothing a shard contains
     can stop the iteration: every problem becomes an :class:`ErrorRecord` in
@@ -467,7 +470,7 @@ class ShardReader:
     - Each field is checked on its own, and a bad value costs its sample one
       error record that names the field and quotes the value shortened
       (:func:`short_repr`), never the shard. A key whose member names are not
-      UTF-8 is refused (stage ``"key"``), shown with ``\\xNN`` escapes.
+      UTF-8 is refused (stage ``"key"``), shown with ``\xNN`` escapes.
     - ``.pyd``, ``.pkl``, ``.pickle``, ``.pth``, ``.pt``, ``.npy`` members are never
       read, let alone unpickled: the first one of a shard is reported once
       (stage ``"unsafe-member"``) and the sample is otherwise kept.
@@ -552,6 +555,7 @@ class ShardReader:
         self.n_samples = 0
 
     def __repr__(self) -> str:
+        """The URL and what the last iteration read."""
         return f"ShardReader({self.url!r}, complete={self.complete}, n_samples={self.n_samples})"
 
     def _error(self, key: str | None, stage: str, message: str) -> None:
@@ -584,6 +588,7 @@ class ShardReader:
             raise ShardReadError(f"shard {short_repr(self.url)} was not read completely: {reason}")
 
     def __iter__(self) -> Generator[Sample, None, None]:
+        """Read the shard from its start; see the class docstring."""
         self.errors = []
         self.complete = False
         self.readable = False

@@ -51,7 +51,7 @@ _LIST_INSTEAD_OF_EXISTS = 64
 def storage_options_for(
     url: str, storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """fsspec options for ``url``: the caller's options plus defaults for its protocol.
+    """The fsspec options for ``url``: the caller's options plus defaults for its protocol.
 
     For ``s3://`` (and ``s3a://``) URLs:
 
@@ -108,14 +108,14 @@ def _check_range_sizes(pattern: str) -> None:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces: ``{000..099}`` (zero padding kept), ``{a..e}``, ``{x,y}``.
+    r"""Expand shell-style braces: ``{000..099}`` (zero padding kept), ``{a..e}``, ``{x,y}``.
 
     Uses the ``braceexpand`` package (the one webdataset uses), so patterns mean the
     same here as in webdataset and bash: ranges take an optional step
     (``{0..10..2}``); a leading zero on either end pads every number to the wider
     end's width; braces nest and multiply (``{a,b}-{0..1}`` -> ``a-0, a-1, b-0,
     b-1``); braces that are neither a range nor contain a comma (``{}``, ``{abc}``)
-    are kept literally; a backslash escapes a brace or comma (``\\{``).
+    are kept literally; a backslash escapes a brace or comma (``\{``).
 
     A pattern naming more than :data:`MAX_BRACE_EXPANSION` names fails: a single
     range from its bounds, before anything is built; a product of ranges after at

@@ -104,8 +104,11 @@ def _smooth_field(batch: int, cells: int, generator: torch.Generator) -> Tensor:
 
 
 def _cam_like(masks: Tensor, generator: torch.Generator) -> Tensor:
-    """A CAM-shaped map around the object: the mask pooled to 8x8 (plus noise),
-    range-normalized, upsampled. masks (B,1,128,128) bool -> (B,1,128,128) in [0,1]."""
+    """A CAM-shaped map around the object: masks (B,1,128,128) bool -> (B,1,128,128).
+
+    The mask is pooled to 8x8, noise is added, and the result is range-normalized to
+    [0,1] and upsampled.
+    """
     coarse = F.adaptive_avg_pool2d(masks.float(), 8)
     coarse = coarse + 0.3 * torch.rand(coarse.shape, generator=generator) * coarse.amax(
         dim=(2, 3), keepdim=True

@@ -59,8 +59,7 @@ def method_rows(
     shard_url: str,
     errors: list[ErrorRecord],
 ) -> list[dict[str, Any]]:
-    """Explain and score one batch with one method: one :data:`opticam.store.SCHEMA` row
-    per image.
+    """Explain and score a batch with one method: a :data:`opticam.store.SCHEMA` row per image.
 
     An image whose map, masked score or insertion/deletion AUC is not finite (NaN or inf)
     gets an error record (stage ``"non-finite"``) in ``errors`` instead of a row, so no

@@ -242,8 +242,11 @@ def _compute_shard(
     on_progress: ProgressFn | None = None,
     worker: str = "",
 ) -> store.ShardStatus:
-    """One read of the shard, explained, scored and written; the arguments, return value
-    and exceptions are :func:`process_shard`'s (less the lease and the retries)."""
+    """One read of the shard, explained, scored and written.
+
+    The arguments, return value and exceptions are :func:`process_shard`'s, less the
+    lease and the retries.
+    """
     from opticam.data import ShardReader, iter_batches
 
     start = time.perf_counter()
