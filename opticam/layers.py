@@ -203,8 +203,6 @@ def default_target_layer(model: nn.Module) -> str:
     Raises:
         ValueError: nothing suitable found; the message lists candidate names.
     """
-    import torchvision.models as tvm
-
     inner = unwrap(model)
     declared = getattr(inner, "default_target_layer", None)
     if isinstance(declared, str):
@@ -212,6 +210,16 @@ def default_target_layer(model: nn.Module) -> str:
     family = _zoo_family(inner)
     if family is not None:
         return family.name
+    known = _torchvision_layer(inner)
+    if known is not None:
+        return known
+    return _fallback_layer(model, inner)
+
+
+def _torchvision_layer(inner: nn.Module) -> str | None:
+    """The default layer of a torchvision family, or None for another model."""
+    import torchvision.models as tvm
+
     if isinstance(inner, tvm.ResNet):
         return "layer4"
     if isinstance(inner, tvm.VGG):
@@ -232,6 +240,11 @@ def default_target_layer(model: nn.Module) -> str:
     if isinstance(inner, tvm.SwinTransformer):
         stage = len(inner.features) - 1
         return f"features.{stage}.{len(inner.features[stage]) - 1}.norm1"
+    return None
+
+
+def _fallback_layer(model: nn.Module, inner: nn.Module) -> str:
+    """The default layer of a model of no known family (see :func:`default_target_layer`)."""
     head_types = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
     chosen = None
     for name, child in inner.named_children():
