@@ -342,7 +342,18 @@ def train(
     model.temperature.fill_(temperature)
     del val_masks
     train_seconds = time.perf_counter() - start
+    return _evaluate_and_save(model, out, heldout_size, temperature, train_seconds)
 
+
+def _evaluate_and_save(
+    model: DemoNet, out: Path, heldout_size: int, temperature: float, train_seconds: float
+) -> dict[str, float]:
+    """Evaluate the trained model on held-out images, save its state_dict, print the numbers.
+
+    Returns:
+        :func:`evaluate`'s numbers plus the temperature, the training time, the MACs, the
+        number of parameters and the size of the weights file.
+    """
     held_images, held_labels, held_masks = load_images(HELDOUT_SEED, heldout_size)
     results = evaluate(model, held_images, held_labels, held_masks)
     out.parent.mkdir(parents=True, exist_ok=True)
