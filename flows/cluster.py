@@ -231,7 +231,7 @@ def _message(flow_run: FlowRun) -> str:
     )
 
 
-class _Pool:
+class _Pool:  # size: one submit/poll loop; its methods share the waiting and running shards
     """The submit/poll loop of one parent run (see the module doc)."""
 
     def __init__(self, config: RunConfig, tally: Tally, limit: int) -> None:

@@ -520,7 +520,7 @@ def _default_methods() -> list[MethodSpec]:
     return [MethodSpec(name=n) for n in ("opticam", "gradcam", "fakecam")]
 
 
-class RunConfig(BaseModel):
+class RunConfig(BaseModel):  # size: 19 job fields, each with its description and validator
     """A dataset-scale explanation job (see the module doc and each field's description).
 
     The three storage option fields are secret: excluded from dumps, repr, run id and the

@@ -135,7 +135,7 @@ def _feature_map(feats: Tensor, reshape_transform: Callable[[Tensor], Tensor] | 
     return feats
 
 
-class OptiCAM(Explainer):
+class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop and its steps
     """Opti-CAM saliency maps; see the module docstring for the formulas.
 
     Args:

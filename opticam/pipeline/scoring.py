@@ -50,7 +50,7 @@ def _insertion_deletion(
     return insertion_deletion(model, batch.images, maps, batch.predicted, **kwargs)
 
 
-def method_rows(
+def method_rows(  # size: the row loop reads a dozen per-image arrays made just above it
     config: RunConfig,
     loaded: Any,
     method: str,

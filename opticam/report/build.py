@@ -434,7 +434,7 @@ def _write_outputs(
     return files
 
 
-def build_report(
+def build_report(  # size: the report's steps in order, each a call, sharing a dozen values
     run_url: str,
     *,
     storage_options: Mapping[str, Any] | None = None,
