@@ -108,8 +108,10 @@ def run_tags(config: RunConfig) -> list[str]:
 
 
 def shard_run_name(shard_url: str, submission: int = 0) -> str:
-    """The shard's file name (printable, :func:`opticam_flows.names.printable`), then
-    ``#2``, ``#3``... for later submissions."""
+    """The name of a shard's flow run: its file name, then ``#2``, ``#3``... if resubmitted.
+
+    The file name is made printable by :func:`opticam_flows.names.printable`.
+    """
     name = printable(store.shard_file(shard_url))
     return name if submission == 0 else f"{name} #{submission + 1}"
 
@@ -167,8 +169,10 @@ def require_server(what: str) -> str:
 
 
 def check_deployment(config: RunConfig) -> None:
-    """Fail early, in one line, when the job cannot be submitted (see :func:`check_config`,
-    :func:`require_server`, :func:`in_flight_limit`)."""
+    """Fail early, in one line, when the job cannot be submitted.
+
+    Runs :func:`check_config`, :func:`require_server` and :func:`in_flight_limit`.
+    """
     check_config(config)
     require_server("executor 'deployments'")
     with get_client(sync_client=True) as client:
@@ -227,7 +231,7 @@ def _message(flow_run: FlowRun) -> str:
     )
 
 
-class _Pool:
+class _Pool:  # size: one submit/poll loop; its methods share the waiting and running shards
     """The submit/poll loop of one parent run (see the module doc)."""
 
     def __init__(self, config: RunConfig, tally: Tally, limit: int) -> None:
@@ -473,8 +477,11 @@ class _Pool:
             self._drain()
 
     def _drain(self) -> None:
-        """The server forgot the run: wait for the shards still computing (their lease is
-        live), then count every other pending shard as not run."""
+        """End a run that the server forgot, once the shards still computing are done.
+
+        The shards still computing hold a live lease, so they are waited for; every
+        other pending shard is counted as not run.
+        """
         for shard in self.waiting:
             if store.is_done(self.run, shard.url, self.options):
                 self._finished_with_rows(shard)

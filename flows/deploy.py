@@ -193,8 +193,11 @@ def notify_automation(block_document_id: UUID) -> Automation:
 def notify_start_automation(
     block_document_id: UUID, start_timeout: float = DEFAULT_START_TIMEOUT
 ) -> Automation:
-    """The automation that posts :data:`NOTIFY_START_PAYLOAD` to a Webhook block when a
-    run of ``explain-dataset`` stays Pending or Late ``start_timeout`` s (not yet saved)."""
+    """The automation that warns when a run of ``explain-dataset`` does not start.
+
+    It posts :data:`NOTIFY_START_PAYLOAD` to a Webhook block when such a run stays
+    Pending or Late for ``start_timeout`` seconds. The automation is not saved here.
+    """
     if not 30 <= start_timeout <= 86_400:
         raise ConfigError(
             f"start_timeout must be between 30 seconds and a day, got {short_repr(start_timeout)}"

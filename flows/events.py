@@ -78,10 +78,13 @@ def server_forgot(exc: BaseException) -> bool:
 
 
 class _ForgottenRunFilter(logging.Filter):
-    """Drops the flow engine's traceback for a state it can no longer set on the server
-    (the run's one warning has said why)."""
+    """Drops the flow engine's traceback for a state it can no longer set on the server.
+
+    The run has already said why, in its one warning.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Keep ``record`` unless its exception says the server forgot the run."""
         exc = record.exc_info[1] if record.exc_info else None
         return exc is None or not server_forgot(exc)
 
@@ -99,8 +102,11 @@ def quiet_forgotten_run(on: bool) -> None:
 
 
 def record_failure(config: RunConfig, shard_url: str, message: str) -> None:
-    """Add a ``"shard"`` error row to the errors file of a shard that failed for good,
-    keeping the rows the failed attempt wrote there (e.g. why the shard is not a tar)."""
+    """Add a ``"shard"`` error row to the errors file of a shard that failed for good.
+
+    The rows that the failed attempt wrote there (e.g. why the shard is not a tar) are
+    kept.
+    """
     import pyarrow.parquet as pq
 
     public = redact_url(shard_url)
@@ -178,8 +184,13 @@ class Tally:
         emit("server_lost", message=self.lost)
 
     def finished(self, result: dict[str, Any]) -> None:
-        """A shard's :meth:`opticam.store.ShardStatus.to_dict`: computed, done by another
-        run meanwhile (``skipped``), or held by another worker (``held_by``)."""
+        """Count a shard that ended without failing.
+
+        Args:
+            result: the shard's :meth:`opticam.store.ShardStatus.to_dict`: computed,
+                done by another run meanwhile (``skipped``), or held by another worker
+                (``held_by``).
+        """
         if result["held_by"]:
             # Another run or worker holds this shard's lease: it computes it.
             self.held[result["shard"]] = result["held_by"]
@@ -194,8 +205,10 @@ class Tally:
         self._advance()
 
     def storage_failure(self, shard_url: str, message: str) -> None:
-        """The output storage failed for good while this shard was written: the run ends
-        (no further shard starts) and says so once."""
+        """The output storage failed for good while this shard was written.
+
+        The run ends (no further shard starts) and says so once.
+        """
         if self.storage_failed is None:
             self.storage_failed = redact_text(message)
             self._logger.error("%s; stopping the run", self.storage_failed)
@@ -212,7 +225,9 @@ class Tally:
         self._advance()
 
     def unfinished(self, shard_url: str) -> None:
-        """A shard that the run could not compute after the server forgot it (no error
-        row: the next run of the job computes it)."""
+        """A shard that the run could not compute after the server forgot it.
+
+        No error row is written: the next run of the job computes it.
+        """
         self.not_run.append(redact_url(shard_url))
         self._advance()

@@ -35,7 +35,7 @@ import contextlib
 import os
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -64,6 +64,9 @@ from opticam.pipeline import (
 )
 from opticam.pipeline.plan import duplicates_note
 from opticam.redact import redact_url
+
+if TYPE_CHECKING:
+    from opticam.pipeline.plan import PendingShards, ShardPlan
 
 from .events import (
     ARTIFACT_PROGRESS,
@@ -153,8 +156,10 @@ _STORAGE_TASK: dict[str, Any] = {
 
 
 def shard_task_name(shard_url: str) -> str:
-    """``shard <file name>``: the shard task run's name, printable
-    (:func:`opticam_flows.names.printable`) and without credentials."""
+    """The shard task run's name: ``shard <file name>``, without credentials.
+
+    The file name is made printable by :func:`opticam_flows.names.printable`.
+    """
     # The file name is what a person looks for in the UI.
     return f"shard {printable(store.shard_file(shard_url))}"
 
@@ -333,6 +338,29 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         logger.error("%s; stopping the run", exc)
         return Failed(message=str(exc), data=_ended_early(config, run, len(plan), str(exc)))
     skipped = len(plan) - len(pending)
+    _announce_plan(config, run, plan, pending, devices)
+    tally = Tally(config, len(plan), skipped)
+    if config.executor == "deployments":
+        from .cluster import run_on_pool
+
+        most_in_flight = run_on_pool(config, pending, tally) if pending else 0
+    else:
+        _run_local(config, pending, devices, tally)
+        most_in_flight = min(len(devices), len(pending))
+    report = _report(config, tally)
+    summary = _summary(config, run, len(plan), tally, report, most_in_flight)
+    _log_summary(config, summary, time.monotonic() - started, report["index_url"])
+    # For run_dataset, when the server forgot this run and no final state can be set.
+    emit("summary", **summary)
+    return _final_state(len(plan), tally, summary)
+
+
+def _announce_plan(
+    config: RunConfig, run: str, plan: ShardPlan, pending: PendingShards, devices: list[str]
+) -> None:
+    """Log the plan (and each damaged rows file set aside) and emit the ``plan`` event."""
+    logger = get_run_logger()
+    skipped = len(plan) - len(pending)
     for name, (why, moved) in pending.damaged.items():
         logger.warning(
             "shard %s: its rows file is damaged (%s); moved to %s, computing the shard again",
@@ -361,37 +389,49 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         devices=devices,
         max_images=[p["max_images"] for p in pending],
     )
-    tally = Tally(config, len(plan), skipped)
-    if config.executor == "deployments":
-        from .cluster import run_on_pool
 
-        most_in_flight = run_on_pool(config, pending, tally) if pending else 0
-    else:
-        _run_local(config, pending, devices, tally)
-        most_in_flight = min(len(devices), len(pending))
 
+def _report(config: RunConfig, tally: Tally) -> dict[str, Any]:
+    """Build the report and publish its artifacts, unless the output storage failed.
+
+    Returns :func:`report_task`'s dict, or an empty report when none was written (the
+    storage failure is then recorded in ``tally``). Artifacts are not created once the
+    server forgot the run, nor when it turns out to have forgotten it meanwhile.
+    """
     report: dict[str, Any] = {"summary": [], "index_url": "", "summary_markdown": "", "files": []}
-    if tally.storage_failed is None:
-        built = report_task(config)
-        if STORAGE_FAILED in built:
-            tally.storage_failed = built[STORAGE_FAILED]
-            logger.error("%s; no report", tally.storage_failed)
-        else:
-            report = built
-            if tally.lost is None:
-                try:
-                    _publish(config, report)
-                except Exception as exc:
-                    if not server_forgot(exc):
-                        raise
-                    tally.server_lost("its artifacts cannot be created")
-            emit("report", **report)
+    if tally.storage_failed is not None:
+        return report
+    built = report_task(config)
+    if STORAGE_FAILED in built:
+        tally.storage_failed = built[STORAGE_FAILED]
+        get_run_logger().error("%s; no report", tally.storage_failed)
+        return report
+    if tally.lost is None:
+        try:
+            _publish(config, built)
+        except Exception as exc:
+            if not server_forgot(exc):
+                raise
+            tally.server_lost("its artifacts cannot be created")
+    emit("report", **built)
+    return built
+
+
+def _summary(
+    config: RunConfig,
+    run: str,
+    planned: int,
+    tally: Tally,
+    report: dict[str, Any],
+    most_in_flight: int,
+) -> dict[str, Any]:
+    """The run's result dict (see :func:`explain_dataset`) from its tally and report."""
     results = tally.results
-    summary = {
+    return {
         "run_id": config.run_id,
         "run_url": run,
         "executor": config.executor,
-        "shards_total": len(plan),
+        "shards_total": planned,
         "shards_processed": len(results),
         "shards_skipped": tally.skipped,
         "shards_failed": len(tally.failed),
@@ -410,8 +450,11 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         "shards_not_run": len(tally.not_run),
         "not_run": tally.not_run,
     }
-    elapsed = time.monotonic() - started
-    logger.info(
+
+
+def _log_summary(config: RunConfig, summary: dict[str, Any], elapsed: float, index: str) -> None:
+    """Log the run's one closing line: what was done, how fast, where the report is."""
+    get_run_logger().info(
         "run %s: %d shards processed, %d skipped, %d failed; %d images, %d error rows in "
         "%.1f s (%.2f images/s); report %s",
         config.run_id,
@@ -422,23 +465,24 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         summary["errors"],
         elapsed,
         summary["images"] / elapsed if elapsed > 0 else 0.0,
-        redact_url(report["index_url"]) or "not written",
+        redact_url(index) or "not written",
     )
-    # For run_dataset, when the server forgot this run and no final state can be set.
-    emit("summary", **summary)
+
+
+def _final_state(planned: int, tally: Tally, summary: dict[str, Any]) -> State[dict[str, Any]]:
+    """Failed when the storage failed or a shard failed or was not run, else Completed."""
     if tally.storage_failed is not None:
         return Failed(message=tally.storage_failed, data=summary)
     if tally.failed or tally.not_run:
         message = (
-            f"{len(tally.failed) + len(tally.not_run)} of {len(plan)} shards failed or were "
+            f"{len(tally.failed) + len(tally.not_run)} of {planned} shards failed or were "
             "not run; rerun the same job to retry them"
             if tally.not_run
-            else f"{len(tally.failed)} of {len(plan)} shards failed; rerun the same job to "
-            "retry them"
+            else f"{len(tally.failed)} of {planned} shards failed; rerun the same job to retry them"
         )
-        logger.error(message)
+        get_run_logger().error(message)
         return Failed(message=message, data=summary)
-    return Completed(message=f"{len(plan)} shards done", data=summary)
+    return Completed(message=f"{planned} shards done", data=summary)
 
 
 def _ended_early(config: RunConfig, run: str, planned: int, message: str) -> dict[str, Any]:

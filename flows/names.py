@@ -28,10 +28,10 @@ def _escape(char: str) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` with control, format (bidi) and separator characters escaped.
+    r"""``text`` with control, format (bidi) and separator characters escaped.
 
-    Each such character becomes its Python escape (a newline ``\\n``, a right-to-left
-    mark ``\\u200f``), so the name stays on one line and in its order; accented letters
+    Each such character becomes its Python escape (a newline ``\n``, a right-to-left
+    mark ``\u200f``), so the name stays on one line and in its order; accented letters
     and other scripts are kept as they are.
     """
     return "".join(

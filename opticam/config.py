@@ -113,9 +113,9 @@ _LATER_MODEL_FIELDS = ("interpolation", "resize_mode")
 
 
 def normalize_url(url: str) -> str:
-    """A URL in the one spelling used for hashing: local paths absolute, ``file://`` dropped,
-    credentials redacted.
+    """A URL in the one spelling used for hashing.
 
+    Local paths are made absolute, ``file://`` is dropped and credentials are redacted:
     ``./shards/a.tar``, ``shards/a.tar`` (from the same folder) and
     ``file:///abs/shards/a.tar`` all become ``/abs/shards/a.tar``; other URLs
     (``s3://...``) are returned without surrounding whitespace and without credentials
@@ -242,10 +242,13 @@ class ModelSpec(BaseModel):
         return _one_of(value, known, str(info.field_name).replace("_", " "))
 
     def job_dict(self) -> dict[str, Any]:
-        """The spec as JSON values for the run id: later fields only when set, and files
-        named by what they are, not how they were typed: a local checkpoint path and an
-        ``hf:`` folder that exists here are made absolute (:func:`normalize_url`), so
-        ``./ckpt.pt`` and ``/abs/ckpt.pt`` are one model (a Hub id stays as written)."""
+        """The spec as JSON values for the run id.
+
+        Fields added later are included only when set, and files are named by what they
+        are, not how they were typed: a local checkpoint path and an ``hf:`` folder that
+        exists here are made absolute (:func:`normalize_url`), so ``./ckpt.pt`` and
+        ``/abs/ckpt.pt`` are one model (a Hub id stays as written).
+        """
         data = self.model_dump(mode="json")
         for name in _LATER_MODEL_FIELDS:
             if data.get(name) is None:
@@ -520,7 +523,7 @@ def _default_methods() -> list[MethodSpec]:
     return [MethodSpec(name=n) for n in ("opticam", "gradcam", "fakecam")]
 
 
-class RunConfig(BaseModel):
+class RunConfig(BaseModel):  # size: 19 job fields, each with its description and validator
     """A dataset-scale explanation job (see the module doc and each field's description).
 
     The three storage option fields are secret: excluded from dumps, repr, run id and the
@@ -705,11 +708,11 @@ class RunConfig(BaseModel):
         return [self.data] if isinstance(self.data, str) else list(self.data)
 
     def data_options(self) -> dict[str, Any]:
-        """fsspec options for reading shards: ``storage_options`` + ``data_storage_options``."""
+        """The fsspec options for reading shards: storage + data storage options."""
         return {**self.storage_options, **self.data_storage_options}
 
     def output_options(self) -> dict[str, Any]:
-        """fsspec options for the output: ``storage_options`` + ``output_storage_options``."""
+        """The fsspec options for the output: storage + output storage options."""
         return {**self.storage_options, **self.output_storage_options}
 
     def job_description(self) -> dict[str, Any]:

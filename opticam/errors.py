@@ -1,6 +1,7 @@
-"""Errors that mean "the input was wrong", as opposed to a bug: every such class lives
-here (the modules that raise them import them from here), with the helpers that keep their
-messages short (:func:`short_repr`, :func:`shorten`).
+"""Errors that mean "the input was wrong", as opposed to a bug.
+
+Every such class lives here (the modules that raise them import them from here), with
+the helpers that keep their messages short (:func:`short_repr`, :func:`shorten`).
 
 The command line prints a :class:`UserError` as one line and exits with status 2; any
 other exception keeps its traceback, because it is a bug to report. Each class also
@@ -60,9 +61,12 @@ def shorten(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
 
 
 def short_repr(value: Any, limit: int = MAX_QUOTED_CHARS) -> str:
-    """``repr(value)`` bounded for a message: long strings, deep or long containers and
-    big numbers are cut (:mod:`reprlib`), and the whole is at most about ``limit``
-    characters. Never expands a shared structure more than once per element shown."""
+    """``repr(value)`` bounded for a message.
+
+    Long strings, deep or long containers and big numbers are cut (:mod:`reprlib`), and
+    the whole is at most about ``limit`` characters. A shared structure is never
+    expanded more than once per element shown.
+    """
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 160:
         return f"<an integer of {value.bit_length()} bits>"
     try:
@@ -96,10 +100,17 @@ class OutputError(UserError, OSError):
 
 
 class StorageFailedError(OutputError):
-    """The output storage refused a write for a reason that will not go away by waiting:
-    no space left, a quota, permission denied, a read-only file system, a bucket or
-    folder that no longer exists. Never retried: the run ends with one line naming the
-    storage and the cause (exit status 3 for ``opticam run``).
+    """The output storage refused a write for a reason that will not go away by waiting.
+
+    For example no space left, a quota, permission denied, a read-only file system, a
+    bucket or folder that no longer exists. Never retried: the run ends with one line
+    naming the storage and the cause (exit status 3 for ``opticam run``).
+
+    Args:
+        url: the output URL whose write failed (credentials removed).
+        cause: the cause in a few words (``"no space left on device"``).
+        detail: the storage's own message, added in brackets when it says more than
+            ``cause``.
 
     Attributes:
         url: the output URL whose write failed (credentials removed).
@@ -121,9 +132,11 @@ class CLIError(UserError):
 
 
 class ShardPatternError(UserError, ValueError):
-    """A shard pattern that cannot be used: unbalanced braces, too many names, a refused
-    ``pipe:`` URL, an empty pattern. A :class:`~opticam.errors.UserError` and a
-    ``ValueError``."""
+    """A shard pattern that cannot be used.
+
+    Unbalanced braces, too many names, a refused ``pipe:`` URL, an empty pattern. A
+    :class:`~opticam.errors.UserError` and a ``ValueError``.
+    """
 
 
 class NoShardsError(UserError, ValueError):

@@ -1,5 +1,7 @@
-"""Jobs in files: ``opticam run --config job.yaml`` reads one, ``opticam config --example``
-writes a commented one.
+"""Jobs in files, as YAML or JSON.
+
+``opticam run --config job.yaml`` reads one, ``opticam config --example`` writes a
+commented one.
 
 A job file holds the fields of :class:`opticam.config.RunConfig` as YAML or JSON (JSON is
 YAML too). Storage options are not read from files on purpose: credentials belong in the

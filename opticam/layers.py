@@ -1,5 +1,7 @@
-"""Target layers: finding one by name, the default per family, and reading its output as
-feature maps (B,C,h,w) (reshape transforms, token grids).
+"""Target layers: lookup by name, defaults per family, their output as feature maps.
+
+A layer's output is read as feature maps (B,C,h,w), through reshape transforms for
+token grids.
 
 Target layers are dotted module names relative to the unwrapped model (``"layer4"``,
 ``"features.42"``); names relative to the wrappers (``"model.layer4"``) are accepted too.
@@ -201,8 +203,6 @@ def default_target_layer(model: nn.Module) -> str:
     Raises:
         ValueError: nothing suitable found; the message lists candidate names.
     """
-    import torchvision.models as tvm
-
     inner = unwrap(model)
     declared = getattr(inner, "default_target_layer", None)
     if isinstance(declared, str):
@@ -210,6 +210,16 @@ def default_target_layer(model: nn.Module) -> str:
     family = _zoo_family(inner)
     if family is not None:
         return family.name
+    known = _torchvision_layer(inner)
+    if known is not None:
+        return known
+    return _fallback_layer(model, inner)
+
+
+def _torchvision_layer(inner: nn.Module) -> str | None:
+    """The default layer of a torchvision family, or None for another model."""
+    import torchvision.models as tvm
+
     if isinstance(inner, tvm.ResNet):
         return "layer4"
     if isinstance(inner, tvm.VGG):
@@ -230,6 +240,11 @@ def default_target_layer(model: nn.Module) -> str:
     if isinstance(inner, tvm.SwinTransformer):
         stage = len(inner.features) - 1
         return f"features.{stage}.{len(inner.features[stage]) - 1}.norm1"
+    return None
+
+
+def _fallback_layer(model: nn.Module, inner: nn.Module) -> str:
+    """The default layer of a model of no known family (see :func:`default_target_layer`)."""
     head_types = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
     chosen = None
     for name, child in inner.named_children():

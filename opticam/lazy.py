@@ -1,5 +1,8 @@
-"""Package attributes imported on first use (PEP 562), so that importing a package costs
-only what its caller uses: ``import opticam`` or the command line never load torch."""
+"""Package attributes imported on first use (PEP 562).
+
+Importing a package then costs only what its caller uses: ``import opticam`` or the
+command line never load torch.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ __all__ = ["lazy_attributes"]
 
 
 def lazy_attributes(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package`` that imports ``names[name]`` (a module
-    path) on first access and caches the attribute in the package; any other name is
-    looked up as a submodule, then refused with AttributeError.
+    """A module ``__getattr__`` for ``package`` that imports its attributes on first use.
+
+    An attribute in ``names`` is imported from its module on first access and cached in
+    the package; any other name is looked up as a submodule, then refused with
+    AttributeError.
 
     Args:
         package: the package's ``__name__`` (named in the AttributeError).

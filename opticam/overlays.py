@@ -10,10 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opticam.config import ModelSpec, OptiCAMOptions
 from opticam.errors import ConfigError, UserError, short_repr
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from opticam.methods.common import Explainer
+    from opticam.models import LoadedModel
 
 __all__ = ["Overlay", "write_overlays"]
 
@@ -70,12 +76,8 @@ def write_overlays(
         opticam.errors.UserError: an image that cannot be read or that preprocessing
             would refuse, an unknown method or option, a target class out of range.
     """
-    import fsspec
     import torch
 
-    from opticam.data import decode_image
-    from opticam.data.preprocess import check_aspect_ratio
-    from opticam.methods import get_explainer
     from opticam.models import load_model
     from opticam.pipeline import resolve_device
     from opticam.report.colors import overlay
@@ -83,28 +85,13 @@ def write_overlays(
     chosen = resolve_device(device)[0]
     storage = dict(storage_options or {})
     given_options = dict(opticam_options or {})
-    pictures = []
-    for url in images:  # read first: a typo should not wait for a model to load
-        try:
-            with fsspec.open(url, "rb", **storage) as f:
-                pictures.append(decode_image(f.read()))
-            check_aspect_ratio(*pictures[-1].size)  # what preprocessing would refuse
-        except FileNotFoundError:
-            raise UserError(f"image {short_repr(url)} not found") from None
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read image {short_repr(url)}: {err}") from err
+    # Read first: a typo should not wait for a model to load.
+    pictures = _read_pictures(images, storage)
     names = [m.strip().lower() for m in methods if m.strip()]
     if given_options and "opticam" not in names:
         raise ConfigError(f"Opti-CAM options given, but method opticam is not in {names}")
     loaded = load_model(model or ModelSpec(), chosen, storage_options=storage)
-    explainers = {}
-    for method in names:
-        options = OptiCAMOptions(**given_options) if method == "opticam" else None
-        given = {k: getattr(options, k) for k in given_options} if options else {}
-        try:
-            explainers[method] = get_explainer(method, loaded, **given)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+    explainers = _explainers(names, given_options, loaded)
     preprocess = loaded.preprocess()
     batch = torch.stack([preprocess(p, [])[0] for p in pictures]).to(chosen)
     with torch.no_grad():
@@ -129,3 +116,40 @@ def write_overlays(
             c = int(targets[i])
             written.append(Overlay(path, method, url, c, float(probs[i, c])))
     return written
+
+
+def _read_pictures(images: Sequence[str], storage: Mapping[str, Any]) -> list[Image.Image]:
+    """Decode every image, refusing one that cannot be read or that preprocessing would."""
+    import fsspec
+
+    from opticam.data import decode_image
+    from opticam.data.preprocess import check_aspect_ratio
+
+    pictures = []
+    for url in images:
+        try:
+            with fsspec.open(url, "rb", **storage) as f:
+                pictures.append(decode_image(f.read()))
+            check_aspect_ratio(*pictures[-1].size)  # what preprocessing would refuse
+        except FileNotFoundError:
+            raise UserError(f"image {short_repr(url)} not found") from None
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read image {short_repr(url)}: {err}") from err
+    return pictures
+
+
+def _explainers(
+    names: list[str], given_options: Mapping[str, Any], loaded: LoadedModel
+) -> dict[str, Explainer]:
+    """One explainer per method name; Opti-CAM's gets the options the caller gave."""
+    from opticam.methods import get_explainer
+
+    explainers = {}
+    for method in names:
+        options = OptiCAMOptions(**given_options) if method == "opticam" else None
+        given = {k: getattr(options, k) for k in given_options} if options else {}
+        try:
+            explainers[method] = get_explainer(method, loaded, **given)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    return explainers

@@ -1,6 +1,8 @@
-"""The modules that wrap a classifier for the saliency methods, in one place so that the
-layer lookup (:mod:`opticam.layers`), the model loader (:mod:`opticam.models`) and the
-zoos (:mod:`opticam.zoo`) can all see through them without importing each other.
+"""The modules that wrap a classifier for the saliency methods.
+
+They live in one place so that the layer lookup (:mod:`opticam.layers`), the model
+loader (:mod:`opticam.models`) and the zoos (:mod:`opticam.zoo`) can all see through
+them without importing each other.
 
 - :class:`Normalized`: normalization inside the model, so that a masked image ``x * M``
   is black where ``M = 0``;

@@ -29,7 +29,8 @@ class PreprocessFn(Protocol):
 
     def __call__(
         self, image: Image.Image, boxes: Sequence[Box]
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image as a tensor and its boxes in the tensor's pixels."""
 
 
 class _Done:
@@ -59,6 +60,111 @@ def _collate(
         labels=labels,
         boxes=[boxes.to(torch.float32).reshape(-1, 4) for _, _, _, boxes in items],
     )
+
+
+class _Loader:
+    """The background thread of :func:`iter_batches`: read, preprocess, collate, queue.
+
+    The thread runs :meth:`produce`; the consumer reads :attr:`slots` and sets
+    :attr:`stop` when it is done.
+    """
+
+    def __init__(
+        self,
+        source: ShardReader | Iterable[Sample],
+        preprocess: PreprocessFn | Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+        prefetch: int,
+        errors: list[ErrorRecord] | None,
+        pin: bool,
+    ) -> None:
+        self.source = source
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.errors = errors
+        self.pin = pin
+        self.slots: queue.Queue[Batch | _Done | _Failure] = queue.Queue(maxsize=prefetch)
+        self.stop = threading.Event()
+
+    def sink(self) -> list[ErrorRecord] | None:
+        """Where a sample's error record goes, or None to raise it to the consumer."""
+        if self.errors is not None:
+            return self.errors
+        # Looked up per error: ShardReader replaces its list when an iteration starts.
+        found = getattr(self.source, "errors", None)
+        return found if isinstance(found, list) else None
+
+    def put(self, item: Batch | _Done | _Failure) -> bool:
+        """Queue ``item``, waiting for room; False when the consumer stopped first."""
+        while not self.stop.is_set():
+            try:
+                self.slots.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _prepared(
+        self, sample: Sample
+    ) -> tuple[str, torch.Tensor, int | None, torch.Tensor] | None:
+        """The sample ready to collate, or None when it became an error record."""
+        stage = STAGE_LABEL
+        try:
+            # The label goes into an int64 tensor with the whole batch: one that does
+            # not fit must cost this sample, not the batch.
+            if sample.label is not None:
+                parse_label(sample.label, "label")
+            stage = STAGE_PREPROCESS
+            image, boxes = self.preprocess(sample.image, sample.boxes)
+        except Exception as exc:
+            target = self.sink()
+            if target is None:
+                raise
+            target.append(
+                ErrorRecord(
+                    shard=sample.shard,
+                    key=sample.key,
+                    stage=stage,
+                    message=f"{type(exc).__name__}: {exc}",
+                )
+            )
+            return None
+        return (sample.key, image, sample.label, torch.as_tensor(boxes))
+
+    def _queue_batches(self, iterator: Iterable[Sample]) -> bool:
+        """Queue every batch of ``iterator``; False as soon as the consumer stopped."""
+        items: list[tuple[str, torch.Tensor, int | None, torch.Tensor]] = []
+        shard = ""
+        for sample in iterator:
+            if self.stop.is_set():
+                return False
+            if items and sample.shard != shard:
+                if not self.put(_collate(shard, items, self.pin)):
+                    return False
+                items = []
+            shard = sample.shard
+            item = self._prepared(sample)
+            if item is None:
+                continue
+            items.append(item)
+            if len(items) == self.batch_size:
+                if not self.put(_collate(shard, items, self.pin)):
+                    return False
+                items = []
+        return not items or self.put(_collate(shard, items, self.pin))
+
+    def produce(self) -> None:
+        """The thread's body: every batch, then :class:`_Done` (or the :class:`_Failure`)."""
+        iterator = iter(self.source)
+        try:
+            if self._queue_batches(iterator):
+                self.put(_Done())
+        except BaseException as exc:
+            self.put(_Failure(exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
 
 def iter_batches(
@@ -109,83 +215,17 @@ def iter_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-    pin = pin_memory and torch.cuda.is_available()
-    slots: queue.Queue[Batch | _Done | _Failure] = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def sink() -> list[ErrorRecord] | None:
-        if errors is not None:
-            return errors
-        # Looked up per error: ShardReader replaces its list when an iteration starts.
-        found = getattr(source, "errors", None)
-        return found if isinstance(found, list) else None
-
-    def put(item: Batch | _Done | _Failure) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        iterator = iter(source)
-        try:
-            items: list[tuple[str, torch.Tensor, int | None, torch.Tensor]] = []
-            shard = ""
-            for sample in iterator:
-                if stop.is_set():
-                    return
-                if items and sample.shard != shard:
-                    if not put(_collate(shard, items, pin)):
-                        return
-                    items = []
-                shard = sample.shard
-                stage = STAGE_LABEL
-                try:
-                    # The label goes into an int64 tensor with the whole batch: one
-                    # that does not fit must cost this sample, not the batch.
-                    if sample.label is not None:
-                        parse_label(sample.label, "label")
-                    stage = STAGE_PREPROCESS
-                    image, boxes = preprocess(sample.image, sample.boxes)
-                except Exception as exc:
-                    target = sink()
-                    if target is None:
-                        raise
-                    target.append(
-                        ErrorRecord(
-                            shard=sample.shard,
-                            key=sample.key,
-                            stage=stage,
-                            message=f"{type(exc).__name__}: {exc}",
-                        )
-                    )
-                    continue
-                items.append((sample.key, image, sample.label, torch.as_tensor(boxes)))
-                if len(items) == batch_size:
-                    if not put(_collate(shard, items, pin)):
-                        return
-                    items = []
-            if items and not put(_collate(shard, items, pin)):
-                return
-            put(_Done())
-        except BaseException as exc:
-            put(_Failure(exc))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name="opticam-batches", daemon=True)
+    loader = _Loader(
+        source, preprocess, batch_size, prefetch, errors, pin_memory and torch.cuda.is_available()
+    )
+    thread = threading.Thread(target=loader.produce, name="opticam-batches", daemon=True)
     thread.start()
     try:
         while True:
             try:
-                item = slots.get(timeout=0.1)
+                item = loader.slots.get(timeout=0.1)
             except queue.Empty:
-                if not thread.is_alive() and slots.empty():
+                if not thread.is_alive() and loader.slots.empty():
                     raise RuntimeError("batch loading thread ended without a result") from None
                 continue
             if isinstance(item, _Done):
@@ -194,7 +234,7 @@ def iter_batches(
                 raise item.error
             yield item
     finally:
-        stop.set()
+        loader.stop.set()
         # Bounded wait: a thread blocked in a slow network read must not hang the
         # consumer; it is a daemon and exits at its next check of `stop`.
         thread.join(timeout=10.0)

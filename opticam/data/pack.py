@@ -210,6 +210,14 @@ def collect_csv(csv_url: str, storage_options: Mapping[str, Any] | None = None) 
         raise ValueError(
             f"CSV {short_repr(csv_url)} has no rows; expected 'path,label[,boxes]' lines"
         )
+    columns, rows = _csv_columns(csv_url, rows)
+    return [_csv_item(csv_url, columns, number, row) for number, row in rows]
+
+
+def _csv_columns(
+    csv_url: str, rows: list[tuple[int, list[str]]]
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The CSV's column names and its data rows: the header's when the first row is one."""
     columns = ["path", "label", "boxes"]
     first = [cell.strip().lower() for cell in rows[0][1]]
     if "path" in first:
@@ -221,60 +229,67 @@ def collect_csv(csv_url: str, storage_options: Mapping[str, Any] | None = None) 
                 f"CSV {short_repr(csv_url)} header {first}: columns must be path, label "
                 f"and optionally boxes, class_name (unknown: {sorted(unknown)})"
             )
-    items: list[PackItem] = []
-    for number, row in rows:
-        where = f"CSV {short_repr(csv_url)} line {number} ({','.join(row)!r})"
-        if len(row) > len(columns) or len(row) < 2:
-            raise ValueError(
-                f"{where}: expected columns {', '.join(columns)}, got {len(row)} fields"
-            )
-        record = dict(zip(columns, (cell.strip() for cell in row), strict=False))
-        path = record.get("path", "")
-        if not path:
-            raise ValueError(f"{where}: empty path")
-        extension = _extension(path)
-        if extension not in IMAGE_EXTENSIONS:
-            raise ValueError(f"{where}: {_unsupported(path)}")
-        label_text = record.get("label", "")
-        label: int | None = None
-        if label_text:
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise ValueError(
-                    f"{where}: label must be an integer or empty, got {short_repr(label_text)}"
-                ) from None
-            if label < 0:
-                raise ValueError(
-                    f"{where}: label {label} is negative; labels are class indices 0..N-1 "
-                    "(leave it empty for an unlabelled image)"
-                )
-        boxes: list[Box] = []
-        if record.get("boxes"):
-            try:
-                boxes = parse_boxes(json.loads(record["boxes"]))
-            except ValueError as exc:
-                raise ValueError(f"{where}: bad boxes: {exc}") from None
-            # The reader drops such boxes with an error record; at packing time a
-            # reversed box is more likely a wrong column order, so refuse it here.
-            for index, (x0, y0, x1, y1) in enumerate(boxes):
-                if x1 < x0 or y1 < y0:
-                    raise ValueError(
-                        f"{where}: bad boxes: box {index} must have x0 <= x1 and y0 <= y1, "
-                        f"got {[x0, y0, x1, y1]}"
-                    )
-        items.append(
-            PackItem(
-                url=_resolve(csv_url, path),
-                relpath=path.lstrip("/"),
-                extension=extension,
-                label=label,
-                class_name=record.get("class_name") or None,
-                boxes=boxes,
-                origin=where,
-            )
+    return columns, rows
+
+
+def _csv_item(csv_url: str, columns: list[str], number: int, row: list[str]) -> PackItem:
+    """One CSV row (line ``number``) as an item, or ValueError naming the line."""
+    where = f"CSV {short_repr(csv_url)} line {number} ({','.join(row)!r})"
+    if len(row) > len(columns) or len(row) < 2:
+        raise ValueError(f"{where}: expected columns {', '.join(columns)}, got {len(row)} fields")
+    record = dict(zip(columns, (cell.strip() for cell in row), strict=False))
+    path = record.get("path", "")
+    if not path:
+        raise ValueError(f"{where}: empty path")
+    extension = _extension(path)
+    if extension not in IMAGE_EXTENSIONS:
+        raise ValueError(f"{where}: {_unsupported(path)}")
+    return PackItem(
+        url=_resolve(csv_url, path),
+        relpath=path.lstrip("/"),
+        extension=extension,
+        label=_csv_label(where, record.get("label", "")),
+        class_name=record.get("class_name") or None,
+        boxes=_csv_boxes(where, record.get("boxes", "")),
+        origin=where,
+    )
+
+
+def _csv_label(where: str, text: str) -> int | None:
+    """A CSV row's label: a class index, or None when the cell is empty."""
+    if not text:
+        return None
+    try:
+        label = int(text)
+    except ValueError:
+        raise ValueError(
+            f"{where}: label must be an integer or empty, got {short_repr(text)}"
+        ) from None
+    if label < 0:
+        raise ValueError(
+            f"{where}: label {label} is negative; labels are class indices 0..N-1 "
+            "(leave it empty for an unlabelled image)"
         )
-    return items
+    return label
+
+
+def _csv_boxes(where: str, text: str) -> list[Box]:
+    """A CSV row's boxes (a JSON list of ``[x0, y0, x1, y1]``); none when the cell is empty."""
+    if not text:
+        return []
+    try:
+        boxes = parse_boxes(json.loads(text))
+    except ValueError as exc:
+        raise ValueError(f"{where}: bad boxes: {exc}") from None
+    # The reader drops such boxes with an error record; at packing time a reversed box
+    # is more likely a wrong column order, so refuse it here.
+    for index, (x0, y0, x1, y1) in enumerate(boxes):
+        if x1 < x0 or y1 < y0:
+            raise ValueError(
+                f"{where}: bad boxes: box {index} must have x0 <= x1 and y0 <= y1, "
+                f"got {[x0, y0, x1, y1]}"
+            )
+    return boxes
 
 
 def _check_image(data: bytes, item: PackItem) -> None:

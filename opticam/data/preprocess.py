@@ -200,6 +200,7 @@ class Preprocess:
         )
 
     def __repr__(self) -> str:
+        """``Preprocess(size=..., resize_size=...)``, plus the settings not at their default."""
         extra = "".join(
             f", {name}={short_repr(value)}"
             for name, value, default in (
@@ -212,11 +213,13 @@ class Preprocess:
         return f"Preprocess(size={self.size}, resize_size={self.resize_size}{extra})"
 
     def __eq__(self, other: object) -> bool:
+        """Equal to another :class:`Preprocess` with the same sizes and settings."""
         if not isinstance(other, Preprocess):
             return NotImplemented
         return self._key() == other._key()
 
     def __hash__(self) -> int:
+        """A hash of the sizes and settings, consistent with ``==``."""
         return hash(self._key())
 
     def geometry(self, width: int, height: int) -> Geometry:

@@ -44,7 +44,7 @@ import tarfile
 import zlib
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
 import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys
@@ -69,6 +69,9 @@ from opticam.names import (
     STAGE_TOO_LARGE,
     STAGE_UNSAFE,
 )
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES",
@@ -126,8 +129,11 @@ class ShardStreamError(OSError):
         self.reason = reason
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # OSError pickles its constructor arguments; these are ours (Prefect and
-        # process pools pickle exceptions).
+        """Pickle with this class's constructor arguments.
+
+        OSError would pickle its own arguments instead; Prefect and process pools pickle
+        exceptions.
+        """
         return type(self), (self.url, self.n_samples, self.reason)
 
 
@@ -227,11 +233,11 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 
 
 def _as_text(text: str) -> str:
-    """``text`` with undecodable bytes of a member name written as ``\\xNN`` escapes.
+    r"""``text`` with undecodable bytes of a member name written as ``\xNN`` escapes.
 
     tarfile decodes member names as UTF-8 with ``surrogateescape``: bytes that are
     not UTF-8 become lone surrogates, which no UTF-8 writer (Parquet, JSON, a
-    terminal) accepts. Here they become the four characters ``\\xff``.
+    terminal) accepts. Here they become the four characters ``\xff``.
     """
     if text.isascii():
         return text
@@ -439,8 +445,8 @@ def _not_a_tar(exc: Exception) -> str:
     )
 
 
-class ShardReader:
-    """Stream the samples of one WebDataset shard.
+class ShardReader:  # size: an 84-line docstring, the reference of what a shard may hold
+    r"""Stream the samples of one WebDataset shard.
 
     Iterating yields :class:`Sample` records in tar order. Nothing a shard contains
     can stop the iteration: every problem becomes an :class:`ErrorRecord` in
@@ -467,7 +473,7 @@ class ShardReader:
     - Each field is checked on its own, and a bad value costs its sample one
       error record that names the field and quotes the value shortened
       (:func:`short_repr`), never the shard. A key whose member names are not
-      UTF-8 is refused (stage ``"key"``), shown with ``\\xNN`` escapes.
+      UTF-8 is refused (stage ``"key"``), shown with ``\xNN`` escapes.
     - ``.pyd``, ``.pkl``, ``.pickle``, ``.pth``, ``.pt``, ``.npy`` members are never
       read, let alone unpickled: the first one of a shard is reported once
       (stage ``"unsafe-member"``) and the sample is otherwise kept.
@@ -552,6 +558,7 @@ class ShardReader:
         self.n_samples = 0
 
     def __repr__(self) -> str:
+        """The URL and what the last iteration read."""
         return f"ShardReader({self.url!r}, complete={self.complete}, n_samples={self.n_samples})"
 
     def _error(self, key: str | None, stage: str, message: str) -> None:
@@ -584,6 +591,7 @@ class ShardReader:
             raise ShardReadError(f"shard {short_repr(self.url)} was not read completely: {reason}")
 
     def __iter__(self) -> Generator[Sample, None, None]:
+        """Read the shard from its start; see the class docstring."""
         self.errors = []
         self.complete = False
         self.readable = False
@@ -740,104 +748,14 @@ class ShardReader:
 
     def _build(self, key: str, members: Mapping[str, Any]) -> Sample | None:
         """Decode one sample's members (extension -> bytes or :class:`_Skipped`), or record why not."""
-        if _as_text(key) != key:
-            self._error(
-                key,
-                STAGE_KEY,
-                f"key {short_repr(_as_text(key))} is not UTF-8 text (its tar member names hold "
-                "other bytes, shown as \\x escapes); sample skipped",
-            )
-            return None
-        skipped = next((data for data in members.values() if isinstance(data, _Skipped)), None)
-        if skipped is not None:
-            self._error(key, STAGE_TOO_LARGE, skipped.message)
-            return None
-        meta: dict[str, Any] = {}
-        if "json" in members:
-            if not members["json"].strip():
-                self._error(
-                    key, STAGE_DECODE, f"member '{key}.json' is empty; it must hold an object"
-                )
-                return None
-            try:
-                parsed = json.loads(members["json"])
-            except (ValueError, UnicodeDecodeError) as exc:
-                # UnicodeDecodeError is a ValueError: bytes that are not UTF-8/16/32 text.
-                reason = shorten(f"{type(exc).__name__}: {exc}")
-                self._error(key, STAGE_DECODE, f"member '{key}.json' is not valid JSON: {reason}")
-                return None
-            except RecursionError:
-                self._error(
-                    key,
-                    STAGE_DECODE,
-                    f"member '{key}.json' nests arrays or objects too deeply to be read",
-                )
-                return None
-            if not isinstance(parsed, dict):
-                self._error(
-                    key,
-                    STAGE_DECODE,
-                    f"member '{key}.json' must hold an object, got {type(parsed).__name__}",
-                )
-                return None
-            meta = parsed
-
-        label: int | None = None
-        if "cls" in members:
-            try:
-                label = _parse_cls(members["cls"])
-            except ValueError as exc:
-                self._error(key, STAGE_LABEL, str(exc))
-                return None
-        json_label = meta.get("label")
-        if json_label is not None:
-            try:
-                json_label = parse_label(json_label, "json 'label'")
-            except ValueError as exc:
-                self._error(key, STAGE_LABEL, str(exc))
-                return None
-            if label is not None and label != json_label:
-                self._error(
-                    key, STAGE_LABEL, f".cls says {label} but json 'label' says {json_label}"
-                )
-                return None
-            label = json_label
-        if label is not None and label < 0:
-            if self.require_label:
-                self._error(
-                    key,
-                    STAGE_LABEL,
-                    f"label {label} is negative; labels are class indices 0..N-1 "
-                    "(N: the model's number of classes)",
-                )
-                return None
-            label = None
-        if label is None and self.require_label:
-            self._error(key, STAGE_LABEL, "no label: neither a .cls member nor a 'label' in .json")
-            return None
-
         try:
-            boxes = parse_boxes(meta.get("boxes"))
-        except ValueError as exc:
-            self._error(key, STAGE_BOXES, str(exc))
-            return None
-
-        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-        if extension is None:
-            self._error(
-                key,
-                STAGE_DECODE,
-                f"no image member (.{', .'.join(IMAGE_EXTENSIONS)}); members: "
-                f"{short_repr(sorted(members))}",
-            )
-            return None
-        try:
-            image = decode_image(members[extension], max_pixels=self.max_pixels)
-        except ImageTooLargeError as exc:
-            self._error(key, STAGE_TOO_LARGE, f"member '{key}.{extension}': {exc}")
-            return None
-        except ValueError as exc:
-            self._error(key, STAGE_DECODE, f"member '{key}.{extension}': {exc}")
+            _check_members(key, members)
+            meta = _sample_meta(key, members)
+            label = _sample_label(members, meta, self.require_label)
+            boxes = _sample_boxes(meta)
+            image = _sample_image(key, members, self.max_pixels)
+        except _Refused as refused:
+            self._error(key, refused.stage, refused.message)
             return None
         kept: list[Box] = []
         for index, box in enumerate(boxes):
@@ -847,3 +765,114 @@ class ShardReader:
             else:
                 self._error(key, STAGE_BOXES, f"{problem} (box {index}; dropped, image kept)")
         return Sample(key=key, shard=self.url, image=image, label=label, boxes=kept)
+
+
+# --------------------------------------------------------------------------- one sample
+
+
+class _Refused(Exception):
+    """Why a sample is not yielded: the error record's stage and message."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.message = message
+
+
+def _check_members(key: str, members: Mapping[str, Any]) -> None:
+    """Refuse a key that is not UTF-8 text and a sample with a member skipped for its size."""
+    if _as_text(key) != key:
+        raise _Refused(
+            STAGE_KEY,
+            f"key {short_repr(_as_text(key))} is not UTF-8 text (its tar member names hold "
+            "other bytes, shown as \\x escapes); sample skipped",
+        )
+    skipped = next((data for data in members.values() if isinstance(data, _Skipped)), None)
+    if skipped is not None:
+        raise _Refused(STAGE_TOO_LARGE, skipped.message)
+
+
+def _sample_meta(key: str, members: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample's ``.json`` object (empty without one); refused when it is not an object."""
+    if "json" not in members:
+        return {}
+    if not members["json"].strip():
+        raise _Refused(STAGE_DECODE, f"member '{key}.json' is empty; it must hold an object")
+    try:
+        parsed = json.loads(members["json"])
+    except (ValueError, UnicodeDecodeError) as exc:
+        # UnicodeDecodeError is a ValueError: bytes that are not UTF-8/16/32 text.
+        reason = shorten(f"{type(exc).__name__}: {exc}")
+        raise _Refused(STAGE_DECODE, f"member '{key}.json' is not valid JSON: {reason}") from None
+    except RecursionError:
+        raise _Refused(
+            STAGE_DECODE, f"member '{key}.json' nests arrays or objects too deeply to be read"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise _Refused(
+            STAGE_DECODE, f"member '{key}.json' must hold an object, got {type(parsed).__name__}"
+        )
+    return parsed
+
+
+def _sample_label(
+    members: Mapping[str, Any], meta: Mapping[str, Any], required: bool
+) -> int | None:
+    """The sample's label from ``.cls`` and ``.json["label"]``; None when it has none.
+
+    A negative label means "no label" unless a label is ``required``; a missing or
+    negative label then refuses the sample, and so does a malformed one or two that
+    disagree.
+    """
+    label: int | None = None
+    if "cls" in members:
+        try:
+            label = _parse_cls(members["cls"])
+        except ValueError as exc:
+            raise _Refused(STAGE_LABEL, str(exc)) from None
+    json_label = meta.get("label")
+    if json_label is not None:
+        try:
+            json_label = parse_label(json_label, "json 'label'")
+        except ValueError as exc:
+            raise _Refused(STAGE_LABEL, str(exc)) from None
+        if label is not None and label != json_label:
+            raise _Refused(STAGE_LABEL, f".cls says {label} but json 'label' says {json_label}")
+        label = json_label
+    if label is not None and label < 0:
+        if required:
+            raise _Refused(
+                STAGE_LABEL,
+                f"label {label} is negative; labels are class indices 0..N-1 "
+                "(N: the model's number of classes)",
+            )
+        label = None
+    if label is None and required:
+        raise _Refused(STAGE_LABEL, "no label: neither a .cls member nor a 'label' in .json")
+    return label
+
+
+def _sample_boxes(meta: Mapping[str, Any]) -> list[Box]:
+    """The boxes of the sample's ``.json`` (:func:`parse_boxes`)."""
+    try:
+        return parse_boxes(meta.get("boxes"))
+    except ValueError as exc:
+        raise _Refused(STAGE_BOXES, str(exc)) from None
+
+
+def _sample_image(key: str, members: Mapping[str, Any], max_pixels: int) -> Image.Image:
+    """The sample's image, decoded from the first image member present."""
+    extension = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    if extension is None:
+        raise _Refused(
+            STAGE_DECODE,
+            f"no image member (.{', .'.join(IMAGE_EXTENSIONS)}); members: "
+            f"{short_repr(sorted(members))}",
+        )
+    try:
+        image = decode_image(members[extension], max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise _Refused(STAGE_TOO_LARGE, f"member '{key}.{extension}': {exc}") from None
+    except ValueError as exc:
+        raise _Refused(STAGE_DECODE, f"member '{key}.{extension}': {exc}") from None
+    return image

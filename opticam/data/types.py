@@ -84,4 +84,5 @@ class Batch:
     boxes: list[torch.Tensor]
 
     def __len__(self) -> int:
+        """The number of samples ``B``."""
         return len(self.keys)

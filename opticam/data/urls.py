@@ -51,7 +51,7 @@ _LIST_INSTEAD_OF_EXISTS = 64
 def storage_options_for(
     url: str, storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """fsspec options for ``url``: the caller's options plus defaults for its protocol.
+    """The fsspec options for ``url``: the caller's options plus defaults for its protocol.
 
     For ``s3://`` (and ``s3a://``) URLs:
 
@@ -108,14 +108,14 @@ def _check_range_sizes(pattern: str) -> None:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces: ``{000..099}`` (zero padding kept), ``{a..e}``, ``{x,y}``.
+    r"""Expand shell-style braces: ``{000..099}`` (zero padding kept), ``{a..e}``, ``{x,y}``.
 
     Uses the ``braceexpand`` package (the one webdataset uses), so patterns mean the
     same here as in webdataset and bash: ranges take an optional step
     (``{0..10..2}``); a leading zero on either end pads every number to the wider
     end's width; braces nest and multiply (``{a,b}-{0..1}`` -> ``a-0, a-1, b-0,
     b-1``); braces that are neither a range nor contain a comma (``{}``, ``{abc}``)
-    are kept literally; a backslash escapes a brace or comma (``\\{``).
+    are kept literally; a backslash escapes a brace or comma (``\{``).
 
     A pattern naming more than :data:`MAX_BRACE_EXPANSION` names fails: a single
     range from its bounds, before anything is built; a product of ranges after at
@@ -243,10 +243,10 @@ def _existing_files(fs: Any, paths: list[str]) -> set[str]:
     return found
 
 
-def _expand_one(
-    pattern: str, storage_options: Mapping[str, Any] | None, must_exist: bool
-) -> list[str]:
-    names = expand_braces(pattern)
+def _resolve_names(
+    names: list[str], storage_options: Mapping[str, Any] | None
+) -> list[tuple[str, Any, str, bool]]:
+    """Each name with its filesystem, its path there and whether it is a glob."""
     # One filesystem per protocol: building one per name would cost 100k
     # instantiations for a 100k-shard range.
     filesystems: dict[str | None, Any] = {}
@@ -263,16 +263,25 @@ def _expand_one(
             fs = filesystems[protocol]
             path = fs._strip_protocol(name)
         resolved.append((name, fs, path, bool(_GLOB_CHARS.search(path))))
+    return resolved
 
-    existing: dict[int, set[str]] = {}
-    if must_exist:
-        by_fs: dict[int, tuple[Any, list[str]]] = {}
-        for _, fs, path, is_glob in resolved:
-            if not is_glob:
-                by_fs.setdefault(id(fs), (fs, []))[1].append(path)
-        for key, (fs, paths) in by_fs.items():
-            existing[key] = _existing_files(fs, paths)
 
+def _existing_by_fs(resolved: list[tuple[str, Any, str, bool]]) -> dict[int, set[str]]:
+    """The paths that exist as files, by ``id`` of their filesystem (globs left out)."""
+    by_fs: dict[int, tuple[Any, list[str]]] = {}
+    for _, fs, path, is_glob in resolved:
+        if not is_glob:
+            by_fs.setdefault(id(fs), (fs, []))[1].append(path)
+    return {key: _existing_files(fs, paths) for key, (fs, paths) in by_fs.items()}
+
+
+def _expand_one(
+    pattern: str, storage_options: Mapping[str, Any] | None, must_exist: bool
+) -> list[str]:
+    """The shard URLs of one pattern: braces expanded, globs matched, existence checked."""
+    names = expand_braces(pattern)
+    resolved = _resolve_names(names, storage_options)
+    existing = _existing_by_fs(resolved) if must_exist else {}
     urls: list[str] = []
     missing: list[str] = []
     for name, fs, path, is_glob in resolved:

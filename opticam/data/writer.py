@@ -117,9 +117,11 @@ class ShardWriter:
         self._close_current()
 
     def __enter__(self) -> ShardWriter:
+        """The writer itself; leaving the ``with`` block closes it."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Close the last shard, or delete it when the block raised while writing it."""
         if self._tar is not None and exc[0] is not None:
             # Never leave a half-written shard behind that looks complete.
             url = self._url

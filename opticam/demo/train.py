@@ -104,8 +104,11 @@ def _smooth_field(batch: int, cells: int, generator: torch.Generator) -> Tensor:
 
 
 def _cam_like(masks: Tensor, generator: torch.Generator) -> Tensor:
-    """A CAM-shaped map around the object: the mask pooled to 8x8 (plus noise),
-    range-normalized, upsampled. masks (B,1,128,128) bool -> (B,1,128,128) in [0,1]."""
+    """A CAM-shaped map around the object: masks (B,1,128,128) bool -> (B,1,128,128).
+
+    The mask is pooled to 8x8, noise is added, and the result is range-normalized to
+    [0,1] and upsampled.
+    """
     coarse = F.adaptive_avg_pool2d(masks.float(), 8)
     coarse = coarse + 0.3 * torch.rand(coarse.shape, generator=generator) * coarse.amax(
         dim=(2, 3), keepdim=True
@@ -339,7 +342,18 @@ def train(
     model.temperature.fill_(temperature)
     del val_masks
     train_seconds = time.perf_counter() - start
+    return _evaluate_and_save(model, out, heldout_size, temperature, train_seconds)
 
+
+def _evaluate_and_save(
+    model: DemoNet, out: Path, heldout_size: int, temperature: float, train_seconds: float
+) -> dict[str, float]:
+    """Evaluate the trained model on held-out images, save its state_dict, print the numbers.
+
+    Returns:
+        :func:`evaluate`'s numbers plus the temperature, the training time, the MACs, the
+        number of parameters and the size of the weights file.
+    """
     held_images, held_labels, held_masks = load_images(HELDOUT_SEED, heldout_size)
     results = evaluate(model, held_images, held_labels, held_masks)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,7 @@ def _feature_map(feats: Tensor, reshape_transform: Callable[[Tensor], Tensor] | 
     return feats
 
 
-class OptiCAM(Explainer):
+class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop and its steps
     """Opti-CAM saliency maps; see the module docstring for the formulas.
 
     Args:
@@ -381,16 +381,7 @@ class OptiCAM(Explainer):
             # Maximize: minimize the negative sum; stopped images get no gradient.
             loss = -(objective * active[rows].to(objective.dtype)).sum()
             before = u.detach().clone()
-            if self.lr_decay != "none":
-                for group in optimizer.param_groups:
-                    group["lr"] = self.schedule.lr_at(step)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            self._adam_step(optimizer, scaler, loss, step)
             with torch.no_grad():
                 # Adam's momentum would still move a row with zero gradient: pin the
                 # stopped rows to the u they stopped at.
@@ -404,6 +395,29 @@ class OptiCAM(Explainer):
             "final_objective": best,
         }
         return best_u, diagnostics
+
+    def _adam_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        loss: Tensor,
+        step: int,
+    ) -> None:
+        """One Adam step on ``loss`` at the schedule's learning rate for ``step``.
+
+        With a ``scaler`` (fp16 autocast on CUDA) the loss is scaled before the backward
+        pass and the step skipped when the gradients overflowed.
+        """
+        if self.lr_decay != "none":
+            for group in optimizer.param_groups:
+                group["lr"] = self.schedule.lr_at(step)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
     def _gradcam_start(
         self,

@@ -1,5 +1,7 @@
-"""Metrics of saliency maps: faithfulness (AD/AG/AI, insertion/deletion), localization,
-and dataset-level aggregation with bootstrap confidence intervals.
+"""Metrics of saliency maps: faithfulness, localization and dataset-level aggregation.
+
+Faithfulness is AD/AG/AI and insertion/deletion; aggregation gives bootstrap confidence
+intervals.
 
 All per-image functions take and return torch tensors on the inputs' device; see
 ``METHOD.md`` sections 2-4 for the definitions.

@@ -431,6 +431,35 @@ def _perturbation_curves(
     return curves.view(b, n_states)
 
 
+def _check_curve_options(steps: int, modes: tuple[str, ...]) -> None:
+    """Refuse a number of steps that is not a positive integer, and unknown modes."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {short_repr(steps)}")
+    unknown = [m for m in modes if m not in ("insertion", "deletion")]
+    if unknown or not modes:
+        raise ValueError(f"unknown modes {unknown or modes!r} (known: insertion, deletion)")
+
+
+def _deletion_end(deletion_baseline: float | Tensor, images: Tensor) -> Tensor:
+    """The deletion curve's last state: the baseline as a 4-d tensor that broadcasts to ``images``.
+
+    Raises:
+        ValueError: a baseline that does not broadcast to the images' shape.
+    """
+    baseline = torch.as_tensor(deletion_baseline, dtype=images.dtype, device=images.device)
+    try:
+        fits = torch.broadcast_shapes(baseline.shape, images.shape) == images.shape
+    except RuntimeError:
+        fits = False
+    if not fits or baseline.dim() > 4:
+        raise ValueError(
+            f"deletion_baseline of shape {tuple(baseline.shape)} does not broadcast to "
+            f"the images' shape {tuple(images.shape)}"
+        )
+    # Kept un-expanded: a shared baseline (leading size 1) is never copied per state.
+    return baseline.reshape((1,) * (4 - baseline.dim()) + baseline.shape)
+
+
 def insertion_deletion(
     model: Model,
     images: Tensor,
@@ -484,11 +513,7 @@ def insertion_deletion(
     if batch_size == "auto":
         batch_size = DEFAULT_CPU_BATCH_SIZE if images.device.type == "cpu" else DEFAULT_BATCH_SIZE
     _check_batch_size(batch_size)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {short_repr(steps)}")
-    unknown = [m for m in modes if m not in ("insertion", "deletion")]
-    if unknown or not modes:
-        raise ValueError(f"unknown modes {unknown or modes!r} (known: insertion, deletion)")
+    _check_curve_options(steps, modes)
 
     b, c, h, w = images.shape
     pixels_per_step = math.ceil(h * w / steps)
@@ -498,18 +523,7 @@ def insertion_deletion(
 
     paths: dict[str, tuple[Tensor, Tensor]] = {}
     if "deletion" in modes:
-        baseline = torch.as_tensor(deletion_baseline, dtype=images.dtype, device=images.device)
-        try:
-            fits = torch.broadcast_shapes(baseline.shape, images.shape) == images.shape
-        except RuntimeError:
-            fits = False
-        if not fits or baseline.dim() > 4:
-            raise ValueError(
-                f"deletion_baseline of shape {tuple(baseline.shape)} does not broadcast to "
-                f"the images' shape {tuple(images.shape)}"
-            )
-        # Kept un-expanded: a shared baseline (leading size 1) is never copied per state.
-        paths["deletion"] = (images, baseline.reshape((1,) * (4 - baseline.dim()) + baseline.shape))
+        paths["deletion"] = (images, _deletion_end(deletion_baseline, images))
     if "insertion" in modes:
         paths["insertion"] = (gaussian_blur(images, blur_kernel, blur_sigma), images)
 

@@ -50,7 +50,7 @@ def _insertion_deletion(
     return insertion_deletion(model, batch.images, maps, batch.predicted, **kwargs)
 
 
-def method_rows(
+def method_rows(  # size: the row loop reads a dozen per-image arrays made just above it
     config: RunConfig,
     loaded: Any,
     method: str,
@@ -59,8 +59,7 @@ def method_rows(
     shard_url: str,
     errors: list[ErrorRecord],
 ) -> list[dict[str, Any]]:
-    """Explain and score one batch with one method: one :data:`opticam.store.SCHEMA` row
-    per image.
+    """Explain and score a batch with one method: a :data:`opticam.store.SCHEMA` row per image.
 
     An image whose map, masked score or insertion/deletion AUC is not finite (NaN or inf)
     gets an error record (stage ``"non-finite"``) in ``errors`` instead of a row, so no

@@ -233,6 +233,27 @@ def write_outputs(
     return status
 
 
+def _batch_sizer(
+    config: RunConfig, loaded: Any, bound: dict[str, Any], device: str, public_url: str
+) -> autobatch.BatchSizer:
+    """The batch sizer of a shard: the size learnt for this model and device, or probed."""
+    key = autobatch.size_key(config, loaded.input_size, device)
+
+    def probe(n: int) -> None:
+        _batch_outputs(
+            config,
+            loaded,
+            bound,
+            _synthetic_batch(loaded, n),
+            "probe",
+            device,
+        )
+
+    return autobatch.BatchSizer(
+        autobatch.initial_batch_size(config, key, device, probe), key, device, public_url
+    )
+
+
 def _compute_shard(
     config: RunConfig,
     shard_url: str,
@@ -242,8 +263,11 @@ def _compute_shard(
     on_progress: ProgressFn | None = None,
     worker: str = "",
 ) -> store.ShardStatus:
-    """One read of the shard, explained, scored and written; the arguments, return value
-    and exceptions are :func:`process_shard`'s (less the lease and the retries)."""
+    """One read of the shard, explained, scored and written.
+
+    The arguments, return value and exceptions are :func:`process_shard`'s, less the
+    lease and the retries.
+    """
     from opticam.data import ShardReader, iter_batches
 
     start = time.perf_counter()
@@ -262,22 +286,8 @@ def _compute_shard(
     errors: list[Any] = []
     rows: list[dict[str, Any]] = []
     images_with_rows: set[str] = set()
-    key = autobatch.size_key(config, loaded.input_size, device)
-    bound_device = device  # for the closures below (mypy: a str, never None)
-
-    def probe(n: int) -> None:
-        _batch_outputs(
-            config,
-            loaded,
-            bound,
-            _synthetic_batch(loaded, n),
-            "probe",
-            bound_device,
-        )
-
-    sizer = autobatch.BatchSizer(
-        autobatch.initial_batch_size(config, key, device, probe), key, device, public_url
-    )
+    bound_device = device  # for the closure below (mypy: a str, never None)
+    sizer = _batch_sizer(config, loaded, bound, device, public_url)
     batches = iter_batches(
         _limited(reader, max_images, state),
         loaded.preprocess(),
@@ -392,17 +402,28 @@ def process_shard(
             except ShardStreamError as err:
                 if attempt >= read_attempts:
                     raise
-                delay = retry_delays[min(attempt - 1, len(retry_delays) - 1)] if retry_delays else 0
-                logger.warning(
-                    "shard %s: %s; reading it again in %.0f s (attempt %d of %d)",
-                    redact_url(shard_url),
-                    redact_text(err.reason),
-                    delay,
-                    attempt + 1,
-                    read_attempts,
-                )
-                time.sleep(delay)
+                _wait_to_read_again(shard_url, err, attempt, read_attempts, retry_delays)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _wait_to_read_again(
+    shard_url: str,
+    err: ShardStreamError,
+    attempt: int,
+    read_attempts: int,
+    retry_delays: Sequence[float],
+) -> None:
+    """Say that read ``attempt`` of the shard failed, then wait before the next one."""
+    delay = retry_delays[min(attempt - 1, len(retry_delays) - 1)] if retry_delays else 0
+    logger.warning(
+        "shard %s: %s; reading it again in %.0f s (attempt %d of %d)",
+        redact_url(shard_url),
+        redact_text(err.reason),
+        delay,
+        attempt + 1,
+        read_attempts,
+    )
+    time.sleep(delay)
 
 
 def done_status(config: RunConfig, shard_url: str) -> store.ShardStatus:

@@ -55,6 +55,20 @@ def label_problem(label: int, num_classes: int) -> str | None:
     return None
 
 
+def _labelled(
+    batch: Batch, shard_url: str, labels: list[int], num_classes: int, errors: list[ErrorRecord]
+) -> list[int]:
+    """The indices of the images whose label can be explained; an error record for others."""
+    keep = []
+    for i, value in enumerate(labels):
+        problem = label_problem(value, num_classes)
+        if problem is None:
+            keep.append(i)
+        else:
+            errors.append(ErrorRecord(shard_url, batch.keys[i], STAGE_LABEL, problem))
+    return keep
+
+
 def choose_targets(
     batch: Batch,
     shard_url: str,
@@ -78,13 +92,7 @@ def choose_targets(
     labels = [int(v) for v in batch.labels.tolist()]
     keep = list(range(len(batch.keys)))
     if target == "label":
-        keep = []
-        for i, value in enumerate(labels):
-            problem = label_problem(value, num_classes)
-            if problem is None:
-                keep.append(i)
-            else:
-                errors.append(ErrorRecord(shard_url, batch.keys[i], STAGE_LABEL, problem))
+        keep = _labelled(batch, shard_url, labels, num_classes, errors)
         if not keep:
             return None
     cpu_images = batch.images

@@ -37,7 +37,7 @@ from opticam.report.figures import (
     series_colors,
     series_label,
 )
-from opticam.report.gallery import GALLERY_COLUMNS, build_gallery
+from opticam.report.gallery import GALLERY_COLUMNS, Gallery, build_gallery
 from opticam.report.page import Figure, PageContent, render_index
 from opticam.report.summary import (
     CONFIDENCE,
@@ -358,14 +358,94 @@ def _remove_stale_figures(
 
 
 def _rows_folder(paths: Sequence[str]) -> str:
-    """The folder of the run's rows files as the page names it, relative to the run:
+    """The folder of the run's rows files as the page names it, relative to the run.
+
     ``rows`` unless every rows file lies in a legacy folder (a run written before schema
-    version 3)."""
+    version 3).
+    """
     folders = {path.rsplit("/", 2)[-2] for path in paths}
     return ROWS_FOLDER if ROWS_FOLDER in folders or not folders else min(folders)
 
 
-def build_report(
+def _check_report_options(gallery_size: int, n_boot: int) -> None:
+    """Refuse a gallery size below 0 and fewer than 1 bootstrap resample (integers only)."""
+    if isinstance(gallery_size, bool) or not isinstance(gallery_size, int) or gallery_size < 0:
+        raise ValueError(f"gallery_size must be an integer >= 0, got {short_repr(gallery_size)}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1, got {short_repr(n_boot)}")
+
+
+def _gallery(
+    run_url: str,
+    rows: pa.Table,
+    summary: list[dict[str, Any]],
+    run_json: Mapping[str, Any] | None,
+    statuses: Sequence[Mapping[str, Any]],
+    gallery_size: int,
+    storage_options: Mapping[str, Any] | None,
+    data_storage_options: Mapping[str, Any] | None,
+) -> Gallery:
+    """The gallery of the first model's methods, read back as the run preprocessed them."""
+    models = {r["model"] for r in summary}
+    gallery_methods = [r["method"] for r in summary if r["model"] == min(models, default=None)]
+    resize_size, resize_known = _resize_size(run_json, statuses)
+    return build_gallery(
+        run_url,
+        rows,
+        gallery_methods,
+        size=gallery_size,
+        storage_options=storage_options,
+        data_storage_options=data_storage_options,
+        resize_size=resize_size,
+        resize_known=resize_known,
+        preprocess_options=_preprocess_options(run_json, statuses),
+    )
+
+
+def _outputs(
+    figures: list[Figure],
+    gallery: Gallery,
+    summary: list[dict[str, Any]],
+    markdown_file: str,
+    content: PageContent,
+    n_boot: int,
+    seed: int,
+) -> list[tuple[str, bytes]]:
+    """The report's files as (name under ``report/``, bytes): figures, summary, page."""
+    outputs: list[tuple[str, bytes]] = [
+        (f"figures/{f.name}", f.png) for f in figures if f.png is not None
+    ]
+    if gallery.png is not None:
+        outputs.append(("figures/gallery.png", gallery.png))
+    outputs += [
+        ("summary.parquet", _parquet_bytes(_with_bootstrap(summary_table(summary), n_boot, seed))),
+        ("summary.md", markdown_file.encode("utf-8")),
+        ("index.html", render_index(content).encode("utf-8")),
+    ]
+    return outputs
+
+
+def _write_outputs(
+    folder: str, outputs: list[tuple[str, bytes]], storage_options: Mapping[str, Any] | None
+) -> list[str]:
+    """Write the report's files (each atomically) into ``folder``; their URLs, in order.
+
+    Figures of an earlier build that this one did not draw are deleted first.
+    """
+    _remove_stale_figures(
+        f"{folder}/figures",
+        {name.rsplit("/", 1)[-1] for name, _ in outputs if name.startswith("figures/")},
+        storage_options,
+    )
+    files = []
+    for name, data in outputs:
+        url = f"{folder}/{name}"
+        store.atomic_write_bytes(url, data, storage_options)
+        files.append(url)
+    return files
+
+
+def build_report(  # size: the report's steps in order, each a call, sharing a dozen values
     run_url: str,
     *,
     storage_options: Mapping[str, Any] | None = None,
@@ -403,10 +483,7 @@ def build_report(
         ValueError: ``gallery_size`` < 0 or ``n_boot`` < 1.
         OSError: and anything else raised while reading the run or writing the report.
     """
-    if isinstance(gallery_size, bool) or not isinstance(gallery_size, int) or gallery_size < 0:
-        raise ValueError(f"gallery_size must be an integer >= 0, got {short_repr(gallery_size)}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {short_repr(n_boot)}")
+    _check_report_options(gallery_size, n_boot)
     run_url = run_url.rstrip("/")
     if data_storage_options is None:
         data_storage_options = storage_options
@@ -426,19 +503,15 @@ def build_report(
         rows, run_id=run_id, method_order=_methods_of(run_json), n_boot=n_boot, seed=seed
     )
     figures = _figures(run_url, rows, summary, storage_options) if summary else []
-    models = {r["model"] for r in summary}
-    gallery_methods = [r["method"] for r in summary if r["model"] == min(models, default=None)]
-    resize_size, resize_known = _resize_size(run_json, statuses)
-    gallery = build_gallery(
+    gallery = _gallery(
         run_url,
         rows,
-        gallery_methods,
-        size=gallery_size,
-        storage_options=storage_options,
-        data_storage_options=data_storage_options,
-        resize_size=resize_size,
-        resize_known=resize_known,
-        preprocess_options=_preprocess_options(run_json, statuses),
+        summary,
+        run_json,
+        statuses,
+        gallery_size,
+        storage_options,
+        data_storage_options,
     )
     counts, notes = _counts(rows, errors, run_json, done, statuses)
     notes += [
@@ -469,26 +542,8 @@ def build_report(
     markdown_file = f"# Opti-CAM summary — {markdown_text(run_id or 'run')}\n\n{markdown}"
 
     folder = store.report_url(run_url)
-    outputs: list[tuple[str, bytes]] = [
-        (f"figures/{f.name}", f.png) for f in figures if f.png is not None
-    ]
-    if gallery.png is not None:
-        outputs.append(("figures/gallery.png", gallery.png))
-    outputs += [
-        ("summary.parquet", _parquet_bytes(_with_bootstrap(summary_table(summary), n_boot, seed))),
-        ("summary.md", markdown_file.encode("utf-8")),
-        ("index.html", render_index(content).encode("utf-8")),
-    ]
-    _remove_stale_figures(
-        f"{folder}/figures",
-        {name.rsplit("/", 1)[-1] for name, _ in outputs if name.startswith("figures/")},
-        storage_options,
-    )
-    files = []
-    for name, data in outputs:
-        url = f"{folder}/{name}"
-        store.atomic_write_bytes(url, data, storage_options)
-        files.append(url)
+    outputs = _outputs(figures, gallery, summary, markdown_file, content, n_boot, seed)
+    files = _write_outputs(folder, outputs, storage_options)
     return ReportResult(
         summary=summary, summary_markdown=markdown, index_url=f"{folder}/index.html", files=files
     )

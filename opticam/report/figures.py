@@ -1,4 +1,4 @@
-"""Report figures, drawn with matplotlib's Agg renderer and returned as PNG bytes.
+r"""Report figures, drawn with matplotlib's Agg renderer and returned as PNG bytes.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly, never through
 ``pyplot``: no global figure registry, no interactive backend chosen behind the
@@ -13,7 +13,7 @@ Every string the report puts into a figure (titles, axis labels, tick labels, le
 entries, annotations) is drawn with :data:`LITERAL`: as the characters it holds, never
 parsed as mathtext (``$...$``) nor handed to LaTeX, whatever a matplotlibrc says
 (``text.usetex``). Sample keys, method and model names come from the data, and one key
-such as ``a$\\frac{$b`` would otherwise stop matplotlib from drawing the figure. Numbers
+such as ``a$\frac{$b`` would otherwise stop matplotlib from drawing the figure. Numbers
 on the axes are left to matplotlib's formatters.
 
 :func:`draw_figure` draws one figure so that its failure costs that figure only: the

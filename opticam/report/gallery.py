@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -206,52 +207,55 @@ def _draw(gallery: Gallery) -> bytes | None:
     for r, item in enumerate(gallery.items):
         cells = list(axes[r])
         if with_input:
-            ax = cells.pop(0)
-            if item.image is not None:
-                ax.imshow(item.image, interpolation="nearest")
-                for x0, y0, x1, y1 in item.boxes:
-                    ax.add_patch(
-                        Rectangle(
-                            (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.5
-                        )
-                    )
-            else:
-                ax.text(
-                    0.5,
-                    0.5,
-                    "input\nnot available",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    **LITERAL,
-                )
-            label = "?" if item.label is None else str(item.label)
-            short_key = item.key if len(item.key) <= 22 else "…" + item.key[-21:]
-            ax.set_xlabel(
-                f"{short_key}\nlabel {label} · pred {item.predicted}", fontsize=7, **LITERAL
-            )
-            if r == 0:
-                ax.set_title("input", fontsize=9, **LITERAL)
+            _draw_input(cells.pop(0), item, first_row=r == 0)
         for ax, method in zip(cells, gallery.methods, strict=True):
-            saliency = item.maps.get(method)
-            if saliency is None:
-                ax.text(0.5, 0.5, "no map", ha="center", va="center", fontsize=8, **LITERAL)
-            elif item.image is not None:
-                ax.imshow(np.asarray(overlay(item.image, saliency)))
-            else:
-                ax.imshow(colorize(saliency))
-            if method in item.scores:
-                drop, gain = item.scores[method]
-                ax.set_xlabel(
-                    f"drop {100 * drop:.0f}% · gain {100 * gain:.0f}%", fontsize=7, **LITERAL
-                )
-            if r == 0:
-                ax.set_title(method, fontsize=9, **LITERAL)
+            _draw_map(ax, item, method, first_row=r == 0)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
     figure.subplots_adjust(wspace=0.05, hspace=0.35)
     return png_bytes(figure)
+
+
+def _draw_input(ax: Axes, item: GalleryItem, *, first_row: bool) -> None:
+    """The input cell of a row: the image with its boxes, its key, label and prediction."""
+    if item.image is not None:
+        ax.imshow(item.image, interpolation="nearest")
+        for x0, y0, x1, y1 in item.boxes:
+            ax.add_patch(
+                Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.5)
+            )
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "input\nnot available",
+            ha="center",
+            va="center",
+            fontsize=8,
+            **LITERAL,
+        )
+    label = "?" if item.label is None else str(item.label)
+    short_key = item.key if len(item.key) <= 22 else "…" + item.key[-21:]
+    ax.set_xlabel(f"{short_key}\nlabel {label} · pred {item.predicted}", fontsize=7, **LITERAL)
+    if first_row:
+        ax.set_title("input", fontsize=9, **LITERAL)
+
+
+def _draw_map(ax: Axes, item: GalleryItem, method: str, *, first_row: bool) -> None:
+    """One method's cell of a row: its map over the input (or alone), with its scores."""
+    saliency = item.maps.get(method)
+    if saliency is None:
+        ax.text(0.5, 0.5, "no map", ha="center", va="center", fontsize=8, **LITERAL)
+    elif item.image is not None:
+        ax.imshow(np.asarray(overlay(item.image, saliency)))
+    else:
+        ax.imshow(colorize(saliency))
+    if method in item.scores:
+        drop, gain = item.scores[method]
+        ax.set_xlabel(f"drop {100 * drop:.0f}% · gain {100 * gain:.0f}%", fontsize=7, **LITERAL)
+    if first_row:
+        ax.set_title(method, fontsize=9, **LITERAL)
 
 
 def build_gallery(

@@ -80,6 +80,7 @@ class Figure:
     failure: str | None = None
 
     def __post_init__(self) -> None:
+        """Refuse a figure with neither or both of ``png`` and ``failure``."""
         if (self.png is None) == (self.failure is None):
             raise ValueError(
                 f"figure {self.name!r} needs either PNG bytes or a failure note, "
@@ -252,8 +253,11 @@ def _config_context(run_json: Mapping[str, Any] | None) -> dict[str, Any] | None
 
 
 def _loaded_model_context(run_json: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """The target layer and input normalization the run's model applied (run.json's
-    ``loaded_model``); None for runs written before it was recorded."""
+    """The target layer and input normalization that the run's model applied.
+
+    They come from run.json's ``loaded_model``; None for runs written before it was
+    recorded.
+    """
     described = (run_json or {}).get("loaded_model")
     if not isinstance(described, Mapping):
         return None
