@@ -16,8 +16,9 @@ the process and the next pass reuses them: on the same work 0.66 million faults 
 2.0 s of system time, with the peak resident memory within 10 % (nothing is freed back
 while a batch runs, but nothing more is allocated either).
 
-It runs when :mod:`opticam.methods` is imported (every explainer), on Linux with glibc
-only, and not at all when the user has chosen: ``OPTICAM_MALLOC_TUNING=0``, or any of
+It runs when a process builds its first explainer (:class:`opticam.methods.Explainer`),
+before the first explanation allocates its buffers, and never on import; on Linux with
+glibc only, and not at all when the user has chosen: ``OPTICAM_MALLOC_TUNING=0``, or any of
 glibc's own ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
 ``MALLOC_TOP_PAD_`` or ``GLIBC_TUNABLES`` set in the environment.
 """

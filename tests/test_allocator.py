@@ -18,8 +18,11 @@ from opticam.allocator import tune_allocator
 _PROBE = """
 import json, resource, sys
 import torch
-import opticam.methods  # applies the settings, as every explainer import does
+import opticam.methods
+from opticam import allocator
 from opticam.allocator import tune_allocator
+on_import = "applied" in allocator._state  # importing the methods tunes nothing
+opticam.methods.FakeCAM(torch.nn.Identity())  # the first explainer tunes, as in a run
 x = torch.ones(12 << 20)  # warm-up: the heap grows once
 del x
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -27,7 +30,7 @@ for _ in range(20):
     x = torch.ones(12 << 20)
     del x
 after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-print(json.dumps({"faults": after - before, "applied": tune_allocator()}))
+print(json.dumps({"faults": after - before, "applied": tune_allocator(), "on_import": on_import}))
 """
 
 # 20 buffers of 48 MB touched afresh would be 20 x 12,288 pages of 4 KB.
@@ -51,6 +54,7 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again() -> None:
     tuned = _probe()
     default = _probe(OPTICAM_MALLOC_TUNING="0")
     assert tuned["applied"] is True and default["applied"] is False
+    assert tuned["on_import"] is False
     # glibc's defaults: every buffer is a new mapping, every page faulted in again.
     assert int(default["faults"]) > 10 * _PAGES_PER_BUFFER
     # Tuned: the freed buffer stays in the heap and is reused (measured: one buffer's

@@ -4,11 +4,11 @@
 :class:`Explanation` with maps (B,1,H,W) in [0,1] on the images' device. Method names and
 their classes are listed once, in :data:`opticam.names.METHODS`.
 
-Importing this package tunes glibc's allocator for the many same-sized buffers of
-iterative methods (:func:`opticam.allocator.tune_allocator`).
+The first explainer a process builds tunes glibc's allocator for the many same-sized
+buffers of iterative methods (:func:`opticam.allocator.tune_allocator`); importing this
+package changes nothing.
 """
 
-from opticam.allocator import tune_allocator
 from opticam.methods.baselines import (
     CAM_METHODS,
     AblationCAMMethod,
@@ -32,8 +32,6 @@ from opticam.methods.common import (
 from opticam.methods.opticam import OptiCAM
 from opticam.methods.registry import explainer_class, get_explainer
 from opticam.names import KNOWN_METHODS, NORMALIZATIONS, OBJECTIVES, SCORES
-
-tune_allocator()
 
 __all__ = [
     "CAM_METHODS",

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opticam.allocator import tune_allocator
 from opticam.errors import short_repr
 from opticam.names import NORMALIZATIONS
 
@@ -234,6 +235,8 @@ class Explainer(ABC):
     options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
+        # Once per process, before the first explanation allocates its buffers.
+        tune_allocator()
         self.model = model
 
     def __call__(
