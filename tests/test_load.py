@@ -51,8 +51,10 @@ def test_resident_memory_stays_flat_over_many_shards(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = json.loads(proc.stdout.strip().splitlines()[-1])
     # 240 images after the first shard: keeping each image's input and maps (~0.3 MB
-    # per image and method) would cross this; the benchmark runs 5,000 images.
-    assert after[-1] - after[0] < 40, after
+    # per image and method, ~140 MB here) would cross this; the benchmark runs 5,000
+    # images. Measured on a busy 2-core machine: 2 to 43 MB over eight runs (the heap's
+    # arenas settle unevenly), so the bound sits between that noise and a leak.
+    assert after[-1] - after[0] < 70, after
 
 
 def test_planning_many_shards_lists_the_folder_once(
