@@ -337,8 +337,9 @@ class OptiCAMOptions(_LayerOptions):
     )
     start: str = Field(
         default="uniform",
-        description="start of u: uniform (u = 0, paper) or gradcam (Grad-CAM's positive "
-        "channel weights; one more backward pass)",
+        description="start of u: uniform (u = 0, paper), gradcam (Grad-CAM's positive "
+        "channel weights; one more backward pass) or prior (the weights earlier images of "
+        "the class ended at; needs a class prior)",
         json_schema_extra={"enum": list(STARTS)},
     )
     patience: int = Field(

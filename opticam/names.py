@@ -123,7 +123,7 @@ SCORES: tuple[str, ...] = ("logit", "probability")
 #: cosine decay to 0, linear decay to 0.
 LR_DECAYS: tuple[str, ...] = ("none", "cosine", "linear")
 #: Opti-CAM starting points: u = 0 (paper: the mean feature map) or Grad-CAM's weights.
-STARTS: tuple[str, ...] = ("uniform", "gradcam")
+STARTS: tuple[str, ...] = ("uniform", "gradcam", "prior")
 
 #: The Opti-CAM options a preset may set, at the paper's values (their defaults).
 OPTICAM_SCHEDULE: dict[str, object] = {

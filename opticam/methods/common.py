@@ -54,12 +54,16 @@ class Explanation:
         diagnostics: per-image tensors, each (B,): e.g. ``iterations``,
             ``initial_objective``, ``final_objective``, ``constant_map`` (bool).
         seconds: wall time of the call for the whole batch.
+        channel_weights: (B, K) the weights of the layer's K feature maps that the map
+            combines, for methods that optimize them (Opti-CAM: ``softmax(u*)``, each row
+            summing to 1); None for the others. What a class prior is built from.
     """
 
     maps: Tensor
     saliency: Tensor | None
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    channel_weights: Tensor | None = None
 
 
 def normalize_maps(

@@ -46,10 +46,12 @@ from opticam.errors import short_repr
 from opticam.methods.common import (
     Explainer,
     Explanation,
+    check_inputs,
     check_target_range,
     frozen,
     upsample_normalize,
 )
+from opticam.methods.prior import ClassPrior
 from opticam.methods.schedule import Schedule
 from opticam.names import OBJECTIVES, OPTICAM_SCHEDULE, SCORES, resolve_opticam_preset
 
@@ -145,6 +147,7 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
         relu_features: ReLU the features (CNNs in the paper; not for transformers).
         settings: the options below as one :class:`opticam.config.OptiCAMOptions`; or
             give them as keywords (validated by that model either way).
+        prior: the class prior of ``start="prior"`` (required then, refused otherwise).
         **given: the options below, as keywords.
 
     Keyword Args:
@@ -168,10 +171,13 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
         lr_decay (str): learning rate at step ``t`` of ``T = iterations``: ``none`` (constant,
             paper, default), ``cosine`` (``lr * (1 + cos(pi t / T)) / 2``) or ``linear``
             (``lr * (1 - t / T)``).
-        start (str): ``uniform`` (``u = 0``, paper, default) or ``gradcam``: ``softmax(u)`` starts at
-            the positive part of Grad-CAM's channel weights (gradient of the class logit
-            averaged over the map), normalized, plus a small uniform floor; an image
-            whose weights are all <= 0 starts uniform. Costs one backward pass.
+        start (str): ``uniform`` (``u = 0``, paper, default), ``gradcam`` or ``prior``.
+            ``gradcam``: ``softmax(u)`` starts at the positive part of Grad-CAM's channel
+            weights (gradient of the class logit averaged over the map), normalized, plus
+            a small uniform floor; an image whose weights are all <= 0 starts uniform.
+            Costs one backward pass. ``prior``: the weights earlier images of the target
+            class ended at (``prior=``, a :class:`opticam.methods.prior.ClassPrior`,
+            :meth:`~opticam.methods.prior.ClassPrior.start`); costs nothing.
         patience (int): when > 0, an image stops once its best objective has not improved by
             more than ``max(plateau_atol, plateau_rtol * |best|)`` for this many
             consecutive iterations. 0 (default) turns the rule off.
@@ -209,6 +215,7 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
         reshape_transform: Callable[[Tensor], Tensor] | None = None,
         relu_features: bool = True,
         settings: OptiCAMOptions | None = None,
+        prior: ClassPrior | None = None,
         **given: Any,
     ) -> None:
         super().__init__(model)
@@ -246,6 +253,14 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
         self.preset = preset
         self.lr_decay = lr_decay
         self.start = start
+        if (start == "prior") != (prior is not None):
+            raise ValueError(
+                "start='prior' needs a class prior (prior=ClassPrior; 'opticam run' does not "
+                "build one yet)"
+                if prior is None
+                else f"a class prior was given but start is {start!r}, not 'prior'"
+            )
+        self.prior = prior
         self.patience = patience
         self.plateau_rtol = float(plateau_rtol)
         self.plateau_atol = float(plateau_atol)
@@ -269,12 +284,26 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Explanation:
         """Optimize one ``u`` per image; see the class docstring."""
+        return self._explain(images, targets, None)
+
+    def explain_from(self, images: Tensor, targets: Tensor | None, u0: Tensor) -> Explanation:
+        """Like calling the explainer, but every image starts at the given ``u0`` (B, K).
+
+        The ``start`` option is not used; ``u0`` is the logits of the starting weights
+        (``softmax(u0)``), one row per image.
+        """
+        checked = check_inputs(images, targets)
+        return self._explain(images.detach(), checked, u0.to(images.device, torch.float32))
+
+    def _explain(
+        self, images: Tensor, targets: Tensor | None, given_u0: Tensor | None
+    ) -> Explanation:
         autocast = self._autocast(images.device)
         # The feature hook removes itself (try/finally in capture_features); no global
         # hook sweep here, so concurrent calls on one model from other threads are safe.
         with frozen(self.model):
-            u0: Tensor | None = None
-            if self.start == "gradcam":
+            u0: Tensor | None = given_u0
+            if u0 is None and self.start == "gradcam":
                 feats, logits, targets, u0 = self._gradcam_start(images, targets, autocast)
             else:
                 feats, logits = capture_features(
@@ -289,6 +318,13 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
             if targets is None:
                 targets = logits.argmax(dim=1)
             check_target_range(targets, logits.shape[1])
+            if u0 is None and self.prior is not None:
+                self.prior.check_fits(channels=feats.shape[1], layer=None)
+                u0 = self.prior.start(targets)
+            if u0 is not None and u0.shape != feats.shape[:2]:
+                raise ValueError(
+                    f"u0 must be (images, channels) = {tuple(feats.shape[:2])}, got {tuple(u0.shape)}"
+                )
             clean = self._class_score(logits, targets)
             compiled = self.compile and not self._compile_failed
             forward = self._compiled_forward() if compiled else self.model
@@ -308,13 +344,18 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
                 best_u, diagnostics = self._optimize(
                     images, feats, targets, clean, autocast, u0, self.model
                 )
-            if u0 is not None:
+            if self.start == "gradcam" and given_u0 is None:
                 diagnostics["passes"] += 1  # Grad-CAM's backward pass
             with torch.no_grad():
                 saliency = self._saliency(best_u, feats)
                 maps, constant = upsample_normalize(saliency, images.shape[-2:], self.normalization)
         diagnostics["constant_map"] = constant
-        return Explanation(maps=maps, saliency=saliency, diagnostics=diagnostics)
+        return Explanation(
+            maps=maps,
+            saliency=saliency,
+            diagnostics=diagnostics,
+            channel_weights=torch.softmax(best_u.detach().float(), dim=1),
+        )
 
     def _optimize(
         self,
