@@ -1,12 +1,20 @@
 """Opti-CAM schedules: quality (AD / AG / AI) against passes per image on held-out demo data.
 
 Runs the paper's setting (Adam, lr 0.1, 100 iterations from the uniform start), the same
-setting cut at fewer iterations (the quality/passes curve), and a grid of cheaper
-schedules (higher learning rate, learning-rate decay, plateau stop, Grad-CAM start), all
-on the bundled demo classifier, CPU, and prints one table:
+setting cut at fewer iterations (the quality/passes curve), a grid of cheaper schedules
+(higher learning rate, learning-rate decay, plateau stop, Grad-CAM start), and the class
+prior (``start="prior"``: calibration sets of N images per class, drawn from another
+seed and explained at the paper's setting, then the scored images started from their
+class's prior), all on the bundled demo classifier, CPU, and prints one table:
 
     python benchmarks/opticam_schedule.py                   # 200 images, seed 4242
     python benchmarks/opticam_schedule.py --images 400 --grid full
+    python benchmarks/opticam_schedule.py --prior-per-class 3 --seed 4343
+
+A prior row's passes per image spread the calibration images' own passes over the job
+(scored and calibration images together); a second table projects them to a
+50,000-image, 1,000-class job. The "fallback check" rows score the images of the classes
+a half-class prior never saw, with each fallback.
 
 A pass is one forward (+ backward) of an image's masked copy, or Grad-CAM's backward
 (the ``passes`` diagnostic of :class:`opticam.methods.OptiCAM`); the paper's setting
@@ -37,6 +45,7 @@ from opticam.config import ModelSpec
 from opticam.data import Preprocess, decode_image
 from opticam.demo.generate import encode_jpeg, generate_sample
 from opticam.methods import OptiCAM, get_explainer, upsample_normalize
+from opticam.methods.prior import ClassPrior
 from opticam.metrics import faithfulness_terms
 from opticam.metrics.faithfulness import average_drop, average_gain, average_increase
 from opticam.models import load_model
@@ -45,6 +54,14 @@ from opticam.names import OPTICAM_PRESETS
 PAPER = "paper (lr 0.1, 100 it)"
 #: The paper's run is also scored cut at these iterations (the quality/passes curve).
 CUTS = (5, 10, 20, 32, 50)
+#: Schedules run from the class prior: (name, options); start="prior" is added.
+PRIOR_SCHEDULES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("fast (32 it, lr 0.5)", {"preset": "fast"}),
+    ("24 it, lr 0.5", {"iterations": 24, "lr": 0.5}),
+    ("paper (100 it, lr 0.1)", {}),
+)
+#: The whole-dataset job the passes are projected to: images and classes.
+JOB_IMAGES, JOB_CLASSES = 50_000, 1_000
 #: At most this many mean passes per image, and AD / AG within this many points.
 MAX_PASSES = 100 / 3
 MAX_POINTS = 1.0
@@ -64,14 +81,7 @@ class Result:
 
 def _data(count: int, seed: int, size: Any, resize: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` demo images through JPEG and the pipeline's preprocessing, and labels."""
-    preprocess = Preprocess(size, resize)
-    images, labels = [], []
-    for index in range(count):
-        image, label, _box, _mask = generate_sample(index, seed)
-        pixels, _ = preprocess(decode_image(encode_jpeg(image)), [])
-        images.append(pixels)
-        labels.append(label)
-    return torch.stack(images), torch.tensor(labels)
+    return _data_at(list(range(count)), seed, size, resize)
 
 
 class Recorder(OptiCAM):
@@ -169,10 +179,24 @@ def _evaluate(
     options: dict[str, Any],
     batch: int,
     cuts: tuple[int, ...] = (),
+    prior: ClassPrior | None = None,
 ) -> list[Result]:
-    """Run one schedule over all images; with ``cuts``, also the paper run cut short."""
-    if cuts:
-        explainer: OptiCAM = Recorder(
+    """Run one schedule over all images; with ``cuts``, also the paper run cut short.
+
+    With ``prior``, every image starts from the class prior (``start="prior"``).
+    """
+    explainer: OptiCAM
+    if prior is not None:
+        explainer = OptiCAM(
+            loaded.model,
+            loaded.target_layer,
+            relu_features=loaded.relu_features,
+            reshape_transform=loaded.reshape_transform,
+            prior=prior,
+            **{**options, "start": "prior"},
+        )
+    elif cuts:
+        explainer = Recorder(
             loaded.model, loaded.target_layer, relu_features=loaded.relu_features, **options
         )
     else:
@@ -212,6 +236,75 @@ def _evaluate(
     return results
 
 
+def _calibrate(
+    loaded: Any,
+    per_class: int,
+    seed: int,
+    classes: int,
+    batch: int,
+    fast: dict[str, Any],
+    keep: set[int] | None = None,
+) -> tuple[ClassPrior, int]:
+    """A class prior from the first ``per_class`` images of each class of another seed.
+
+    The calibration images are drawn with ``seed`` (never the scored images' seed) and
+    explained at the paper's setting for their label, as a run's calibration stage would.
+    ``keep`` limits the prior to those classes (the others are unseen: the fallback).
+    Returns the prior and the number of calibration images.
+    """
+    wanted = set(range(classes)) if keep is None else keep
+    chosen: list[int] = []
+    counts = dict.fromkeys(wanted, 0)
+    index = 0
+    while any(c < per_class for c in counts.values()):
+        _image, label, _box, _mask = generate_sample(index, seed)
+        if label in counts and counts[label] < per_class:
+            counts[label] += 1
+            chosen.append(index)
+        index += 1
+    images, labels = _data_at(chosen, seed, loaded.input_size, loaded.resize_size)
+    explainer = get_explainer("opticam", loaded, **fast)
+    prior = ClassPrior.empty(
+        loaded.num_classes,
+        _channels(loaded),
+        model=loaded.name,
+        layer=loaded.target_layer_name,
+    )
+    for i in range(0, images.shape[0], batch):
+        explanation = explainer(images[i : i + batch], labels[i : i + batch])
+        assert explanation.channel_weights is not None
+        prior.update(explanation.channel_weights, labels[i : i + batch])
+    return prior, len(chosen)
+
+
+def _channels(loaded: Any) -> int:
+    """The target layer's channel count, from one forward of a blank image."""
+    from opticam.methods.opticam import capture_features
+
+    with torch.no_grad():
+        feats, _ = capture_features(
+            loaded.model,
+            loaded.target_layer,
+            torch.zeros(1, 3, *loaded.input_size),
+            reshape_transform=loaded.reshape_transform,
+        )
+    return int(feats.shape[1])
+
+
+def _data_at(
+    indices: list[int], seed: int, size: Any, resize: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo images of ``indices`` (of ``seed``), preprocessed as in :func:`_data`."""
+    preprocess = Preprocess(size, resize)
+    images, labels = [], []
+    for index in indices:
+        image, label, _box, _mask = generate_sample(index, seed)
+        pixels, _ = preprocess(decode_image(encode_jpeg(image)), [])
+        images.append(pixels)
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels)
+
+
 def _score(
     loaded: Any,
     images: torch.Tensor,
@@ -230,6 +323,90 @@ def _score(
         ag=average_gain(terms["p_clean"], terms["p_masked"]),
         ai=average_increase(terms["p_clean"], terms["p_masked"]),
     )
+
+
+def _prior_rows(
+    loaded: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    p_clean: torch.Tensor,
+    per_class: list[int],
+    seed: int,
+    batch: int,
+    fast: dict[str, Any],
+    paper: Result,
+) -> list[tuple[Result, int]]:
+    """The class-prior rows, with the calibration images each prior cost.
+
+    A row's ``passes`` spread the calibration images' own passes (explained at the
+    paper's setting, ``paper.passes`` each) over the job: the scored images and the
+    calibration images together. ``extra["scored"]`` keeps the scored images' own mean.
+    The last two rows measure the fallback: a prior of the first half of the classes,
+    scored on the images of the other half, with each fallback.
+    """
+    rows: list[tuple[Result, int]] = []
+    classes = loaded.num_classes
+    for n in per_class:
+        prior, calibration = _calibrate(loaded, n, seed, classes, batch, fast)
+        for name, options in PRIOR_SCHEDULES:
+            r = _evaluate(
+                loaded, images, labels, p_clean, "", {**options, **fast}, batch, prior=prior
+            )[0]
+            r.name = f"prior {n}/class, {name}"
+            r.options = {**options, "start": "prior", "per_class": n}
+            r.extra["scored"] = r.passes
+            total = images.shape[0] + calibration
+            r.passes = (r.passes * images.shape[0] + paper.passes * calibration) / total
+            rows.append((r, n))
+            print(
+                f"  ran {r.name}: passes {r.passes:.1f} (scored {r.extra['scored']:.1f}), "
+                f"AD {r.ad:.2f}, AG {r.ag:.2f}",
+                flush=True,
+            )
+    if per_class:
+        half = set(range(classes // 2))
+        unseen = (labels >= classes // 2).nonzero().squeeze(1)
+        n = 3 if 3 in per_class else per_class[0]
+        partial, _ = _calibrate(loaded, n, seed, classes, batch, fast, keep=half)
+        sub = images[unseen], labels[unseen], p_clean[unseen]
+        base = _evaluate(loaded, *sub, "", {**PRIOR_SCHEDULES[0][1], **fast}, batch)[0]
+        base.name = f"fallback check: unseen classes, uniform start ({len(unseen)} images)"
+        rows.append((base, 0))
+        for fallback in ("mean", "uniform"):
+            partial.fallback = fallback  # type: ignore[assignment]
+            r = _evaluate(
+                loaded, *sub, "", {**PRIOR_SCHEDULES[0][1], **fast}, batch, prior=partial
+            )[0]
+            r.name = f"fallback check: unseen classes, fallback {fallback} ({len(unseen)} images)"
+            r.options = {"fallback": fallback}
+            rows.append((r, 0))
+    return rows
+
+
+def _print_projection(rows: list[tuple[Result, int]], paper: Result) -> None:
+    """Passes per image of a whole-dataset job, from the measured scored passes."""
+    print()
+    print(
+        f"Projected to a {JOB_IMAGES:,}-image, {JOB_CLASSES:,}-class job (calibration at "
+        f"{paper.passes:.1f} passes per image, the paper's setting is {paper.passes:.1f}):"
+    )
+    print()
+    print(
+        "| prior row | calibration images | passes / image | job size for <= 1/3 of the paper's passes |"
+    )
+    print("| --- | ---: | ---: | ---: |")
+    third = paper.passes / 3
+    for r, n in rows:
+        if not n:
+            continue
+        scored = r.extra["scored"]
+        calibration = n * JOB_CLASSES
+        passes = (calibration * paper.passes + (JOB_IMAGES - calibration) * scored) / JOB_IMAGES
+        if scored >= third:
+            needed = "never"
+        else:
+            needed = f"{calibration * (paper.passes - scored) / (third - scored):,.0f}"
+        print(f"| {r.name} | {calibration:,} | {passes:.1f} | {needed} |")
 
 
 def _meets(result: Result, paper: Result) -> bool:
@@ -255,6 +432,18 @@ def main() -> None:
         "about twice as fast on CPU for the demo model)",
     )
     parser.add_argument(
+        "--prior-per-class",
+        default="1,3,5,10",
+        help="calibration images per class of the class-prior rows, comma-separated "
+        "(empty: no prior rows)",
+    )
+    parser.add_argument(
+        "--calibration-seed",
+        type=int,
+        default=None,
+        help="demo seed of the calibration images (default: --seed + 1)",
+    )
+    parser.add_argument(
         "--check-cut",
         type=int,
         default=5,
@@ -263,6 +452,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.seed in (1000, 1001):
         parser.error("seeds 1000 and 1001 are the classifier's training data")
+    calibration_seed = args.seed + 1 if args.calibration_seed is None else args.calibration_seed
+    if calibration_seed in (1000, 1001, args.seed):
+        parser.error("the calibration seed must differ from --seed and from 1000/1001")
+    per_class = [int(n) for n in args.prior_per_class.split(",") if n.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -290,6 +483,10 @@ def main() -> None:
             )
         results += done
     paper = results[0]
+    prior_rows = _prior_rows(
+        loaded, images, labels, p_clean, per_class, calibration_seed, args.batch, fast, paper
+    )
+    results += [r for r, _ in prior_rows]
     if args.check_cut:
         # The cut maps equal a real run with fewer iterations.
         real = _evaluate(
@@ -317,11 +514,15 @@ def main() -> None:
     print("|" + " --- |" * header.count(" | ") + " --- |")
     for r in results:
         mark = "paper" if r is paper else ("yes" if _meets(r, paper) else "no")
+        if r.name.startswith("fallback check"):
+            mark = "—"  # scored on another set of images than the paper's row
         print(
             f"| {r.name} | {r.passes:.1f} | {r.ad:.2f} | {r.ag:.2f} | {r.ai:.1f} | "
             f"{r.ad - paper.ad:+.2f} | {r.ag - paper.ag:+.2f} | {mark} | "
             f"{r.seconds * 1000:.0f} |"
         )
+    if prior_rows:
+        _print_projection(prior_rows, paper)
     meeting = [r for r in results[1:] if _meets(r, paper) and "preset" not in r.options]
     print()
     if meeting:
