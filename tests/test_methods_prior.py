@@ -8,7 +8,7 @@ import torch
 from tiny import TinyNet, make_config
 from torch import Tensor
 
-from opticam.methods import OptiCAM
+from opticam.methods import OptiCAM, get_explainer
 from opticam.methods.prior import PRIOR_FLOOR, ClassPrior, PriorError
 
 torch.set_num_threads(1)
@@ -42,6 +42,13 @@ def test_opticam_returns_its_final_weights_and_they_give_its_map() -> None:
         _images(0), torch.arange(6) % 5, torch.log(weights)
     )
     torch.testing.assert_close(again.saliency, explanation.saliency, rtol=1e-5, atol=1e-6)
+    # An explanation updates a prior as its weights do.
+    by_explanation, by_weights = _prior(), _prior()
+    by_explanation.update(explanation, torch.arange(6) % 5)
+    by_weights.update(weights, torch.arange(6) % 5)
+    np.testing.assert_array_equal(by_explanation.sums, by_weights.sums)
+    with pytest.raises(PriorError, match="no channel weights"):
+        by_weights.update(get_explainer("fakecam", model)(_images(0)), torch.arange(6) % 5)
 
 
 def test_the_prior_start_equals_an_explicit_u0_start() -> None:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from opticam.errors import UserError, short_repr
+from opticam.methods.common import Explanation
 
 __all__ = ["PRIOR_FALLBACKS", "PRIOR_FLOOR", "ClassPrior", "PriorError", "PriorFallback"]
 
@@ -119,17 +120,24 @@ class ClassPrior:
         """Number of channels ``K`` of the layer."""
         return int(self.sums.shape[1])
 
-    def update(self, weights: Tensor | np.ndarray, targets: Tensor | Iterable[int]) -> None:
+    def update(
+        self, weights: Explanation | Tensor | np.ndarray, targets: Tensor | Iterable[int]
+    ) -> None:
         """Add the final weights of explained images to their classes.
 
         Args:
-            weights: (B, K) final channel weights ``softmax(u*)``, e.g.
-                :attr:`opticam.methods.Explanation.channel_weights`.
+            weights: an Opti-CAM :class:`~opticam.methods.Explanation` (its
+                ``channel_weights``), or (B, K) final channel weights ``softmax(u*)``.
             targets: (B,) the class each image was explained for.
 
         Raises:
-            PriorError: a shape or class that does not fit this prior.
+            PriorError: a shape or class that does not fit this prior, or an explanation
+                without channel weights (a method other than Opti-CAM).
         """
+        if isinstance(weights, Explanation):
+            if weights.channel_weights is None:
+                raise PriorError("class prior: the explanation has no channel weights")
+            weights = weights.channel_weights
         w = _numpy(weights).astype(np.float64)
         t = np.asarray(_numpy(targets) if isinstance(targets, Tensor) else list(targets))
         t = t.astype(np.int64).reshape(-1)
