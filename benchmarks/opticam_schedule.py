@@ -523,7 +523,11 @@ def main() -> None:
         )
     if prior_rows:
         _print_projection(prior_rows, paper)
-    meeting = [r for r in results[1:] if _meets(r, paper) and "preset" not in r.options]
+    meeting = [
+        r
+        for r in results[1:]
+        if _meets(r, paper) and "preset" not in r.options and not r.name.startswith("fallback")
+    ]
     print()
     if meeting:
         best = min(meeting, key=lambda r: (r.passes, r.ad - r.ag))
