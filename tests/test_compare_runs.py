@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -11,19 +10,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from report_run import make_synthetic_run
+from scripts import load_script
 
 from opticam.report import build_report
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def compare() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compare_runs", ROOT / ".ci" / "compare_runs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(".ci/compare_runs.py", "compare_runs")
 
 
 def _run(root: Path) -> Path:

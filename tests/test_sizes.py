@@ -3,19 +3,13 @@ that a ``# size:`` comment grants an exception."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
-_PATH = Path(__file__).resolve().parents[1] / ".ci" / "sizes.py"
-_spec = importlib.util.spec_from_file_location("ci_sizes", _PATH)
-assert _spec is not None and _spec.loader is not None
-sizes = importlib.util.module_from_spec(_spec)
-sys.modules["ci_sizes"] = sizes
-_spec.loader.exec_module(sizes)
+sizes = load_script(".ci/sizes.py", "ci_sizes")
 
 
 def _function(name: str, lines: int, comment: str = "", indent: str = "") -> str:

@@ -3,21 +3,13 @@ the same maps (the benchmark's ratios compare equal work)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
+from scripts import load_script
 from tiny import TinyNet
 
 from opticam.methods import get_explainer
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "opticam_speed.py"
-_spec = importlib.util.spec_from_file_location("opticam_speed", _PATH)
-assert _spec is not None and _spec.loader is not None
-speed = importlib.util.module_from_spec(_spec)
-sys.modules["opticam_speed"] = speed
-_spec.loader.exec_module(speed)
+speed = load_script("benchmarks/opticam_speed.py", "opticam_speed")
 
 
 def test_the_library_matches_the_authors_loop() -> None:
