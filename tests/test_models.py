@@ -12,6 +12,7 @@ import pytest
 import tiny
 import torch
 import torchvision.models as tvm
+from spec_settings import LATER
 from torch import nn
 
 from opticam import models
@@ -364,19 +365,6 @@ def _record(built: SourceModel) -> dict[str, object]:
     fields = dict(vars(built))
     del fields["net"]
     return fields
-
-
-#: Spec settings a source must leave to load_model (none of them builds the net).
-LATER = {
-    "mean": (0.1, 0.2, 0.3),
-    "std": (0.5, 0.6, 0.7),
-    "input_size": 96,
-    "resize_size": 99,
-    "interpolation": "nearest",
-    "resize_mode": "squash",
-    "target_layer": "nope",
-    "relu_features": False,
-}
 
 
 def test_demo_source_knows_its_net(tmp_path: Path) -> None:

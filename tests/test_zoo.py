@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from spec_settings import LATER
 from torch import Tensor, nn
 
 timm = pytest.importorskip("timm")
@@ -154,19 +155,6 @@ def test_timm_checkpoint_through_load_model(tmp_path: Path) -> None:
     # A checkpoint of another architecture: the usual short mismatch message.
     with pytest.raises(CheckpointError, match="does not fit 'timm:resnet34'.*missing"):
         load_model(ModelSpec(source="timm:resnet34", checkpoint=str(path), num_classes=7))
-
-
-#: Spec settings a source must leave to load_model (none of them builds the net).
-LATER = {
-    "mean": (0.1, 0.2, 0.3),
-    "std": (0.5, 0.6, 0.7),
-    "input_size": 96,
-    "resize_size": 99,
-    "interpolation": "nearest",
-    "resize_mode": "squash",
-    "target_layer": "nope",
-    "relu_features": False,
-}
 
 
 def record(built: SourceModel) -> dict[str, object]:
