@@ -143,17 +143,11 @@ class ClassPrior:
                 raise PriorError("class prior: the explanation has no channel weights")
             weights = weights.channel_weights
         w = _numpy(weights).astype(np.float64)
-        t = np.asarray(_numpy(targets) if isinstance(targets, Tensor) else list(targets))
-        t = t.astype(np.int64).reshape(-1)
+        t = self._classes(targets)
         if w.ndim != 2 or w.shape[1] != self.channels or w.shape[0] != t.shape[0]:
             raise PriorError(
                 f"class prior: weights {w.shape} and targets {t.shape} do not fit a prior of "
                 f"{self.channels} channels"
-            )
-        if t.size and (t.min() < 0 or t.max() >= self.num_classes):
-            raise PriorError(
-                f"class prior: a target outside 0..{self.num_classes - 1}: {int(t.min())}.."
-                f"{int(t.max())}"
             )
         # One image at a time, in order: the sums do not depend on how images are batched.
         for row, cls in zip(w, t, strict=True):
@@ -194,8 +188,7 @@ class ClassPrior:
 
     def seen(self, targets: Tensor | Iterable[int]) -> np.ndarray:
         """(B,) whether each target class has an image behind it (else: the fallback)."""
-        t = np.asarray(_numpy(targets) if isinstance(targets, Tensor) else list(targets))
-        return np.asarray(self.counts[t.astype(np.int64)] > 0)
+        return np.asarray(self.counts[self._classes(targets)] > 0)
 
     def start(self, targets: Tensor, floor: float = PRIOR_FLOOR) -> Tensor:
         """``u0`` (B, K) for images explained for ``targets``, on the targets' device.
@@ -203,12 +196,7 @@ class ClassPrior:
         ``log(p + floor / K)`` centred per image, with ``p`` the class's mean weights,
         or the fallback's for a class without images (all zeros for ``uniform``).
         """
-        classes = _numpy(targets).astype(np.int64).reshape(-1)
-        if classes.size and (classes.min() < 0 or classes.max() >= self.num_classes):
-            raise PriorError(
-                f"class prior of {self.num_classes} classes asked for class "
-                f"{int(classes.max() if classes.max() >= self.num_classes else classes.min())}"
-            )
+        classes = self._classes(targets)
         means = self.class_weights()
         fallback = self.fallback_weights()
         u0 = np.zeros((classes.size, self.channels))
@@ -218,6 +206,21 @@ class ClassPrior:
                 row = np.log(weights + floor / self.channels)
                 u0[i] = row - row.mean()
         return torch.as_tensor(u0, dtype=torch.float32, device=targets.device)
+
+    def _classes(self, targets: Tensor | Iterable[int]) -> np.ndarray:
+        """``targets`` as a 1-D int64 array of this prior's classes.
+
+        Raises:
+            PriorError: a target outside ``0..num_classes - 1``.
+        """
+        raw = _numpy(targets) if isinstance(targets, Tensor) else np.asarray(list(targets))
+        classes = raw.astype(np.int64).reshape(-1)
+        if classes.size and (classes.min() < 0 or classes.max() >= self.num_classes):
+            raise PriorError(
+                f"class prior: a target outside 0..{self.num_classes - 1}: "
+                f"{int(classes.min())}..{int(classes.max())}"
+            )
+        return classes
 
     def check_fits(self, *, channels: int, model: str | None = None, layer: str | None) -> None:
         """Refuse to start an explainer of another layer, model or channel count.
