@@ -35,8 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROWS_FOLDERS = ("rows", "shards")  # current first, then the name before schema version 3
-RENAMED_COLUMNS = {"saliency": "map_bytes", "saliency_shape": "map_shape"}
-RENAMED_COLUMNS |= {"saliency_kind": "map_format"}
+RENAMED_COLUMNS = {
+    "saliency": "map_bytes",  # schema version 3
+    "saliency_shape": "map_shape",  # schema version 3
+    "saliency_kind": "map_format",  # schema version 2
+}
 ROW_TIMINGS = {"seconds"}
 STATUS_TIMINGS = {"seconds", "finished", "rows_bytes", "rows_sha256"}
 STATUS_PATHS = {"rows_url", "errors_url"}
