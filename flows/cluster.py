@@ -533,3 +533,52 @@ def run_on_pool(config: RunConfig, pending: list[dict[str, Any]], tally: Tally) 
     pool = _Pool(config, tally, limit)
     pool.run_all(pending)
     return pool.most_in_flight
+
+
+def calibrate_on_pool(config: RunConfig, item: dict[str, Any], counts: list[int]) -> None:
+    """Run the calibration of one shard as an ``explain-shard/<pool>`` flow run, and wait.
+
+    The class prior's walk (:mod:`opticam.pipeline.prior`) goes one shard after the
+    other, so each calibration run is submitted alone and waited for (one run in flight).
+    Only class counts travel in its parameters, never weights: the worker reads the
+    earlier shards' results from storage. A run that ends without the shard's
+    calibration file is submitted again, up to ``shard_attempts`` runs in all.
+
+    Raises:
+        RuntimeError: every attempt ended without the calibration file.
+    """
+    from opticam.pipeline.prior import read_calibration
+
+    assert config.pool is not None
+    run = run_url_of(config)
+    url = normalize_url(item["url"])
+    message = ""
+    for attempt in range(config.shard_attempts):
+        flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here
+            shard_deployment(config.pool),
+            parameters={
+                "config": child_config(config),
+                "shard_url": url,
+                "max_images": item["max_images"],
+                "stage": "calibration",
+                "counts": counts,
+            },
+            idempotency_key=f"{config.run_id}:{store.shard_name(url)}:calibration:{attempt}",
+            tags=run_tags(config),
+            flow_run_name=f"calibrate {shard_run_name(url, attempt)}",
+            poll_interval=POLL_SECONDS,
+        )
+        if read_calibration(run, url, config.output_options()) is not None:
+            return
+        message = _message(flow_run)
+        get_run_logger().warning(
+            "calibration of shard %s: %s (attempt %d of %d)",
+            redact_url(url),
+            message,
+            attempt + 1,
+            config.shard_attempts,
+        )
+    raise RuntimeError(
+        f"the calibration of shard {short_repr(redact_url(url))} failed "
+        f"{config.shard_attempts} times; the last: {message}"
+    )

@@ -53,6 +53,7 @@ from opticam.config import RunConfig
 from opticam.data import ShardStreamError
 from opticam.errors import StorageFailedError
 from opticam.pipeline import (
+    calibrate_shard,
     done_status,
     get_loaded_model,
     local_devices,
@@ -63,6 +64,7 @@ from opticam.pipeline import (
     run_url_of,
 )
 from opticam.pipeline.plan import duplicates_note
+from opticam.pipeline.prior import prior_settings
 from opticam.redact import redact_url
 
 if TYPE_CHECKING:
@@ -221,6 +223,69 @@ def shard_log_line(result: dict[str, Any], shard: str) -> str:
     )
 
 
+def _calibration_task_name() -> str:
+    from prefect.runtime import task_run
+
+    url = str(task_run.parameters.get("shard_url", "shard"))
+    return f"calibrate {printable(store.shard_file(url))}"
+
+
+@task(name="calibrate-shard", task_run_name=_calibration_task_name, **_STORAGE_TASK)
+def calibration_task(
+    config: RunConfig,
+    shard_url: str,
+    counts: list[int],
+    device: str,
+    max_images: int | None = None,
+) -> int:
+    """Calibrate one shard of a prior job (:func:`opticam.pipeline.calibrate_shard`).
+
+    Returns the number of its images that joined the sample, also logged.
+    """
+    public = redact_url(shard_url)
+    emit("calibration_start", shard=public, device=device)
+    joined = calibrate_shard(
+        config,
+        shard_url,
+        counts,
+        device,
+        max_images=max_images,
+        on_progress=lambda n: emit("calibration_images", shard=public, n=n),
+    )
+    get_run_logger().info("shard %s: %d images joined the class prior's sample", public, joined)
+    emit("calibration_done", shard=public, name=store.shard_name(shard_url), joined=joined)
+    return joined
+
+
+def _calibrate(config: RunConfig, plan: ShardPlan, devices: list[str]) -> str:
+    """The class prior's walk and file, before any shard (:mod:`opticam.pipeline.prior`).
+
+    Returns the log line that says what the prior is made of.
+    """
+    from opticam.pipeline import prior as run_prior
+
+    loaded = get_loaded_model(config, resolve_device(config.device)[0])
+    if config.executor == "deployments":
+        from .cluster import calibrate_on_pool
+
+        def calibrate(item: dict[str, Any], counts: list[int]) -> None:
+            calibrate_on_pool(config, item, counts)
+
+    else:
+
+        def calibrate(item: dict[str, Any], counts: list[int]) -> None:
+            calibration_task(config, item["url"], counts, devices[0], item["max_images"])
+
+    prior, sha256 = run_prior.walk_calibration(config, plan, loaded, calibrate)
+    seen = int((prior.counts > 0).sum())
+    line = (
+        f"class prior {sha256[:12]}: {int(prior.counts.sum())} calibration images of "
+        f"{seen} of {prior.num_classes} classes, from {len(prior.sample)} shards"
+    )
+    emit("prior", sha256=sha256, images=int(prior.counts.sum()), classes=seen)
+    return line
+
+
 @task(name="build-report", **_STORAGE_TASK)
 def report_task(config: RunConfig) -> dict[str, Any]:
     """Aggregate the run's rows and render the report (:func:`opticam.report.build_report`)."""
@@ -339,6 +404,8 @@ def explain_dataset(config: RunConfig) -> State[dict[str, Any]]:
         return Failed(message=str(exc), data=_ended_early(config, run, len(plan), str(exc)))
     skipped = len(plan) - len(pending)
     _announce_plan(config, run, plan, pending, devices)
+    if prior_settings(config) is not None:
+        logger.info("%s", _calibrate(config, plan, devices))
     tally = Tally(config, len(plan), skipped)
     if config.executor == "deployments":
         from .cluster import run_on_pool
@@ -581,17 +648,29 @@ def explain_shard(
     shard_url: str,
     max_images: int | None = None,
     device: str | None = None,
+    stage: str = "explain",
+    counts: list[int] | None = None,
 ) -> dict[str, Any]:
     """Explain one shard of a run (the unit a cluster deployment runs per worker).
 
     Skips the shard when its rows file exists. ``device`` None means the first device of
-    ``config.device`` on the machine that runs this flow.
+    ``config.device`` on the machine that runs this flow. ``stage="calibration"`` runs
+    the class prior's calibration of the shard instead (:func:`calibration_task`), with
+    ``counts`` the class counts of the sample before it; the prior itself is read from
+    the run folder by the shard runs after it.
 
     Returns:
-        :meth:`opticam.store.ShardStatus.to_dict` (``skipped=True`` if already done).
+        :meth:`opticam.store.ShardStatus.to_dict` (``skipped=True`` if already done), or
+        for a calibration ``{"shard": ..., "calibration": images that joined}``.
     """
     logger = get_run_logger()
     public = redact_url(shard_url)
+    if stage == "calibration":
+        chosen = device or resolve_device(config.device)[0]
+        joined = calibration_task(config, shard_url, list(counts or []), chosen, max_images)
+        return {"shard": public, "calibration": joined}
+    if stage != "explain":
+        raise ValueError(f"unknown stage {stage!r} (known: explain, calibration)")
     if store.is_done(run_url_of(config), shard_url, config.output_options()):
         logger.info("shard %s of run %s is done already", public, config.run_id)
         return done_status(config, shard_url).to_dict()

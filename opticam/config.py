@@ -51,6 +51,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from opticam.errors import short_repr, shorten
 from opticam.names import (
+    DEFAULT_PRIOR_PER_CLASS,
     INTERPOLATIONS,
     KNOWN_METHODS,
     LR_DECAYS,
@@ -323,9 +324,10 @@ class OptiCAMOptions(_LayerOptions):
     )
     preset: str = Field(
         default="paper",
-        description="named schedule: paper (the options as given) or fast (lr 0.5, 32 "
-        "iterations: a third of the passes, AG about 3 points lower on the demo; README "
-        "'Fewer passes'); a schedule option not given takes the preset's value, one given "
+        description="named schedule: paper (the options as given), fast (lr 0.5, 32 "
+        "iterations: a third of the passes, AG about 3 points lower on the demo) or prior "
+        "(start prior, then lr 0.5 for 32 iterations; manual 'Fewer passes: the class "
+        "prior'); a schedule option not given takes the preset's value, one given "
         "must agree with it (also when it is the paper's value)",
         json_schema_extra={"enum": list(OPTICAM_PRESETS)},
     )
@@ -339,8 +341,20 @@ class OptiCAMOptions(_LayerOptions):
         default="uniform",
         description="start of u: uniform (u = 0, paper), gradcam (Grad-CAM's positive "
         "channel weights; one more backward pass) or prior (the weights earlier images of "
-        "the class ended at; needs a class prior)",
+        "the class ended at; opticam run calibrates it first)",
         json_schema_extra={"enum": list(STARTS)},
+    )
+    prior_per_class: int = Field(
+        default=DEFAULT_PRIOR_PER_CLASS,
+        ge=1,
+        le=10_000,
+        description="start prior: calibration images per class, the first of each class in "
+        "plan order, explained at the paper's setting before the rest of the job",
+    )
+    prior_fallback: Literal["uniform", "mean"] = Field(
+        default="uniform",
+        description="start prior: the start of a class without calibration images: uniform "
+        "(u = 0, measured better) or mean (the mean of the classes' priors)",
     )
     patience: int = Field(
         default=0,

@@ -41,6 +41,8 @@ __all__ = [
     "OBJECTIVES",
     "OPTICAM_PRESETS",
     "OPTICAM_SCHEDULE",
+    "PRIOR_ROLES",
+    "DEFAULT_PRIOR_PER_CLASS",
     "RESIZE_MODES",
     "SCORES",
     "STARTS",
@@ -122,8 +124,16 @@ SCORES: tuple[str, ...] = ("logit", "probability")
 #: Opti-CAM learning-rate schedules over the ``iterations`` steps: constant (paper),
 #: cosine decay to 0, linear decay to 0.
 LR_DECAYS: tuple[str, ...] = ("none", "cosine", "linear")
-#: Opti-CAM starting points: u = 0 (paper: the mean feature map) or Grad-CAM's weights.
+#: Opti-CAM starting points: u = 0 (paper: the mean feature map), Grad-CAM's weights, or
+#: the class prior (the weights earlier images of the class ended at).
 STARTS: tuple[str, ...] = ("uniform", "gradcam", "prior")
+#: What a row of a job with the class prior was: an image of the calibration sample
+#: (explained at the paper's setting, its weights feed the prior), an Opti-CAM row started
+#: from its class's prior, or one whose class the prior had not seen (the fallback start).
+#: Null in jobs without a prior.
+PRIOR_ROLES: tuple[str, ...] = ("calibration", "prior", "fallback")
+#: Calibration images per class when ``prior_per_class`` is not given.
+DEFAULT_PRIOR_PER_CLASS = 5
 
 #: The Opti-CAM options a preset may set, at the paper's values (their defaults).
 OPTICAM_SCHEDULE: dict[str, object] = {
@@ -139,9 +149,12 @@ OPTICAM_SCHEDULE: dict[str, object] = {
 #: schedule ``benchmarks/opticam_schedule.py`` found at a third of the paper's passes
 #: (33 instead of 101 per image). On 200 held-out demo images it matches the paper's AD
 #: but loses 3.3 points of AG: it does NOT reach the 1-point target (README, "Fewer passes").
+#: ``prior`` starts every image from its class's prior (a calibration sample explained at
+#: the paper's setting first; docs/prior.md) and runs the schedule measured best from there.
 OPTICAM_PRESETS: dict[str, dict[str, object]] = {
     "paper": {},
     "fast": {"iterations": 32, "lr": 0.5},
+    "prior": {"start": "prior", "iterations": 32, "lr": 0.5},
 }
 
 

@@ -148,6 +148,9 @@ def make_synthetic_run(
                 "input_height": INPUT,
                 "input_width": INPUT,
                 "normalization": "range",
+                "prior_role": None,
+                "prior_sha256": None,
+                "channel_weights": None,
             }
             rows.append(row)
         status = store.ShardStatus(shard=shard, name=store.shard_name(shard), n_rows=len(rows))

@@ -50,6 +50,9 @@ def lowres_row(
         "input_height": size,
         "input_width": size,
         "normalization": "range",
+        "prior_role": None,
+        "prior_sha256": None,
+        "channel_weights": None,
     }
 
 

@@ -373,6 +373,8 @@ SAMPLES: dict[tuple[str, str], tuple[list[str], Any]] = {
     ("opticam", "preset"): (["fast"], "fast"),
     ("opticam", "lr_decay"): (["cosine"], "cosine"),
     ("opticam", "start"): (["gradcam"], "gradcam"),
+    ("opticam", "prior_per_class"): (["3"], 3),
+    ("opticam", "prior_fallback"): (["mean"], "mean"),
     ("opticam", "patience"): (["5"], 5),
     ("opticam", "plateau_rtol"): (["0.001"], 0.001),
     ("opticam", "plateau_atol"): (["0.01"], 0.01),

@@ -11,6 +11,7 @@ Failed with exit status 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import signal
@@ -249,6 +250,9 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
     assert f"0 shards processed, {SHARDS} skipped" in rerun.stdout
     assert len(cluster.flow_runs("explain-shard")) == len(shard_runs)
 
+    # -- a job with the class prior: its calibration runs first, then the rest ----------
+    _a_prior_job_calibrates_before_the_rest(cluster, fs, s3_bucket, s3_endpoint, s3_storage_options)
+
     # -- a corrupt shard fails after its attempts -----------------------------------------
     fs.pipe(f"{s3_bucket}/bad/demo-000001.tar", b"this is not a tar archive" * 40)
     fs.copy(urls[0], f"{s3_bucket}/bad/demo-000000.tar")
@@ -268,8 +272,50 @@ def test_a_job_survives_a_lost_machine_on_a_real_work_pool(
     bad_runs = [r for r in bad_runs if r["parameters"]["shard_url"].startswith(f"{s3_bucket}/bad")]
     assert sorted(r["state_type"] for r in bad_runs) == ["FAILED", "FAILED"]
     parents = cluster.flow_runs("explain-dataset")
-    assert sorted(r["state_type"] for r in parents) == ["COMPLETED", "COMPLETED", "FAILED"]
+    assert sorted(r["state_type"] for r in parents) == ["COMPLETED"] * 3 + ["FAILED"]
     assert _most_running_at_once(cluster.flow_runs("explain-shard")) <= 2
+
+
+def _a_prior_job_calibrates_before_the_rest(
+    cluster: Cluster, fs: Any, bucket: str, endpoint: str, options: dict[str, Any]
+) -> None:
+    """A job with the class prior on the pool: the calibration runs end before any other
+    shard run starts, and every Opti-CAM row after them records the prior file's hash."""
+    data = f"{bucket}/data/demo-{{000000..00000{SHARDS - 1}}}.tar"
+    flags = ("--start", "prior", "--lr", "0.5", "--prior-per-class", "1")
+    done = cluster.opticam(*_job(data, f"{bucket}/prior-runs", endpoint, *flags))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "class prior " in done.stderr  # the parent's line: images and classes
+    runs = [
+        r
+        for r in cluster.flow_runs("explain-shard")
+        if r["parameters"]["config"]["output"].endswith("prior-runs")
+    ]
+    calibration = [r for r in runs if r["parameters"].get("stage") == "calibration"]
+    rest = [r for r in runs if r["parameters"].get("stage", "explain") == "explain"]
+    assert calibration and all(r["state_type"] == "COMPLETED" for r in runs)
+    assert len({r["parameters"]["shard_url"] for r in rest}) == SHARDS
+    assert max(_time(r["end_time"]) for r in calibration) <= min(
+        _time(r["start_time"]) for r in rest
+    )
+    # Class counts travel in the calibration runs' parameters; weights never do.
+    for r in runs:
+        assert set(r["parameters"]) <= {"config", "shard_url", "max_images", "stage", "counts"}
+
+    (run_json,) = fs.glob(f"{bucket}/prior-runs/*/run.json")
+    run = "s3://" + run_json.rsplit("/", 1)[0]
+    sha256 = hashlib.sha256(fs.cat(f"{run}/prior/features.block6.parquet")).hexdigest()
+    rows = store.read_rows(
+        run, columns=["key", "method", "prior_role", "prior_sha256"], storage_options=options
+    ).to_pylist()
+    opticam = [r for r in rows if r["method"] == "opticam"]
+    sampled = [r for r in opticam if r["prior_role"] == "calibration"]
+    started = [r for r in opticam if r["prior_role"] != "calibration"]
+    assert len(rows) == 2 * len(opticam) == 2 * SHARDS * PER_SHARD
+    assert 1 <= len(sampled) <= 10 and started  # one image per class of the demo's 10
+    assert {r["prior_sha256"] for r in started} == {sha256}
+    assert {r["prior_role"] for r in started} <= {"prior", "fallback"}
+    assert {s["prior_sha256"] for s in store.read_statuses(run, options)} == {sha256}
 
 
 # --------------------------------------------------------------------------- logs, notify

@@ -429,6 +429,34 @@ def test_explain_shard_flow_processes_or_skips(
     assert store.list_done_rows(pipeline.run_url_of(config)) == [store.shard_name(shards[1])]
 
 
+@pytest.mark.e2e
+def test_a_prior_job_calibrates_first_then_explains_every_shard_from_the_prior(
+    flows: Any, shards: list[str], tmp_path: Path
+) -> None:
+    methods = [{"name": "opticam", "options": {"start": "prior", "iterations": 5, "lr": 0.5,
+                "prior_per_class": 1}}]  # fmt: skip
+    config = make_config(shards, str(tmp_path), methods=methods, metrics={"steps": 2})
+    events: list[tuple[str, dict[str, Any]]] = []
+    with flows.progress_listener(lambda e, d: events.append((e, d))):
+        result, _ = run_flow(flows, config)
+    assert result["shards_processed"] == 2 and result["images"] == 12
+    names = [e for e, _ in events]
+    # The walk (a calibration per shard it reached, then the prior) before any shard.
+    assert "calibration_done" in names and "prior" in names
+    assert max(i for i, n in enumerate(names) if n == "calibration_done") < names.index("prior")
+    assert names.index("prior") < names.index("shard_start")
+    (prior,) = [d for e, d in events if e == "prior"]
+    rows = store.read_rows(pipeline.run_url_of(config)).to_pylist()
+    sampled = [r for r in rows if r["prior_role"] == "calibration"]
+    assert len(sampled) == prior["images"] >= 1 and prior["classes"] == len(sampled)
+    assert {r["prior_sha256"] for r in rows if r["prior_role"] != "calibration"} == {
+        prior["sha256"]
+    }
+    # A rerun reads the same prior and computes nothing.
+    again, _ = run_flow(flows, config)
+    assert again["shards_skipped"] == 2
+
+
 @pytest.mark.parametrize(
     ("exc", "transient"),
     [

@@ -165,14 +165,18 @@ def test_bad_updates_are_refused_with_their_shapes() -> None:
 
 
 @pytest.mark.usefixtures("tiny_factory")
-def test_a_run_asking_for_the_prior_start_is_refused_before_any_compute(tmp_path) -> None:
+def test_a_run_with_the_prior_start_passes_the_checks_with_its_calibration_explainers(
+    tmp_path,
+) -> None:
     from opticam import pipeline
-    from opticam.errors import ConfigError
 
     config = make_config(
         str(tmp_path / "a.tar"),
         tmp_path / "runs",
-        methods=[{"name": "opticam", "options": {"start": "prior"}}],
+        methods=[{"name": "opticam", "options": {"preset": "prior", "prior_per_class": 3}}],
     )
-    with pytest.raises(ConfigError, match="'opticam run' does not build one yet"):
-        pipeline.check_methods(config, "cpu")
+    pipeline.check_methods(config, "cpu")  # the prior itself is built by the run
+    (spec,) = pipeline.prior.calibration_methods(config)
+    assert spec.options == {}  # the paper's setting
+    settings = pipeline.prior.prior_settings(config)
+    assert settings is not None and (settings.per_class, settings.fallback) == (3, "uniform")

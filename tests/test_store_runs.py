@@ -59,6 +59,6 @@ def test_a_version_1_run_folder_is_never_resumed(tmp_path: Path) -> None:
     run = tmp_path / "old-run"
     _write_version_1_run(run, [])
     config = RunConfig(data="x.tar", output=str(tmp_path))
-    with pytest.raises(store.RunCollisionError, match="schema version 1, this is version 3"):
+    with pytest.raises(store.RunCollisionError, match="schema version 1, this is version 4"):
         store.check_run_json(str(run), config)
     assert json.loads((run / "run.json").read_text())["schema_version"] == "1"  # untouched

@@ -46,6 +46,9 @@ DOCUMENTED_COLUMNS = [
     ("input_height", pa.int32(), False),
     ("input_width", pa.int32(), False),
     ("normalization", pa.string(), False),
+    ("prior_role", pa.string(), True),
+    ("prior_sha256", pa.string(), True),
+    ("channel_weights", pa.list_(pa.float32()), True),
 ]
 
 

@@ -115,7 +115,7 @@ def test_a_version_2_run_is_never_resumed_and_its_report_is_todays(tmp_path: Pat
 
     config = RunConfig.model_validate(run_json["config"])
     assert config.run_id == run_json["run_id"]  # the same job
-    with pytest.raises(store.RunCollisionError, match="schema version 2, this is version 3"):
+    with pytest.raises(store.RunCollisionError, match="schema version 2, this is version 4"):
         store.check_run_json(str(old), config)
     with pytest.raises(store.RunCollisionError, match="stay readable"):
         store.write_run_json(str(old), config, run_json["shards"])

@@ -139,6 +139,17 @@ class RunProgress:
         self._write(f"shard {d['shard']} failed: {d['message']}\n")
         self._refresh()
 
+    def _on_calibration_done(self, d: dict[str, Any]) -> None:
+        self._write(
+            f"calibration {d['name']}: {d['joined']} images joined the class prior's sample\n"
+        )
+
+    def _on_prior(self, d: dict[str, Any]) -> None:
+        self._write(
+            f"class prior {d['sha256'][:12]}: {d['images']} calibration images of "
+            f"{d['classes']} classes; the other images start from it\n"
+        )
+
     def _on_report(self, d: dict[str, Any]) -> None:
         self.close()
 

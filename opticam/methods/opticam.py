@@ -206,6 +206,8 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
     options: ClassVar[tuple[str, ...]] = tuple(
         name for name in OptiCAMOptions.model_fields if name != "relu_features"
     )
+    #: Keyword arguments that are objects rather than options (never in a job file).
+    objects: ClassVar[tuple[str, ...]] = ("prior",)
 
     def __init__(
         self,
@@ -255,8 +257,8 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
         self.start = start
         if (start == "prior") != (prior is not None):
             raise ValueError(
-                "start='prior' needs a class prior (prior=ClassPrior; 'opticam run' does not "
-                "build one yet)"
+                "start='prior' needs a class prior (prior=ClassPrior; 'opticam run' "
+                "calibrates one first)"
                 if prior is None
                 else f"a class prior was given but start is {start!r}, not 'prior'"
             )

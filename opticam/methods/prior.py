@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import numpy as np
@@ -68,6 +68,8 @@ class ClassPrior:
         sums: (num_classes, K) float64, the summed final weights of each class's images.
         counts: (num_classes,) int64, the number of images behind each class.
         fallback: the start of a class with no image: ``mean`` or ``uniform``.
+        sample: how many images of each calibration shard (by name) are behind the prior,
+            when a run built it (:mod:`opticam.pipeline.prior`); empty otherwise.
     """
 
     model: str
@@ -75,6 +77,7 @@ class ClassPrior:
     sums: np.ndarray
     counts: np.ndarray
     fallback: PriorFallback = "uniform"
+    sample: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check the shapes, values and fallback; store the arrays as float64 and int64."""
@@ -172,6 +175,10 @@ class ClassPrior:
             sums=self.sums + other.sums,
             counts=self.counts + other.counts,
             fallback=self.fallback,
+            sample={
+                name: self.sample.get(name, 0) + other.sample.get(name, 0)
+                for name in sorted({*self.sample, *other.sample})
+            },
         )
 
     def class_weights(self) -> np.ndarray:
@@ -246,6 +253,8 @@ class ClassPrior:
             "layer": self.layer,
             "channels": self.channels,
             "fallback": self.fallback,
+            # Only when set: priors built outside a run keep the bytes they had before.
+            **({"sample": dict(sorted(self.sample.items()))} if self.sample else {}),
         }
         table = pa.table(
             {
@@ -283,6 +292,7 @@ class ClassPrior:
                 sums=sums,
                 counts=counts,
                 fallback=meta["fallback"],
+                sample={str(k): int(v) for k, v in meta.get("sample", {}).items()},
             )
         except PriorError:
             raise

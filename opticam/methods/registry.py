@@ -66,7 +66,7 @@ def get_explainer(
     """
     cls = explainer_class(name)
     uses_layer = METHODS[name].uses_layer
-    accepted = cls.options + (_LAYER_OPTIONS if uses_layer else ())
+    accepted = cls.options + getattr(cls, "objects", ()) + (_LAYER_OPTIONS if uses_layer else ())
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(

@@ -11,7 +11,9 @@ test or another orchestrator.
 - :mod:`~opticam.pipeline.autobatch`: the batch size (``"auto"``: measured on a GPU) and
   the out-of-memory backoff (a batch that does not fit is split in halves).
 - :mod:`~opticam.pipeline.shard`: :func:`process_shard`, which runs the two steps above
-  over a shard and writes its files.
+  over a shard and writes its files, and :func:`calibrate_shard`.
+- :mod:`~opticam.pipeline.prior`: the class prior of a job (``start: prior``): the
+  calibration walk, the prior file, what each shard takes from them.
 """
 
 from opticam.pipeline.autobatch import (
@@ -36,6 +38,7 @@ from opticam.pipeline.shard import (
     READ_RETRY_DELAYS,
     ShardNotATarError,
     ShardUnavailableError,
+    calibrate_shard,
     done_status,
     process_shard,
     write_outputs,
@@ -52,6 +55,7 @@ __all__ = [
     "ShardNotATarError",
     "ShardStatus",
     "ShardUnavailableError",
+    "calibrate_shard",
     "check_methods",
     "choose_targets",
     "clear_batch_sizes",

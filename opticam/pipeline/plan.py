@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from opticam import store
-from opticam.config import RunConfig
+from opticam.config import MethodSpec, RunConfig
 from opticam.errors import ConfigError, UserError
 from opticam.pipeline.devices import resolve_device
 from opticam.redact import redact_url
@@ -62,11 +62,31 @@ def clear_model_cache() -> None:
         _MODELS.clear()
 
 
-def explainers(config: RunConfig, loaded: Any) -> dict[str, Any]:
-    """Method name -> explainer bound to ``loaded``, for every method of the config."""
+def explainers(
+    config: RunConfig,
+    loaded: Any,
+    *,
+    methods: Sequence[MethodSpec] | None = None,
+    prior: Any = None,
+) -> dict[str, Any]:
+    """Method name -> explainer bound to ``loaded``, for every method of the config.
+
+    Args:
+        config: the job.
+        loaded: the :class:`opticam.models.LoadedModel`.
+        methods: these methods instead of the config's (the calibration's, say).
+        prior: the :class:`~opticam.methods.prior.ClassPrior` of an Opti-CAM method that
+            starts from one (see :mod:`opticam.pipeline.prior`).
+    """
     from opticam.methods import get_explainer
 
-    return {m.name: get_explainer(m.name, loaded, **m.options) for m in config.methods}
+    chosen = config.methods if methods is None else methods
+    return {
+        m.name: get_explainer(
+            m.name, loaded, **m.options, **({"prior": prior} if m.name == "opticam" else {})
+        )
+        for m in chosen
+    }
 
 
 def check_methods(config: RunConfig, device: str | None = None) -> None:
@@ -78,9 +98,16 @@ def check_methods(config: RunConfig, device: str | None = None) -> None:
         ConfigError: unknown option or bad value, unknown target layer, bad model spec,
             a checkpoint that is missing or does not fit.
     """
+    from opticam.pipeline import prior
+
     try:
         device = device or resolve_device(config.device)[0]
-        explainers(config, get_loaded_model(config, device))
+        loaded = get_loaded_model(config, device)
+        if prior.prior_settings(config) is None:
+            explainers(config, loaded)
+        else:
+            # The prior is built by the run; its calibration runs the paper's setting.
+            explainers(config, loaded, methods=prior.calibration_methods(config))
     except UserError:
         raise
     except (ValueError, FileNotFoundError) as err:
@@ -198,8 +225,9 @@ def preflight(config: RunConfig) -> tuple[ShardPlan, list[str]]:
     Cheap checks first: expands the data spec (:func:`plan_shards`), resolves the devices,
     proves the output can be written (:func:`opticam.store.check_output`: one probe object
     written and deleted, the output folder created if missing), then loads the model and
-    builds the explainers (:func:`check_methods`), and checks that the run folder holds
-    no other job. Cheap to repeat: the model stays cached.
+    builds the explainers (:func:`check_methods`), checks that the run folder holds
+    no other job, and that its class prior file, if the job has one already, can be read
+    and fits the model. Cheap to repeat: the model stays cached.
 
     Returns:
         ``(plan, devices)``.
@@ -214,4 +242,23 @@ def preflight(config: RunConfig) -> tuple[ShardPlan, list[str]]:
     store.check_output(config.output, config.output_options())
     check_methods(config, devices[0])
     store.check_run_json(run_url_of(config), config, config.output_options())
+    _check_prior_file(config, devices[0])
     return plan, devices
+
+
+def _check_prior_file(config: RunConfig, device: str) -> None:
+    """Refuse a run whose class prior file exists but cannot be read or does not fit.
+
+    Raises:
+        opticam.methods.prior.PriorError: one line naming the file and what is wrong.
+    """
+    from opticam.pipeline import prior
+
+    if prior.prior_settings(config) is None:
+        return
+    loaded = get_loaded_model(config, device)
+    run = run_url_of(config)
+    found = prior.read_prior(run, loaded.target_layer_name, config.output_options())
+    if found is not None:
+        url = store.prior_url(run, loaded.target_layer_name)
+        prior.check_prior(found[0], loaded, prior.layer_channels(loaded), url)

@@ -58,6 +58,7 @@ def method_rows(  # size: the row loop reads a dozen per-image arrays made just 
     batch: BatchTargets,
     shard_url: str,
     errors: list[ErrorRecord],
+    weights: bool = False,
 ) -> list[dict[str, Any]]:
     """Explain and score a batch with one method: a :data:`opticam.store.SCHEMA` row per image.
 
@@ -73,6 +74,8 @@ def method_rows(  # size: the row loop reads a dozen per-image arrays made just 
         batch: the batch's images and targets (:func:`~opticam.pipeline.choose_targets`).
         shard_url: the input shard's URL (the rows' ``shard`` column).
         errors: error records of images without a row are appended here.
+        weights: keep the explanation's final channel weights (Opti-CAM's ``softmax(u*)``)
+            in the ``channel_weights`` column (the class prior's calibration rows).
     """
     from opticam.metrics import faithfulness_terms, localization
 
@@ -96,6 +99,8 @@ def method_rows(  # size: the row loop reads a dozen per-image arrays made just 
     iterations = diag["iterations"].cpu().numpy() if "iterations" in diag else None
     constant = diag["constant_map"].cpu().numpy() if "constant_map" in diag else None
     normalization = getattr(explainer, "normalization", None)
+    channel = explanation.channel_weights if weights else None
+    channel_np = None if channel is None else channel.detach().float().cpu().numpy()
     predicted = batch.predicted.cpu().numpy()
     targets = batch.targets.cpu().numpy()
     seconds = float(explanation.seconds) / max(len(batch.keys), 1)
@@ -151,6 +156,8 @@ def method_rows(  # size: the row loop reads a dozen per-image arrays made just 
             row[column] = float(values[i])
         for column, values in localized.items():
             row[column] = _optional(float(values[i]))
+        if channel_np is not None:
+            row["channel_weights"] = channel_np[i].tolist()
         if keep_curves:
             row["insertion_curve"] = curves["insertion_curve"][i].tolist()
             row["deletion_curve"] = curves["deletion_curve"][i].tolist()

@@ -33,16 +33,23 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from opticam import store
 from opticam.config import RunConfig
 from opticam.data import Batch, ErrorRecord, ShardStreamError
 from opticam.errors import short_repr
-from opticam.names import STAGE_EXPLAIN, STAGE_INCOMPLETE, STAGE_NOT_TAR, STAGE_OPEN
-from opticam.pipeline import autobatch
+from opticam.names import (
+    STAGE_EXPLAIN,
+    STAGE_INCOMPLETE,
+    STAGE_NOT_TAR,
+    STAGE_OPEN,
+)
+from opticam.pipeline import autobatch, prior
 from opticam.pipeline.devices import resolve_device
 from opticam.pipeline.plan import explainers, get_loaded_model, run_url_of
 from opticam.pipeline.scoring import method_rows
@@ -58,6 +65,8 @@ __all__ = [
     "READ_RETRY_DELAYS",
     "ShardNotATarError",
     "ShardUnavailableError",
+    "Stage",
+    "calibrate_shard",
     "done_status",
     "process_shard",
     "write_outputs",
@@ -97,19 +106,44 @@ def _limited(reader: Any, limit: int | None, state: dict[str, bool]) -> Iterator
             close()
 
 
+@dataclass
+class Stage:
+    """How a shard's batches are explained: by which explainers, which images, what rows say.
+
+    The plain stage explains every image with the job's explainers. A job with a class
+    prior (:mod:`opticam.pipeline.prior`) has two more: the calibration, which explains
+    only the images that join the sample, and the rest, which leaves those out.
+
+    Attributes:
+        bound: method name -> explainer.
+        pick: the images of a batch to explain (None: none of them).
+        finish: sets the prior's columns of a batch's rows, given the batch explained.
+        weights: keep the final channel weights of Opti-CAM rows (``channel_weights``).
+    """
+
+    bound: dict[str, Any]
+    pick: Callable[[BatchTargets], BatchTargets | None] = lambda batch: batch
+    finish: Callable[[list[dict[str, Any]], BatchTargets], None] = lambda rows, batch: None
+    weights: bool = False
+
+
 def _explain_batch(
     config: RunConfig,
     loaded: Any,
-    bound: dict[str, Any],
+    stage: Stage,
     batch: BatchTargets,
     shard_url: str,
     errors: list[Any],
 ) -> list[dict[str, Any]]:
     """Rows of every method for one batch; a method that raises costs error rows only."""
     rows: list[dict[str, Any]] = []
-    for method, explainer in bound.items():
+    for method, explainer in stage.bound.items():
         try:
-            rows.extend(method_rows(config, loaded, method, explainer, batch, shard_url, errors))
+            rows.extend(
+                method_rows(
+                    config, loaded, method, explainer, batch, shard_url, errors, stage.weights
+                )
+            )
         except torch.OutOfMemoryError:
             raise  # the batch is too large, not the method broken: the caller splits it
         except Exception as exc:  # one method's failure must not stop the others
@@ -135,7 +169,7 @@ def _batch_part(batch: Batch, start: int, stop: int) -> Batch:
 def _batch_outputs(
     config: RunConfig,
     loaded: Any,
-    bound: dict[str, Any],
+    stage: Stage,
     batch: Batch,
     shard_url: str,
     device: str,
@@ -149,9 +183,12 @@ def _batch_outputs(
     chosen = choose_targets(
         batch, shard_url, loaded.model, loaded.num_classes, config.target, device, errors
     )
-    rows = (
-        [] if chosen is None else _explain_batch(config, loaded, bound, chosen, shard_url, errors)
-    )
+    if chosen is not None:
+        chosen = stage.pick(chosen)
+    if chosen is None:
+        return [], errors
+    rows = _explain_batch(config, loaded, stage, chosen, shard_url, errors)
+    stage.finish(rows, chosen)
     return rows, errors
 
 
@@ -243,7 +280,7 @@ def _batch_sizer(
         _batch_outputs(
             config,
             loaded,
-            bound,
+            Stage(bound),
             _synthetic_batch(loaded, n),
             "probe",
             device,
@@ -252,6 +289,71 @@ def _batch_sizer(
     return autobatch.BatchSizer(
         autobatch.initial_batch_size(config, key, device, probe), key, device, public_url
     )
+
+
+@dataclass
+class _Streamed:
+    """What one read of a shard gave: rows, error records, and how the read went."""
+
+    rows: list[dict[str, Any]]
+    errors: list[Any]
+    reader: Any
+    limit_reached: bool
+    images: set[str]
+
+
+def _stream_shard(
+    config: RunConfig,
+    shard_url: str,
+    device: str,
+    loaded: Any,
+    stage: Stage,
+    *,
+    max_images: int | None,
+    on_progress: ProgressFn | None,
+) -> _Streamed:
+    """Read the shard once and explain its batches as ``stage`` says."""
+    from opticam.data import ShardReader, iter_batches
+
+    # The real URL is only for reading; rows, errors, names and logs get the public one.
+    public_url = redact_url(shard_url)
+    reader = ShardReader(
+        shard_url,
+        storage_options=config.data_options(),
+        require_label=config.target == "label",
+        max_pixels=config.max_pixels,
+    )
+    state = {"limit_reached": False}
+    streamed = _Streamed([], [], reader, False, set())
+    sizer = _batch_sizer(config, loaded, stage.bound, device, public_url)
+    batches = iter_batches(
+        _limited(reader, max_images, state),
+        loaded.preprocess(),
+        sizer.size,
+        errors=streamed.errors,
+        pin_memory=device.startswith("cuda"),
+    )
+    try:
+        for batch in batches:
+
+            def work(start: int, stop: int, batch: Batch = batch) -> tuple[list[Any], list[Any]]:
+                part = _batch_part(batch, start, stop)
+                return _batch_outputs(config, loaded, stage, part, public_url, device)
+
+            # Chunks of at most sizer.size images, in order; halved on out-of-memory.
+            for new_rows, new_errors in sizer.run(len(batch.keys), work):
+                streamed.rows.extend(new_rows)
+                streamed.errors.extend(new_errors)
+                streamed.images.update(r["key"] for r in new_rows)
+            if on_progress is not None:
+                on_progress(len(batch.keys))
+    finally:
+        # Stops the loading thread also when a batch raised.
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    streamed.limit_reached = state["limit_reached"]
+    return streamed
 
 
 def _compute_shard(
@@ -268,67 +370,155 @@ def _compute_shard(
     The arguments, return value and exceptions are :func:`process_shard`'s, less the
     lease and the retries.
     """
-    from opticam.data import ShardReader, iter_batches
-
     start = time.perf_counter()
-    # The real URL is only for reading; rows, errors, names and logs get the public one.
     public_url = redact_url(shard_url)
     device = device or resolve_device(config.device)[0]
     loaded = get_loaded_model(config, device)
-    bound = explainers(config, loaded)
-    reader = ShardReader(
-        shard_url,
-        storage_options=config.data_options(),
-        require_label=config.target == "label",
-        max_pixels=config.max_pixels,
+    shard_prior = prior.shard_prior(config, loaded, shard_url)
+    stage = (
+        Stage(explainers(config, loaded))
+        if shard_prior is None
+        else _rest(config, loaded, shard_prior)
     )
-    state = {"limit_reached": False}
-    errors: list[Any] = []
-    rows: list[dict[str, Any]] = []
-    images_with_rows: set[str] = set()
-    bound_device = device  # for the closure below (mypy: a str, never None)
-    sizer = _batch_sizer(config, loaded, bound, device, public_url)
-    batches = iter_batches(
-        _limited(reader, max_images, state),
-        loaded.preprocess(),
-        sizer.size,
-        errors=errors,
-        pin_memory=device.startswith("cuda"),
+    streamed = _stream_shard(
+        config, shard_url, device, loaded, stage, max_images=max_images, on_progress=on_progress
     )
-    try:
-        for batch in batches:
-
-            def work(start: int, stop: int, batch: Batch = batch) -> tuple[list[Any], list[Any]]:
-                part = _batch_part(batch, start, stop)
-                return _batch_outputs(config, loaded, bound, part, public_url, bound_device)
-
-            # Chunks of at most sizer.size images, in order; halved on out-of-memory.
-            for new_rows, new_errors in sizer.run(len(batch.keys), work):
-                rows.extend(new_rows)
-                errors.extend(new_errors)
-                images_with_rows.update(r["key"] for r in new_rows)
-            if on_progress is not None:
-                on_progress(len(batch.keys))
-    finally:
-        # Stops the loading thread also when a batch raised.
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-
+    rows = streamed.rows
+    if shard_prior is not None:
+        # The calibration images' rows, as the walk wrote them, before the others.
+        calibration = shard_prior.calibration_rows()
+        rows = calibration + rows
+        streamed.images.update(r["key"] for r in calibration)
+    reader = streamed.reader
     status = store.ShardStatus(
         shard=public_url,
         name=store.shard_name(shard_url),
-        complete=reader.complete or state["limit_reached"],
+        complete=reader.complete or streamed.limit_reached,
         n_samples=reader.n_samples,
-        n_images=len(images_with_rows),
+        n_images=len(streamed.images),
         max_images=max_images,
-        limit_reached=state["limit_reached"],
+        limit_reached=streamed.limit_reached,
         device=device,
         **loaded.preprocess_settings(),
         worker=worker,
+        prior_sha256="" if shard_prior is None else shard_prior.sha256,
+        n_calibration=0 if shard_prior is None else len(shard_prior.calibration_keys),
     )
     status.seconds = time.perf_counter() - start
-    return write_outputs(config, status, rows, list(reader.errors) + errors, reader.readable)
+    errors = list(reader.errors) + streamed.errors
+    if shard_prior is not None and shard_prior.calibration is not None:
+        errors += shard_prior.calibration.errors
+    return write_outputs(config, status, rows, errors, reader.readable)
+
+
+def _rest(config: RunConfig, loaded: Any, shard_prior: prior.ShardPrior) -> Stage:
+    """The stage of a prior job's shards after the calibration: from the prior, sample left out."""
+    skip = shard_prior.calibration_keys
+    counts = shard_prior.prior.counts
+
+    def pick(batch: BatchTargets) -> BatchTargets | None:
+        return _subset(batch, [i for i, key in enumerate(batch.keys) if key not in skip])
+
+    def finish(rows: list[dict[str, Any]], batch: BatchTargets) -> None:
+        for row in rows:
+            if row["method"] == prior.PRIOR_METHOD:
+                row["prior_role"] = "prior" if counts[row["target"]] > 0 else "fallback"
+                row["prior_sha256"] = shard_prior.sha256
+
+    return Stage(explainers(config, loaded, prior=shard_prior.prior), pick, finish)
+
+
+def _subset(batch: BatchTargets, keep: list[int]) -> BatchTargets | None:
+    """The images ``keep`` of ``batch`` (None when it is empty; the batch itself when all)."""
+    if not keep:
+        return None
+    if len(keep) == len(batch.keys):
+        return batch
+    index = torch.tensor(keep, dtype=torch.long, device=batch.images.device)
+    return BatchTargets(
+        keys=[batch.keys[i] for i in keep],
+        images=batch.images.index_select(0, index),
+        labels=[batch.labels[i] for i in keep],
+        predicted=batch.predicted.index_select(0, index),
+        targets=batch.targets.index_select(0, index),
+        p_clean=batch.p_clean.index_select(0, index),
+        boxes=[batch.boxes[i] for i in keep],
+    )
+
+
+def calibrate_shard(
+    config: RunConfig,
+    shard_url: str,
+    counts: Sequence[int],
+    device: str | None = None,
+    *,
+    max_images: int | None = None,
+    on_progress: ProgressFn | None = None,
+) -> int:
+    """Calibrate one shard of a prior job: explain the images that join the sample.
+
+    In shard order, an image whose class has fewer than ``prior_per_class`` images in
+    the sample (``counts`` before this shard, then this shard's own) joins it. Writes
+    ``calibration/<name>.parquet`` (:mod:`opticam.pipeline.prior`) atomically.
+
+    Returns:
+        The number of images that joined the sample.
+
+    Raises:
+        ShardUnavailableError, ShardNotATarError: as :func:`process_shard` (nothing written).
+        opticam.data.ShardStreamError: the storage failed while the shard streamed.
+    """
+    settings = prior.prior_settings(config)
+    assert settings is not None, "calibrate_shard needs a job with a class prior"
+    device = device or resolve_device(config.device)[0]
+    loaded = get_loaded_model(config, device)
+    sample = np.asarray(list(counts), dtype=np.int64).copy()
+    if sample.shape != (loaded.num_classes,):
+        raise ValueError(
+            f"counts must hold one value per class ({loaded.num_classes}), got {sample.shape}"
+        )
+    joined: dict[str, bool] = {}  # decided once per key: a batch split on OOM asks again
+
+    def pick(batch: BatchTargets) -> BatchTargets | None:
+        keep = []
+        for i, (key, cls) in enumerate(zip(batch.keys, batch.targets.tolist(), strict=True)):
+            if key not in joined:
+                joined[key] = bool(sample[cls] < settings.per_class)
+                sample[cls] += joined[key]
+            if joined[key]:
+                keep.append(i)
+        return _subset(batch, keep)
+
+    def finish(rows: list[dict[str, Any]], batch: BatchTargets) -> None:
+        for row in rows:
+            row["prior_role"] = "calibration"
+
+    bound = explainers(config, loaded, methods=prior.calibration_methods(config))
+    stage = Stage(bound, pick, finish, weights=True)
+    streamed = _stream_shard(
+        config, shard_url, device, loaded, stage, max_images=max_images, on_progress=on_progress
+    )
+    url = store.calibration_url(run_url_of(config), shard_url)
+    if not streamed.reader.readable:
+        if any(e.stage == STAGE_OPEN for e in streamed.reader.errors):
+            # Maybe a passing failure: the walk stops here, and a rerun reads it again.
+            raise ShardUnavailableError(
+                f"shard {short_repr(redact_url(shard_url))} could not be opened for the "
+                "class prior's calibration"
+            )
+        # Not a tar: the same bytes every time. The walk goes on past it (its own run
+        # fails it later, with its errors file).
+        data = prior.calibration_bytes([], np.asarray(counts), shard_url, [], read=False)
+        store.atomic_write_bytes(url, data, config.output_options())
+        return 0
+    sampled = {k for k, joined_it in joined.items() if joined_it}
+    # Only the errors of the sample's own images: the rest of the shard reads them again.
+    # Only the errors of the sample's own images (a method that failed on them): the rest
+    # of the shard is read again after the calibration, and finds its errors then.
+    errors = [e for e in streamed.errors if e.key in sampled]
+    data = prior.calibration_bytes(streamed.rows, sample, shard_url, errors)
+    store.atomic_write_bytes(url, data, config.output_options())
+    return len(sampled)
 
 
 def process_shard(

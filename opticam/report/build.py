@@ -13,6 +13,7 @@ write the report still raises.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from opticam import store
 from opticam.errors import short_repr
-from opticam.names import METRICS_BY_COLUMN
+from opticam.names import METRICS_BY_COLUMN, PRIOR_ROLES
 from opticam.report.figures import (
     bar_chart,
     curves_chart,
@@ -56,7 +57,17 @@ __all__ = ["ReportResult", "build_report"]
 
 #: Row columns read for the summary, figures and gallery (never the maps or curves: those
 #: are read per group or per image, so memory stays bounded by one method's curves).
-_ROW_COLUMNS = sorted({"run_id", *SOURCE_COLUMNS, *GALLERY_COLUMNS, "input_height", "input_width"})
+_ROW_COLUMNS = sorted(
+    {
+        "run_id",
+        *SOURCE_COLUMNS,
+        *GALLERY_COLUMNS,
+        "input_height",
+        "input_width",
+        "prior_role",
+        "prior_sha256",
+    }
+)
 _MAX_ERROR_ROWS = 20
 
 #: The bar charts: metric group (:attr:`opticam.names.Metric.group`, also the file name),
@@ -285,6 +296,7 @@ def _counts(
     if truncated:
         counts.append(("shards read only in part (truncated)", str(len(truncated))))
     counts.append(("error rows", str(errors.num_rows)))
+    counts += _prior_counts(rows)
     for name in ("created", "updated"):
         if run_json and run_json.get(name):
             counts.append((f"run {name}", str(run_json[name])))
@@ -300,6 +312,43 @@ def _counts(
             "here covers the finished shards only."
         )
     return counts, notes
+
+
+# The class prior's rows of the counts table, by prior_role (names.PRIOR_ROLES).
+_PRIOR_LABELS = {
+    "calibration": "class prior: calibration images (the paper's setting)",
+    "prior": "class prior: images started from their class's prior",
+    "fallback": "class prior: images started from the fallback",
+}
+_PRIOR_FILE_LABEL = "class prior file (SHA-256)"
+
+
+def _prior_counts(rows: pa.Table) -> list[tuple[str, str]]:
+    """The class prior's rows of the counts table: how each Opti-CAM image started.
+
+    Empty for a run without a prior (every ``prior_role`` null).
+    """
+    opticam = rows.filter(pc.equal(rows.column("method"), "opticam"))
+    roles = collections.Counter(opticam.column("prior_role").to_pylist())
+    if not any(roles[role] for role in PRIOR_ROLES):
+        return []
+    hashes = sorted({h for h in opticam.column("prior_sha256").to_pylist() if h})
+    return [(_PRIOR_LABELS[role], str(roles[role])) for role in PRIOR_ROLES] + [
+        (_PRIOR_FILE_LABEL, ", ".join(h[:16] for h in hashes) or "none")
+    ]
+
+
+def _prior_note(counts: Sequence[tuple[str, str]]) -> list[str]:
+    """The class prior's counts as one line of ``summary.md`` (none without a prior)."""
+    values = dict(counts)
+    if _PRIOR_FILE_LABEL not in values:
+        return []
+    calibration, prior, fallback = (values[_PRIOR_LABELS[role]] for role in PRIOR_ROLES)
+    return [
+        f"Class prior: {calibration} calibration images (explained at the paper's setting), "
+        f"{prior} started from their class's prior, {fallback} from the fallback (prior "
+        f"file {values[_PRIOR_FILE_LABEL]})."
+    ]
 
 
 def _markdown(
@@ -538,7 +587,7 @@ def build_report(  # size: the report's steps in order, each a call, sharing a d
     failures = [f.failure for f in figures if f.failure is not None]
     if gallery.failure is not None:
         failures.append(gallery.failure)
-    markdown = _markdown(summary, [*notes, *failures], n_boot, seed)
+    markdown = _markdown(summary, [*_prior_note(counts), *notes, *failures], n_boot, seed)
     markdown_file = f"# Opti-CAM summary — {markdown_text(run_id or 'run')}\n\n{markdown}"
 
     folder = store.report_url(run_url)

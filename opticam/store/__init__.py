@@ -18,7 +18,9 @@ from opticam.names import MAP_FORMATS
 from opticam.store.checks import DoneCheck, check_done_rows, readable_files, set_aside
 from opticam.store.layout import (
     atomic_write_bytes,
+    calibration_url,
     errors_url,
+    prior_url,
     report_url,
     rows_url,
     run_url,
@@ -76,6 +78,8 @@ __all__ = [
     "RunCollisionError",
     "ShardStatus",
     "atomic_write_bytes",
+    "calibration_url",
+    "prior_url",
     "check_output",
     "check_run_json",
     "decode_map",

@@ -5,6 +5,8 @@ One run lives in one folder (a local path, ``s3://``, ...)::
     <output>/<run_id>/run.json                 job, config without secrets, versions, shards
     <output>/<run_id>/rows/<name>.parquet      rows: one per (image, method)
     <output>/<run_id>/errors/<name>.parquet    one row per bad sample / failed step
+    <output>/<run_id>/calibration/<name>.parquet   the class prior's calibration rows
+    <output>/<run_id>/prior/<layer>.parquet    the class prior (jobs with start prior)
     <output>/<run_id>/report/                  written by opticam.report
 
 ``<name>`` is :func:`shard_name` of the input shard's URL: its basename without the
@@ -41,6 +43,10 @@ from opticam.errors import StorageFailedError
 from opticam.redact import redact_text, redact_url
 
 __all__ = [
+    "CALIBRATION_FOLDER",
+    "PRIOR_FOLDER",
+    "calibration_url",
+    "prior_url",
     "LEGACY_ROWS_FOLDERS",
     "ROWS_FOLDER",
     "atomic_write_bytes",
@@ -70,6 +76,10 @@ ROWS_FOLDER = "rows"
 #: up to schema version 2. The one list of them; every reader goes through
 #: :func:`rows_folders`.
 LEGACY_ROWS_FOLDERS = ("shards",)
+#: Folder of the calibration rows of a job with a class prior, one file per walked shard.
+CALIBRATION_FOLDER = "calibration"
+#: Folder of the class prior files of a job (one per target layer).
+PRIOR_FOLDER = "prior"
 
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _TAR_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
@@ -133,6 +143,17 @@ def rows_folders(run: str) -> list[str]:
 def errors_url(run: str, shard_url: str) -> str:
     """URL of the errors file of input shard ``shard_url`` in run folder ``run``."""
     return join(run, "errors", f"{shard_name(shard_url)}.parquet")
+
+
+def calibration_url(run: str, shard_url: str) -> str:
+    """URL of the calibration rows of input shard ``shard_url`` (jobs with a class prior)."""
+    return join(run, CALIBRATION_FOLDER, f"{shard_name(shard_url)}.parquet")
+
+
+def prior_url(run: str, layer: str) -> str:
+    """URL of the class prior of target layer ``layer`` in run folder ``run``."""
+    stem = _NAME_UNSAFE.sub("_", layer).strip("._-")[:80] or "layer"
+    return join(run, PRIOR_FOLDER, f"{stem}.parquet")
 
 
 def report_url(run: str) -> str:

@@ -16,8 +16,9 @@ readers see it too.
 Schema versions: version 2 renamed the map format column ``saliency_kind`` to
 ``map_format`` (the config field and CLI flag have the same name); version 3 moved the
 rows files from ``shards/`` to ``rows/`` and renamed the map columns ``saliency`` and
-``saliency_shape`` to ``map_bytes`` and ``map_shape`` (:data:`RENAMED_COLUMNS`).
-:func:`read_rows` reads runs of every version and always returns the current schema.
+``saliency_shape`` to ``map_bytes`` and ``map_shape`` (:data:`RENAMED_COLUMNS`); version
+4 added the class prior's columns (``prior_role``, ``prior_sha256``, ``channel_weights``),
+which read as null in older runs. :func:`read_rows` reads runs of every version and always returns the current schema.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ __all__ = [
 logger = logging.getLogger("opticam.store")
 
 #: Version of the layout and of :data:`SCHEMA`; stored in run.json and file metadata.
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 #: Key of the shard status JSON in the Parquet key-value metadata.
 STATUS_KEY = "opticam.shard_status"
 
@@ -112,6 +113,10 @@ SCHEMA = pa.schema(
         pa.field("input_height", pa.int32(), nullable=False),
         pa.field("input_width", pa.int32(), nullable=False),
         pa.field("normalization", pa.string(), nullable=False),  # "range" | "max" | ...
+        # The class prior (schema 4); null in jobs without one. names.PRIOR_ROLES.
+        pa.field("prior_role", pa.string()),
+        pa.field("prior_sha256", pa.string()),  # the prior a "prior"/"fallback" row used
+        pa.field("channel_weights", pa.list_(pa.float32())),  # softmax(u*), calibration rows
     ],
     metadata={"opticam.schema_version": SCHEMA_VERSION},
 )
@@ -197,6 +202,10 @@ class ShardStatus:
         rows_bytes: size of the rows file as written; recorded in the errors file's
             status (a file cannot hold its own size), None before it was recorded.
         rows_sha256: SHA-256 (hex) of the rows file as written; like ``rows_bytes``.
+        prior_sha256: SHA-256 (hex) of the class prior file the shard's Opti-CAM rows
+            started from (``<run>/prior/<layer>.parquet``); empty in a job without one.
+        n_calibration: images of the shard in the prior's calibration sample (explained
+            at the paper's setting before the rest of the job).
         schema_version: :data:`SCHEMA_VERSION` of the files.
     """
 
@@ -223,6 +232,8 @@ class ShardStatus:
     worker: str = ""
     rows_bytes: int | None = None
     rows_sha256: str = ""
+    prior_sha256: str = ""
+    n_calibration: int = 0
     schema_version: str = field(default=SCHEMA_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
