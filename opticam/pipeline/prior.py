@@ -213,15 +213,21 @@ def calibration_bytes(
     return sink.getvalue()
 
 
+def _read_bytes(url: str, storage_options: Mapping[str, Any] | None) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return bytes(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
 def read_calibration(
     run: str, shard_url: str, storage_options: Mapping[str, Any] | None = None
 ) -> Calibration | None:
     """The shard's calibration file, or None when there is none or it cannot be read."""
-    url = store.calibration_url(run, shard_url)
-    fs, path = filesystem(url, storage_options)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
+    data = _read_bytes(store.calibration_url(run, shard_url), storage_options)
+    if data is None:
         return None
     try:
         table = pq.read_table(io.BytesIO(data))
@@ -247,10 +253,8 @@ def read_prior(
         PriorError: the file exists but is not a readable prior.
     """
     url = store.prior_url(run, layer)
-    fs, path = filesystem(url, storage_options)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
+    data = _read_bytes(url, storage_options)
+    if data is None:
         return None
     prior = ClassPrior.from_parquet_bytes(data, source=f"the class prior {redact_url(url)}")
     return prior, hashlib.sha256(data).hexdigest()
