@@ -11,7 +11,9 @@ names to the new ones before comparing:
 
 - the rows files' folder, ``shards/`` before schema version 3, ``rows/`` since;
 - the map columns ``saliency`` -> ``map_bytes`` and ``saliency_shape`` -> ``map_shape``
-  (schema version 3), ``saliency_kind`` -> ``map_format`` (version 2).
+  (schema version 3), ``saliency_kind`` -> ``map_format`` (version 2);
+- the class prior's columns and status fields (version 4), which an older file lacks:
+  equal when the newer file's are null or at their defaults (no prior in the job).
 
 What is left out, because it measures time or when things happened: the rows' ``seconds``
 column, the statuses' ``seconds``, ``finished``, ``rows_bytes`` and ``rows_sha256`` (the
@@ -40,6 +42,10 @@ RENAMED_COLUMNS = {
     "saliency_shape": "map_shape",  # schema version 3
     "saliency_kind": "map_format",  # schema version 2
 }
+# Columns and status fields added on purpose: absent from an older file, they compare
+# equal to a newer file's all-null column or the field's default.
+ADDED_COLUMNS = {"prior_role", "prior_sha256", "channel_weights"}  # schema version 4
+ADDED_STATUS = {"prior_sha256": "", "n_calibration": 0}  # schema version 4
 ROW_TIMINGS = {"seconds"}
 STATUS_TIMINGS = {"seconds", "finished", "rows_bytes", "rows_sha256"}
 STATUS_PATHS = {"rows_url", "errors_url"}
@@ -102,6 +108,9 @@ def compare_tables(before: Path, after: Path, kind: str, leave_out: set[str]) ->
     print(f"{kind}: {len(old)} file(s) before, {len(new)} after")
     for name in sorted(old.keys() & new.keys()):
         a, b = (renamed(pq.read_table(p)) for p in (old[name], new[name]))
+        for column in ADDED_COLUMNS & (set(b.column_names) - set(a.column_names)):
+            if b.column(column).null_count == b.num_rows:
+                b = b.drop_columns([column])
         if sorted(a.column_names) != sorted(b.column_names):
             problems.append(f"{kind}/{name}: columns {a.column_names} != {b.column_names}")
             continue
@@ -127,6 +136,9 @@ def stored_status(path: Path) -> dict[str, Any]:
 def comparable_status(status: dict[str, Any], run: Path) -> dict[str, Any]:
     """A status without its timings, with its run-folder URLs made relative."""
     out = {k: v for k, v in status.items() if k not in STATUS_TIMINGS | {"schema_version"}}
+    for key, default in ADDED_STATUS.items():
+        if status and out.get(key, default) == default:
+            out.pop(key, None)
     for key in STATUS_PATHS & out.keys():
         out[key] = relative(str(out[key]), run)
     return out

@@ -80,3 +80,28 @@ def test_the_older_layout_and_column_names_compare_equal(compare, runs) -> None:
     if folder != legacy:
         shutil.rmtree(folder)
     assert compare.main([str(before), str(after)]) == 0
+
+
+def test_a_run_from_before_the_prior_columns_compares_equal_unless_they_hold_values(
+    compare, runs, capsys
+) -> None:
+    import json
+
+    before, after = runs
+    # As schema version 3 wrote them: no prior columns, no prior fields in the status.
+    for path in compare.parquet_files(before, "rows").values():
+        file = pq.ParquetFile(path)
+        meta = dict(file.schema_arrow.metadata)
+        status = json.loads(meta[b"opticam.shard_status"])
+        for key in ("prior_sha256", "n_calibration"):
+            del status[key]
+        meta[b"opticam.shard_status"] = json.dumps(status).encode()
+        table = file.read().drop_columns(["prior_role", "prior_sha256", "channel_weights"])
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    assert compare.main([str(before), str(after)]) == 0
+    capsys.readouterr()
+    path = _rewrite_rows(
+        after, compare, "prior_role", lambda c: pc.if_else(pc.is_null(c), "prior", c)
+    )
+    assert compare.main([str(before), str(after)]) == 1
+    assert f"rows/{path.name}: columns" in capsys.readouterr().out
