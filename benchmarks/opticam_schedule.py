@@ -467,7 +467,8 @@ def main() -> None:
     p_clean = probs.gather(1, labels.view(-1, 1)).squeeze(1)
     accuracy = float((probs.argmax(1) == labels).double().mean()) * 100
 
-    fast = {"channels_last": True} if args.channels_last else {}
+    # Eager throughout (compile=auto could switch mid-run): the seconds compare schedules.
+    fast = {"compile": False, **({"channels_last": True} if args.channels_last else {})}
     results: list[Result] = []
     runs = [(PAPER, {}, CUTS), *((n, o, ()) for n, o in _schedules(args.grid))]
     for name, options, cuts in runs:
