@@ -361,8 +361,8 @@ class OptiCAMOptions(_LayerOptions):
     )
     compile: bool | Literal["auto"] = Field(
         default="auto",
-        description="torch.compile the model's forward in the iterations: auto (once an "
-        "explainer, i.e. a shard, has run 12 batches of 32 images at 101 passes: the "
+        description="torch.compile the model's forward in the iterations: auto (once a "
+        "shard has run as many passes as 8 batches of 32 images at 101 passes, the "
         "break-even of the demo classifier on a 2-core CPU), true (from the first batch) "
         "or false; one batch shape per shard (a shorter batch is padded), eager with a "
         "warning when it cannot compile; same maps up to rounding",

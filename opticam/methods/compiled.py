@@ -29,14 +29,17 @@ __all__ = ["COMPILE_AFTER_PASSES", "PAD_FROM", "CompileMode", "CompiledForward"]
 
 CompileMode = bool | Literal["auto"]
 
-#: ``compile="auto"`` compiles once an explainer has spent this many image passes:
-#: the break-even measured on the demo classifier on the 2-core CPU (cold compile cache),
-#: 12 batches of 32 images at the paper's 101 passes (``benchmarks/opticam_compile.py``).
-COMPILE_AFTER_PASSES = 12 * 32 * 101
+#: ``compile="auto"`` compiles once an explainer has spent this many image passes: 8
+#: batches of 32 images at the paper's 101 passes, the break-even measured on the demo
+#: classifier on a 2-core CPU with a cold inductor cache (compile cost C = 45-62 s against
+#: a saving e - c = 5.8-8.5 s per batch: 7.3 and 7.8 batches; 13.5 in a noisier run).
+#: With a warm cache (C = 3-4 s) compiling pays within the first batch: ``compile=true``.
+#: ``benchmarks/opticam_compile.py`` measures it.
+COMPILE_AFTER_PASSES = 8 * 32 * 101
 #: A batch shorter than the compiled one is padded to it when it holds at least this
-#: fraction of it, and runs eagerly otherwise: the compiled pass of the whole batch costs
-#: about this fraction of an eager pass (demo classifier, 2-core CPU).
-PAD_FROM = 0.7
+#: fraction of it, and runs eagerly otherwise: a compiled pass of the whole batch costs
+#: 0.53-0.66 of an eager one on the same CPU (demo classifier, 1 and 2 threads).
+PAD_FROM = 0.6
 #: Devices ``compile="auto"`` compiles on (torch.compile's support elsewhere is partial).
 AUTO_DEVICES = ("cpu", "cuda")
 
