@@ -683,6 +683,22 @@ def test_compile_pads_a_short_batch_and_keeps_its_outputs_out(
     assert torch.equal(pair.maps, expected.maps)
 
 
+def test_compile_keeps_one_shape_while_images_stop_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeCompile()
+    monkeypatch.setattr(torch, "compile", fake)
+    model = TinyNet(1)
+    x, targets = _images(1), torch.tensor([0, 1, 2, 3])
+    # The stop rule ends the images at 11, 12, 17 and 20 steps: 3, 2, then 1 active.
+    options = {"iterations": 20, "tolerance": 1e-3}
+    compiled = _opticam(model, compile=True, **options)(x, targets)
+    eager = _opticam(model, compile=False, **options)(x, targets)
+    assert eager.diagnostics["iterations"].tolist() == [20, 11, 12, 17]
+    # 3 active images are padded to 4; 2 or 1 run eagerly (under PAD_FROM of 4).
+    assert set(fake.batches) == {4} and len(fake.batches) == 13
+    assert torch.equal(compiled.diagnostics["iterations"], eager.diagnostics["iterations"])
+    assert torch.allclose(compiled.maps, eager.maps, atol=COMPILE_ATOL, rtol=0)
+
+
 def test_compiled_forward_pads_only_what_pays() -> None:
     from opticam.methods.compiled import PAD_FROM, CompiledForward
 
