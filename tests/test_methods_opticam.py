@@ -594,8 +594,9 @@ def test_new_options_reject_bad_values() -> None:
 #: sums); the bound leaves a factor of 10.
 CHANNELS_LAST_ATOL = 1e-5
 #: torch.compile (inductor, CPU) vs eager on TinyNet, 4 iterations: measured 3.0e-7. The
-#: first compiled call takes about 10-30 s on a 2-core CPU (the demo model: about 8 s),
-#: hence a single small test.
+#: first compiled call takes 10-70 s on a 2-core CPU with an empty inductor cache, a few
+#: seconds with a warm one, hence a single small test with the real compiler; the others
+#: stand a recording function in for torch.compile.
 COMPILE_ATOL = 1e-5
 
 
