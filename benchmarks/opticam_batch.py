@@ -68,7 +68,7 @@ def _explain(
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     explainer = get_explainer(
-        "opticam", model, target_layer=layer, iterations=iterations, tolerance=0.0
+        "opticam", model, target_layer=layer, iterations=iterations, tolerance=0.0, compile=False
     )
     if per_image:
         # The control: the clean forward and every masked forward one image at a time.
@@ -76,7 +76,9 @@ def _explain(
         def loop(x: Tensor) -> Tensor:
             return torch.cat([model(x[i : i + 1]) for i in range(x.shape[0])])
 
-        explainer.compile, explainer._compiled = True, loop  # type: ignore[attr-defined]
+        # The loop stands in for the compiled forward, from the first call on.
+        forward = explainer._forward  # type: ignore[attr-defined]
+        forward.mode, forward._compiled = True, loop
     om.OptiCAM._objective = objective  # type: ignore[method-assign]
     if per_image:
         om.capture_features = capture

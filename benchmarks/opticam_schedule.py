@@ -5,7 +5,8 @@ setting cut at fewer iterations (the quality/passes curve), a grid of cheaper sc
 (higher learning rate, learning-rate decay, plateau stop, Grad-CAM start), and the class
 prior (``start="prior"``: calibration sets of N images per class, drawn from another
 seed and explained at the paper's setting, then the scored images started from their
-class's prior), all on the bundled demo classifier, CPU, and prints one table:
+class's prior), all on the bundled demo classifier, CPU (``--device`` for another), and
+prints one table:
 
     python benchmarks/opticam_schedule.py                   # 200 images, seed 4242
     python benchmarks/opticam_schedule.py --images 400 --grid full
@@ -123,7 +124,7 @@ class Recorder(OptiCAM):
         stacked = torch.stack(values)  # (N+1, B)
         best = stacked.argmax(dim=0)  # first maximum
         us = torch.stack(self.us[: iterations + 1])  # (N+1, B, K)
-        u = us[best, torch.arange(us.shape[1])]
+        u = us[best, torch.arange(us.shape[1], device=us.device)]
         maps, _ = upsample_normalize(OptiCAM._saliency(u, self.feats), size, self.normalization)
         return maps
 
@@ -263,6 +264,7 @@ def _calibrate(
             chosen.append(index)
         index += 1
     images, labels = _data_at(chosen, seed, loaded.input_size, loaded.resize_size)
+    images, labels = images.to(_device(loaded)), labels.to(_device(loaded))
     explainer = get_explainer("opticam", loaded, **fast)
     prior = ClassPrior.empty(
         loaded.num_classes,
@@ -277,6 +279,11 @@ def _calibrate(
     return prior, len(chosen)
 
 
+def _device(loaded: Any) -> torch.device:
+    """The device of the model's weights."""
+    return next(loaded.model.parameters()).device
+
+
 def _channels(loaded: Any) -> int:
     """The target layer's channel count, from one forward of a blank image."""
     from opticam.methods.opticam import capture_features
@@ -285,7 +292,7 @@ def _channels(loaded: Any) -> int:
         feats, _ = capture_features(
             loaded.model,
             loaded.target_layer,
-            torch.zeros(1, 3, *loaded.input_size),
+            torch.zeros(1, 3, *loaded.input_size, device=_device(loaded)),
             reshape_transform=loaded.reshape_transform,
         )
     return int(feats.shape[1])
@@ -424,6 +431,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50, help="images per Opti-CAM call")
     parser.add_argument("--grid", choices=("small", "full"), default="small")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -459,15 +467,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loaded = load_model(ModelSpec(source="demo"), torch.device("cpu"))
+    loaded = load_model(ModelSpec(source="demo"), torch.device(args.device))
     images, labels = _data(args.images, args.seed, loaded.input_size, loaded.resize_size)
+    images, labels = images.to(args.device), labels.to(args.device)
     with torch.no_grad():
         probs = torch.softmax(loaded.model(images).float(), dim=1)
     # The pipeline's default target: the ground-truth class.
     p_clean = probs.gather(1, labels.view(-1, 1)).squeeze(1)
     accuracy = float((probs.argmax(1) == labels).double().mean()) * 100
 
-    fast = {"channels_last": True} if args.channels_last else {}
+    # Eager throughout (compile=auto could switch mid-run): the seconds compare schedules.
+    fast = {"compile": False, **({"channels_last": True} if args.channels_last else {})}
     results: list[Result] = []
     runs = [(PAPER, {}, CUTS), *((n, o, ()) for n, o in _schedules(args.grid))]
     for name, options, cuts in runs:
@@ -505,7 +515,7 @@ def main() -> None:
     print()
     print(
         f"Opti-CAM schedules on {args.images} held-out demo images (seed {args.seed}, "
-        f"label targets, classifier accuracy {accuracy:.1f}%), {platform.machine()} CPU, "
+        f"label targets, classifier accuracy {accuracy:.1f}%), {platform.machine()} {args.device}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}"
     )
     print()

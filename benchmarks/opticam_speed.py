@@ -161,7 +161,8 @@ def _run_row(args: argparse.Namespace) -> None:
 
         reference_maps(model, layer, images[:5], targets[:5], 1)
     else:
-        options = {"tolerance": 0.0, **options}
+        # Eager unless the row compiles (compile=auto could switch on in a long row).
+        options = {"tolerance": 0.0, "compile": False, **options}
         if "preset" not in options:  # a preset brings its own iteration count
             options["iterations"] = args.iterations
         explainer = get_explainer("opticam", model, target_layer=layer, **options)

@@ -373,10 +373,13 @@ class OptiCAMOptions(_LayerOptions):
         description="run the model and masked images in channels_last memory format (the "
         "model's weights are converted in place); same maps up to rounding",
     )
-    compile: bool = Field(
-        default=False,
-        description="torch.compile the model's forward in the iterations (falls back to "
-        "eager with a warning); same maps up to rounding, compiling costs time up front",
+    compile: bool | Literal["auto"] = Field(
+        default="auto",
+        description="torch.compile the model's forward in the iterations: auto (once a "
+        "shard has run as many passes as 8 batches of 32 images at 101 passes, the "
+        "break-even of the demo classifier on a 2-core CPU), true (from the first batch) "
+        "or false; one batch shape per shard (a shorter batch is padded), eager with a "
+        "warning when it cannot compile; same maps up to rounding",
     )
 
     @field_validator("amp_dtype", mode="before")
@@ -484,9 +487,26 @@ class MethodSpec(BaseModel):
         return {key: getattr(checked, key) for key in value}
 
     def explicit_options(self) -> dict[str, Any]:
-        """The options that differ from the method's defaults (what the run id hashes)."""
+        """The options that differ from the method's defaults (what the run id hashes).
+
+        Also left out: the values :data:`_HASHED_AS_DEFAULT` lists (Opti-CAM's ``compile``
+        false and auto, which hashed as the default before auto was the default).
+        """
         defaults = method_options_model(self.name)()
-        return {k: v for k, v in self.options.items() if getattr(defaults, k) != v}
+        return {
+            k: v
+            for k, v in self.options.items()
+            if getattr(defaults, k) != v and v not in _HASHED_AS_DEFAULT.get((self.name, k), ())
+        }
+
+
+#: Option values that the run id hashes as the default, by (method, option). ``compile``
+#: changes how Opti-CAM computes (rounding only), and ``false`` was its default until
+#: ``auto`` became it: jobs that gave neither, or false, keep their run id, and so do
+#: jobs that gave ``true`` (hashed then and now).
+_HASHED_AS_DEFAULT: dict[tuple[str, str], tuple[object, ...]] = {
+    ("opticam", "compile"): (False, "auto"),
+}
 
 
 # --------------------------------------------------------------------------- metrics

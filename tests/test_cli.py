@@ -396,6 +396,23 @@ def _field_value(config: Any, group: str, field: str) -> Any:
     return methods["opticam" if group == "opticam" else "gradcam"].get(field)
 
 
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [(["--compile"], True), (["--compile", "auto"], "auto"), (["--compile", "False"], False)]
+    + [(["--no-compile"], False), (["--compile", "yes"], True), ([], None)],
+)
+def test_the_compile_flag_is_a_switch_that_also_takes_auto(words: list[str], expected: Any) -> None:
+    argv = ["config", "--methods", "opticam", "--data", "x.tar", *words]
+    config = cli.config_from_args(cli.build_parser().parse_args(argv))
+    assert _field_value(config, "opticam", "compile") == expected
+
+
+def test_the_compile_flag_refuses_other_words(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["config", "--compile", "sometimes"])
+    assert "expected one of auto, true, false, got 'sometimes'" in capsys.readouterr().err
+
+
 def test_every_config_field_has_a_flag() -> None:
     from opticam.config import CAMOptions, MetricsOptions, ModelSpec, OptiCAMOptions, RunConfig
 

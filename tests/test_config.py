@@ -82,6 +82,25 @@ def test_run_id_ignores_how_the_job_runs(changes: dict[str, Any]) -> None:
     assert make(**changes).run_id == make().run_id
 
 
+@pytest.mark.parametrize(
+    ("compile_option", "run_id"),
+    [
+        # The run ids these jobs had before compile=auto became the default.
+        ({}, "imagenet-val-demo-45d77f48d3c7"),
+        ({"compile": False}, "imagenet-val-demo-45d77f48d3c7"),
+        ({"compile": "auto"}, "imagenet-val-demo-45d77f48d3c7"),
+        ({"compile": True}, "imagenet-val-demo-2e1124258988"),
+    ],
+)
+def test_compile_keeps_the_run_ids_of_jobs_from_before(
+    compile_option: dict[str, Any], run_id: str
+) -> None:
+    """compile changes how Opti-CAM computes (rounding only): auto, the new default, hashes
+    as false did, and true as it did."""
+    methods = [{"name": "opticam", "options": compile_option}, "gradcam"]
+    assert make(methods=methods).run_id == run_id
+
+
 @pytest.mark.parametrize("batch_size", [7, 1, "auto"])
 def test_batch_size_is_part_of_the_run_id_of_a_job_with_opticam(batch_size: int | str) -> None:
     """Opti-CAM's maps depend on the images batched together (benchmarks/opticam_batch.py):

@@ -243,3 +243,42 @@ def test_images_the_data_layer_refuses_cost_one_error_row_each(tmp_path: Path) -
     for error in errors:
         assert refused[error["key"]][2] in error["message"]
     assert result.complete and result.n_images == 2
+
+
+def test_compile_auto_switches_on_within_a_shard_and_pads_its_last_batch(
+    shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compile=auto (the default) counts each shard's passes: 5 images in batches of 3
+    and 2, on after the first batch (3 images x 4 passes); the last batch is padded to 3."""
+    import torch
+
+    import opticam.methods.compiled as compiled
+
+    batches: list[int] = []
+
+    def fake_compile(model: torch.nn.Module, **options: object) -> object:
+        def call(images: torch.Tensor) -> torch.Tensor:
+            batches.append(int(images.shape[0]))
+            return model(images)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(compiled, "COMPILE_AFTER_PASSES", 3 * 4)
+    methods = [{"name": "opticam", "options": {"iterations": 3}}]
+    auto = make_config(shards, tmp_path / "auto", batch_size=3, methods=methods)
+    methods = [{"name": "opticam", "options": {"iterations": 3, "compile": False}}]
+    eager = make_config(shards, tmp_path / "eager", batch_size=3, methods=methods)
+    for shard in shards:
+        batches.clear()
+        result = pipeline.process_shard(auto, shard, "cpu")
+        # The second batch (2 images) only, padded to 3, at 3 steps and the last pass;
+        # the second shard's explainer counts again from 0.
+        assert batches == [3] * 4, shard
+        plain = pipeline.process_shard(eager, shard, "cpu")
+        got = {r["key"]: r for r in pq.read_table(result.rows_url).to_pylist()}
+        expected = {r["key"]: r for r in pq.read_table(plain.rows_url).to_pylist()}
+        assert set(got) == set(expected) and len(got) == 5
+        for key, row in expected.items():
+            assert got[key]["iterations"] == row["iterations"] == 3
+            assert abs(got[key]["p_masked"] - row["p_masked"]) < 1e-4

@@ -6,7 +6,8 @@ The flags of ``opticam run`` and ``opticam config`` (and the model and Opti-CAM 
 :class:`~opticam.config.OptiCAMOptions` and :class:`~opticam.config.CAMOptions`: name,
 type, choices, default and help come from the field, so the command line and the config
 cannot drift apart. A field's flag is its name (``batch_size`` -> ``--batch-size``,
-booleans get ``--no-...``); where two groups share a field name, the later group's flag
+booleans get ``--no-...``, and so do ``bool | Literal`` fields, whose flag also takes a word:
+``--compile``, ``--compile auto``, ``--no-compile``); where two groups share a field name, the later group's flag
 carries its prefix (``--cam-batch-size``). :func:`config_from_args` turns parsed flags
 (over a job file) into a :class:`~opticam.config.RunConfig`.
 """
@@ -111,6 +112,36 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
+def _switch_choices(annotation: Any) -> list[str] | None:
+    """The words of a ``bool | Literal[...]`` field (``compile``: auto), else None."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    args = typing.get_args(annotation)
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+    if bool not in args or not literals or len(args) != len(literals) + 1:
+        return None
+    return [str(word) for a in literals for word in typing.get_args(a)]
+
+
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def _switch_word(words: list[str]) -> Any:
+    """An argparse type: true/yes/on/1, false/no/off/0 or one of ``words``."""
+
+    def parse(text: str) -> bool | str:
+        word = text.strip().lower()
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        if word in words:
+            return word
+        known = ", ".join([*words, "true", "false"])
+        raise argparse.ArgumentTypeError(f"expected one of {known}, got {short_repr(text)}")
+
+    return parse
+
+
 def _choices(field: FieldInfo, annotation: Any) -> list[Any] | None:
     if typing.get_origin(annotation) is typing.Literal:
         return list(typing.get_args(annotation))
@@ -152,6 +183,23 @@ def _add_flag(parser: argparse._ActionsContainer, flag: Flag, model: type[BaseMo
     }
     if annotation is bool:
         parser.add_argument(*options, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    words = _switch_choices(annotation)
+    if words is not None:
+        # --flag alone is true, --flag WORD sets a word, --no-flag (not listed) false.
+        kwargs.update(nargs="?", const=True, type=_switch_word(words))
+        kwargs["metavar"] = "{" + ",".join([*words, "true", "false"]) + "}"
+        kwargs["help"] += f"; {flag.option.replace('--', '--no-', 1)} is false"
+        parser.add_argument(*options, **kwargs)
+        negative = ["--no-" + o.removeprefix("--") for o in options]
+        parser.add_argument(
+            *negative,
+            dest=flag.dest,
+            action="store_const",
+            const=False,
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
         return
     choices = _choices(field, annotation)
     if choices is not None:

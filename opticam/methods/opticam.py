@@ -26,7 +26,8 @@ Beyond the paper (all off by default): a learning-rate decay (``lr_decay``), a s
 image once its best objective has stopped improving (``patience``, ``plateau_rtol``,
 ``plateau_atol``), a start from Grad-CAM's channel weights (``start``), named schedules
 (``preset``, see :data:`opticam.names.OPTICAM_PRESETS`), and two ways to run the same
-computation faster (``channels_last``, ``compile``).
+computation faster (``channels_last``; ``compile``, on by default once an explainer has
+run enough batches to earn the compilation back: :mod:`opticam.methods.compiled`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from opticam.methods.common import (
     frozen,
     upsample_normalize,
 )
+from opticam.methods.compiled import CompiledForward
 from opticam.methods.prior import ClassPrior
 from opticam.methods.schedule import Schedule
 from opticam.names import OBJECTIVES, OPTICAM_SCHEDULE, SCORES, resolve_opticam_preset
@@ -186,10 +188,15 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
         channels_last (bool): convert the model's weights to channels_last memory format (in
             place, once, at construction; values are unchanged) and feed it
             channels_last masked images. Same maps up to rounding.
-        compile (bool): run the iterations' forward through ``torch.compile(model)``. When
-            compilation is unavailable or fails, a warning is given and the call is
-            redone eagerly. Same maps up to rounding; the first call (and each new
-            batch size) pays the compilation.
+        compile (bool | str): run the iterations' forward through
+            ``torch.compile(model)``: ``auto`` (default) once this explainer has spent
+            :data:`opticam.methods.compiled.COMPILE_AFTER_PASSES` image passes (on the
+            CPU or CUDA; the break-even measured on the demo classifier), ``True`` from
+            the first call, ``False`` never. One batch shape per explainer: a shorter
+            batch is padded to the largest one seen, or run eagerly when it is much
+            shorter (:mod:`opticam.methods.compiled`). When compilation is unavailable
+            or fails, a warning is given and the call is redone eagerly. Same maps up to
+            rounding; the first compiled call pays the compilation.
 
     The explanation is the map of the best ``u`` seen (never worse than the start).
     Diagnostics, each (B,): ``iterations`` (Adam steps applied to the image),
@@ -267,7 +274,7 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
         self.plateau_rtol = float(plateau_rtol)
         self.plateau_atol = float(plateau_atol)
         self.channels_last = bool(channels_last)
-        self.compile = bool(compile)
+        self.compile = compile
         self.schedule = Schedule(
             iterations=self.iterations,
             lr=self.lr,
@@ -281,8 +288,11 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
             # In place (nn.Module.to returns the module): values are unchanged, only the
             # weights' memory layout, so other users of the model see the same outputs.
             model.to(memory_format=torch.channels_last)
-        self._compiled: Callable[[Tensor], Tensor] | None = None
-        self._compile_failed = False
+        self._forward = CompiledForward(
+            model,
+            compile,
+            torch.channels_last if self.channels_last else torch.contiguous_format,
+        )
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Explanation:
         """Optimize one ``u`` per image; see the class docstring."""
@@ -328,26 +338,10 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
                     f"u0 must be (images, channels) = {tuple(feats.shape[:2])}, got {tuple(u0.shape)}"
                 )
             clean = self._class_score(logits, targets)
-            compiled = self.compile and not self._compile_failed
-            forward = self._compiled_forward() if compiled else self.model
-            try:
-                best_u, diagnostics = self._optimize(
-                    images, feats, targets, clean, autocast, u0, forward
-                )
-            except Exception as err:  # compilation errors come in many types
-                if not compiled:
-                    raise
-                self._compile_failed = True
-                warnings.warn(
-                    f"torch.compile failed ({type(err).__name__}: {err}); "
-                    "Opti-CAM runs the model eagerly from now on",
-                    stacklevel=3,
-                )
-                best_u, diagnostics = self._optimize(
-                    images, feats, targets, clean, autocast, u0, self.model
-                )
+            best_u, diagnostics = self._optimize_once(images, feats, targets, clean, autocast, u0)
             if self.start == "gradcam" and given_u0 is None:
                 diagnostics["passes"] += 1  # Grad-CAM's backward pass
+            self._forward.count(int(diagnostics["passes"].sum()))
             with torch.no_grad():
                 saliency = self._saliency(best_u, feats)
                 maps, constant = upsample_normalize(saliency, images.shape[-2:], self.normalization)
@@ -358,6 +352,39 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
             diagnostics=diagnostics,
             channel_weights=torch.softmax(best_u.detach().float(), dim=1),
         )
+
+    def _optimize_once(
+        self,
+        images: Tensor,
+        feats: Tensor,
+        targets: Tensor,
+        clean: Tensor,
+        autocast: AbstractContextManager[object],
+        u0: Tensor | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`_optimize` through the compiled forward when it is on, else eagerly.
+
+        A compilation failure is warned about and the call redone eagerly (and eager from
+        then on); running out of memory is the caller's to handle (it splits the batch).
+        """
+        compiled = self._forward.use(images)
+        forward = self._forward if compiled else self.model
+        try:
+            return self._optimize(images, feats, targets, clean, autocast, u0, forward)
+        except torch.OutOfMemoryError:
+            if compiled:  # the caller splits the batch: compile for the halves
+                self._forward.forget_size()
+            raise
+        except Exception as err:  # compilation errors come in many types
+            if not compiled:
+                raise
+            self._forward.failed = True
+            warnings.warn(
+                f"torch.compile failed ({type(err).__name__}: {err}); "
+                "Opti-CAM runs the model eagerly from now on",
+                stacklevel=4,
+            )
+            return self._optimize(images, feats, targets, clean, autocast, u0, self.model)
 
     def _optimize(
         self,
@@ -516,12 +543,6 @@ class OptiCAM(Explainer):  # size: Opti-CAM's options (58-line docstring), loop 
         u0 = u0 - u0.mean(dim=1, keepdim=True)
         u0 = torch.where(total > 0, u0, torch.zeros_like(u0))
         return feats.float(), logits.detach(), targets, u0.detach()
-
-    def _compiled_forward(self) -> Callable[[Tensor], Tensor]:
-        """``torch.compile(model)``, made once (compilation itself happens on first call)."""
-        if self._compiled is None:
-            self._compiled = torch.compile(self.model)
-        return self._compiled
 
     @staticmethod
     def _saliency(u: Tensor, feats: Tensor) -> Tensor:
