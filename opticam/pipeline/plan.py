@@ -257,8 +257,4 @@ def _check_prior_file(config: RunConfig, device: str) -> None:
     if prior.prior_settings(config) is None:
         return
     loaded = get_loaded_model(config, device)
-    run = run_url_of(config)
-    found = prior.read_prior(run, loaded.target_layer_name, config.output_options())
-    if found is not None:
-        url = store.prior_url(run, loaded.target_layer_name)
-        prior.check_prior(found[0], loaded, prior.layer_channels(loaded), url)
+    prior.read_checked_prior(config, loaded, prior.layer_channels(loaded))

@@ -54,7 +54,7 @@ from opticam import store
 from opticam.config import MethodSpec, OptiCAMOptions, RunConfig
 from opticam.data import ErrorRecord
 from opticam.errors import short_repr
-from opticam.methods.prior import ClassPrior, PriorError
+from opticam.methods.prior import ClassPrior, PriorError, PriorFallback
 from opticam.names import OPTICAM_SCHEDULE, resolve_opticam_preset
 from opticam.redact import redact_url
 from opticam.store.layout import filesystem
@@ -69,6 +69,7 @@ __all__ = [
     "prior_of_rows",
     "prior_settings",
     "read_calibration",
+    "read_checked_prior",
     "read_prior",
     "shard_prior",
     "walk_calibration",
@@ -93,7 +94,7 @@ class PriorSettings:
     """
 
     per_class: int
-    fallback: str
+    fallback: PriorFallback
 
 
 def prior_settings(config: RunConfig) -> PriorSettings | None:
@@ -149,10 +150,10 @@ def prior_of_rows(
     channels: int,
     model: str,
     layer: str,
-    fallback: str,
+    fallback: PriorFallback,
 ) -> ClassPrior:
     """The prior of the calibration rows among ``rows`` (Opti-CAM rows with weights), in order."""
-    prior = ClassPrior.empty(num_classes, channels, model=model, layer=layer, fallback=fallback)  # type: ignore[arg-type]
+    prior = ClassPrior.empty(num_classes, channels, model=model, layer=layer, fallback=fallback)
     listed = rows.to_pylist() if isinstance(rows, pa.Table) else list(rows)
     picked = [
         r
@@ -260,6 +261,23 @@ def read_prior(
     return prior, hashlib.sha256(data).hexdigest()
 
 
+def read_checked_prior(
+    config: RunConfig, loaded: Any, channels: int
+) -> tuple[ClassPrior, str] | None:
+    """The run's prior file, read and checked against the model (None when it has none).
+
+    Raises:
+        PriorError: the file cannot be read, or was built for another model, layer, class
+            count or channel count (``channels``: the layer's, :func:`layer_channels`).
+    """
+    run = store.run_url(config.output, config.run_id)
+    layer = loaded.target_layer_name
+    found = read_prior(run, layer, config.output_options())
+    if found is not None:
+        check_prior(found[0], loaded, channels, store.prior_url(run, layer))
+    return found
+
+
 def check_prior(prior: ClassPrior, loaded: Any, channels: int, url: str) -> None:
     """Refuse a prior file built for another model, layer, class or channel count.
 
@@ -310,9 +328,8 @@ def walk_calibration(
     options = config.output_options()
     layer = loaded.target_layer_name
     channels = layer_channels(loaded)
-    found = read_prior(run, layer, options)
+    found = read_checked_prior(config, loaded, channels)
     if found is not None:
-        check_prior(found[0], loaded, channels, store.prior_url(run, layer))
         return found
     counts = np.zeros(loaded.num_classes, dtype=np.int64)
     prior = ClassPrior.empty(
@@ -320,7 +337,7 @@ def walk_calibration(
         channels,
         model=loaded.name,
         layer=layer,
-        fallback=settings.fallback,  # type: ignore[arg-type]
+        fallback=settings.fallback,
     )
     sample: dict[str, int] = {}
     calibration: Calibration | None = None

@@ -414,16 +414,16 @@ def _compute_shard(
 def _rest(config: RunConfig, loaded: Any, shard_prior: prior.ShardPrior) -> Stage:
     """The stage of a prior job's shards after the calibration: from the prior, sample left out."""
     skip = shard_prior.calibration_keys
-    counts = shard_prior.prior.counts
 
     def pick(batch: BatchTargets) -> BatchTargets | None:
         return _subset(batch, [i for i, key in enumerate(batch.keys) if key not in skip])
 
     def finish(rows: list[dict[str, Any]], batch: BatchTargets) -> None:
-        for row in rows:
-            if row["method"] == prior.PRIOR_METHOD:
-                row["prior_role"] = "prior" if counts[row["target"]] > 0 else "fallback"
-                row["prior_sha256"] = shard_prior.sha256
+        started = [row for row in rows if row["method"] == prior.PRIOR_METHOD]
+        seen = shard_prior.prior.seen(row["target"] for row in started)
+        for row, has_prior in zip(started, seen, strict=True):
+            row["prior_role"] = "prior" if has_prior else "fallback"
+            row["prior_sha256"] = shard_prior.sha256
 
     return Stage(explainers(config, loaded, prior=shard_prior.prior), pick, finish)
 
